@@ -54,7 +54,8 @@ def make_mesh(config: MeshConfig | None = None, devices: list | None = None) -> 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[None]:
     """Trace/run under ``mesh`` with the logical rules active (for the model's constraints)."""
-    with mesh, nn.logical_axis_rules(rules):
+    set_mesh = getattr(jax, "set_mesh", None)  # jax >= 0.7; `with mesh:` before that
+    with (set_mesh(mesh) if set_mesh is not None else mesh), nn.logical_axis_rules(rules):
         yield
 
 

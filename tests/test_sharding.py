@@ -39,8 +39,10 @@ def _setup(cfg):
     return init, params, ids, mask, step
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
+@pytest.mark.parametrize(
+    "name,shape",
+    [("llama_gqa", (8, 1, 1)), ("llama_gqa", (1, 8, 1)), ("llama_gqa", (2, 2, 2)), ("gpt2", (2, 2, 2))],
+)
 def test_mesh_step_matches_single_device(name, shape):
     assert len(jax.devices()) == 8, "conftest.py should fake 8 CPU devices"
     init, params, ids, mask, step = _setup(CONFIGS[name])

@@ -100,19 +100,42 @@ class Norm(nn.Module):
         return y.astype(to_dtype(cfg.dtype))
 
 
-def _dense(cfg: ModelConfig, features, axes, *, use_bias: bool, name: str, in_axes: int = 1) -> nn.DenseGeneral:
-    kernel_axes = axes
-    bias_axes = axes[in_axes:]
-    return nn.DenseGeneral(
-        features=features,
-        axis=tuple(range(-in_axes, 0)),
-        use_bias=use_bias,
-        dtype=to_dtype(cfg.dtype),
-        param_dtype=to_dtype(cfg.param_dtype),
-        kernel_init=_param(nn.initializers.normal(0.02), kernel_axes),
-        bias_init=_param(nn.initializers.zeros, bias_axes),
-        name=name,
-    )
+class Linear(nn.Module):
+    """y = x W (+ b), contracting the last ``len(in_shape)`` axes of x; W [*in_shape, *features].
+
+    (Flax's DenseGeneral reshapes a flat kernel inside its initialiser, which breaks
+    logical-partitioning constraints of multi-axis kernels under a mesh context.)"""
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    in_dims: int
+    use_bias: bool
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        in_shape = x.shape[x.ndim - self.in_dims :]
+        kernel = self.param(
+            "kernel",
+            _param(nn.initializers.normal(0.02), self.axes),
+            (*in_shape, *self.features),
+            to_dtype(cfg.param_dtype),
+        )
+        dtype = to_dtype(cfg.dtype)
+        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param(
+                "bias", _param(nn.initializers.zeros, self.axes[self.in_dims :]), self.features, to_dtype(cfg.param_dtype)
+            )
+            y = y + bias.astype(dtype)
+        return y
+
+
+def _dense(cfg: ModelConfig, features, axes, *, use_bias: bool, name: str, in_axes: int = 1) -> Linear:
+    features = (features,) if isinstance(features, int) else tuple(features)
+    return Linear(features=features, axes=axes, in_dims=in_axes, use_bias=use_bias, config=cfg, name=name)
 
 
 def rotary(x: Array, positions: Array, *, rotary_dim: int, theta: float) -> Array:
