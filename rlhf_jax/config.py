@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Family = Literal["gpt2", "llama", "neox"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -157,3 +157,121 @@ class MeshConfig:
             f"MeshConfig {tuple(sizes)} needs {sizes[0] * sizes[1] * sizes[2]} devices, {num_devices} available",
         )
         return tuple(sizes)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and a warmup + cosine (or constant) schedule."""
+
+    learning_rate: float = 1e-5
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_init_fraction: float = 0.0  # warmup starts at this fraction of the peak (PPO: 0.1)
+    final_lr_fraction: float = 0.1  # cosine decays to this fraction of the peak (InstructGPT: 10%)
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.learning_rate >= 0, f"OptimConfig.learning_rate must be >= 0, got {self.learning_rate}")
+        _check(self.warmup_steps >= 0, "OptimConfig.warmup_steps must be >= 0")
+        _check(0 <= self.final_lr_fraction <= 1, "OptimConfig.final_lr_fraction must be in [0, 1]")
+        _check(0 <= self.warmup_init_fraction <= 1, "OptimConfig.warmup_init_fraction must be in [0, 1]")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "OptimConfig.max_grad_norm must be > 0 or None")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What every stage shares: where, how often, on which mesh, with which seed."""
+
+    out: str  # run directory (checkpoints, metrics.jsonl, config.json)
+    seed: int = 0
+    max_steps: int | None = None  # None: derived from the stage's epochs
+    mesh: MeshConfig = MeshConfig()
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_last: int = 2  # latest N checkpoints kept
+    keep_best: int = 1  # plus the best N by the validation metric
+    on_error: Literal["raise", "skip"] = "raise"  # malformed data rows
+    max_skip_fraction: float = 0.05  # abort if more rows than this are skipped
+    split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)  # train/val/test by user id
+    dtype: DType = "float32"  # compute dtype (params stay float32)
+    remat: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.out), "RunConfig.out (the run directory) is required")
+        for name in ("log_every", "eval_every", "save_every", "eval_batches"):
+            _check(getattr(self, name) > 0, f"RunConfig.{name} must be > 0")
+        _check(self.max_steps is None or self.max_steps > 0, "RunConfig.max_steps must be > 0 or None")
+        _check(self.keep_last >= 1 and self.keep_best >= 0, "RunConfig: keep_last >= 1 and keep_best >= 0")
+        _check(abs(sum(self.split_fractions) - 1.0) < 1e-6, "RunConfig.split_fractions must sum to 1")
+        _check(0 <= self.max_skip_fraction <= 1, "RunConfig.max_skip_fraction must be in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig:
+    """Supervised fine-tuning (InstructGPT: 16 epochs, cosine to 10%, dropout 0.2) or pretraining."""
+
+    data: str  # demonstrations (or text, with mode="pretrain"): file or hub name
+    init: str  # an HF model directory, or a previous run directory
+    run: RunConfig
+    mode: Literal["sft", "pretrain"] = "sft"  # pretrain: loss on every token of plain text
+    epochs: float = 1.0
+    batch_size: int = 32
+    seq_len: int = 512
+    pack: bool = True  # pretrain mode: pack texts into full rows
+    prompt_loss: bool = False  # sft mode: also learn the prompt tokens
+    dropout: float = 0.0  # residual dropout during SFT
+    ptx_data: str | None = None  # pretraining text mixed into SFT batches
+    ptx_fraction: float = 0.0  # fraction of each batch's rows from ptx_data (paper's PPO init: 0.1)
+    select_by_reward: str | None = None  # an RM run dir: keep the checkpoint whose samples it scores best
+    select_prompts: int = 64  # validation prompts sampled for that score
+    optim: OptimConfig = OptimConfig(learning_rate=1e-5)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0 and self.seq_len > 1, "SFTConfig: batch_size > 0 and seq_len > 1 required")
+        _check(self.epochs > 0, "SFTConfig.epochs must be > 0")
+        _check(0 <= self.ptx_fraction < 1, "SFTConfig.ptx_fraction must be in [0, 1)")
+        _check(
+            (self.ptx_fraction > 0) == (self.ptx_data is not None),
+            "SFTConfig: ptx_data and ptx_fraction > 0 go together",
+        )
+        _check(0 <= self.dropout < 1, "SFTConfig.dropout must be in [0, 1)")
+
+    @property
+    def ptx_rows(self) -> int:
+        return int(round(self.batch_size * self.ptx_fraction))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """Reward model on K-way rankings (InstructGPT: 1 epoch, lr 9e-6 cosine to 10%, batch 64 prompts)."""
+
+    data: str  # rankings file or hub name
+    init: str  # an SFT run directory or an HF model directory
+    run: RunConfig
+    demonstrations: str | None = None  # scored after training to set the bias (demos mean 0)
+    epochs: float = 1.0
+    batch_size: int = 64  # prompts (each with all its K responses), not pairs
+    max_prompt_len: int = 256
+    max_response_len: int = 256
+    max_k: int | None = None  # None: the largest K in the data
+    margin: float = 0.0  # extension: margin inside the pairwise sigmoid
+    center_coef: float = 0.0  # extension: penalty on mean squared reward
+    optim: OptimConfig = OptimConfig(learning_rate=9e-6)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "RewardConfig.batch_size must be > 0")
+        _check(self.max_prompt_len > 0 and self.max_response_len > 0, "RewardConfig: lengths must be > 0")
+        _check(self.max_k is None or self.max_k >= 2, "RewardConfig.max_k must be >= 2 (a ranking needs a pair)")
+        _check(self.epochs > 0, "RewardConfig.epochs must be > 0")
+
+
+def to_dict(config: Any) -> dict:
+    """A JSON-ready dict of a (nested) config dataclass."""
+    return dataclasses.asdict(config)

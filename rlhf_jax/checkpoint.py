@@ -1,0 +1,160 @@
+"""Orbax checkpoints of a run: the state pytree plus a JSON record of everything else.
+
+A checkpoint ``<run>/checkpoints/<step>/`` holds two items:
+  * ``state``: the whole train-state pytree (params, optimizer state, step, RNG key data,
+    and for PPO the KL coefficient and EMA params), saved asynchronously;
+  * ``meta``: JSON with the data-iterator positions, the resolved config and counters.
+Orbax writes each checkpoint into a temporary directory and renames it when complete,
+so a killed save is never listed. Latest-N plus best-N by a validation metric are kept.
+Restores take an abstract state with shardings, so a checkpoint saved on one mesh
+restores onto another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointRestoreError(RuntimeError):
+    """A checkpoint exists but cannot be restored (the message names the step and the cause)."""
+
+
+class Checkpointer:
+    """Save / restore ``(state, meta)`` pairs under ``directory``.
+
+    Args:
+      directory: the checkpoints directory (created if needed).
+      keep_last: latest N checkpoints kept.
+      keep_best: best N checkpoints (by ``best_metric``) kept in addition.
+      best_metric: name of the metric ranking checkpoints, or None.
+      best_mode: "min" or "max".
+      async_save: write in a background thread while training continues.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep_last: int = 2,
+        keep_best: int = 0,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        async_save: bool = True,
+    ) -> None:
+        self.directory = Path(directory).absolute()
+        self._best_metric, self._best_mode = best_metric, best_mode
+        keep: list[Any] = [policies.LatestN(n=keep_last)]
+        if best_metric is not None and keep_best > 0:
+            keep.append(
+                policies.BestN(
+                    get_metric_fn=lambda m: float(m[best_metric]),
+                    reverse=best_mode == "min",  # orbax keeps the tail of the sorted list
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            # best_fn/best_mode make orbax persist each step's metrics (BestN ranks by them after a restart)
+            best_fn=(lambda m: float(m[best_metric])) if best_metric is not None else None,
+            best_mode=best_mode,
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    # ------------------------------------------------------------------ queries
+    def all_steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The kept step with the best ``best_metric`` (None without metrics)."""
+        if self._best_metric is None:
+            return None
+        scored = []
+        for step in self.all_steps():
+            metrics = self._manager.metrics(step) or {}
+            if self._best_metric in metrics:
+                scored.append((float(metrics[self._best_metric]), step))
+        if not scored:
+            return None
+        return (min(scored) if self._best_mode == "min" else max(scored))[1]
+
+    # ------------------------------------------------------------------ save / restore
+    def save(self, step: int, state: Any, meta: dict, *, metrics: dict | None = None, force: bool = True) -> bool:
+        """Start saving ``state`` and ``meta`` at ``step`` (asynchronously); returns whether it saves."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return self._manager.save(step, args=args, metrics=metrics, force=force)
+
+    def wait(self) -> None:
+        """Block until the in-flight save has been committed."""
+        self._manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, step: int | None = None, *, fallback: bool = False) -> tuple[Any, dict, int]:
+        """Restore ``(state, meta, step)``; ``step=None`` takes the latest.
+
+        ``abstract_state``: the state's tree of ``jax.ShapeDtypeStruct`` with the target
+        shardings (from ``jax.eval_shape`` plus the mesh's shardings). A checkpoint that
+        fails to restore raises CheckpointRestoreError naming the step, unless
+        ``fallback`` is set, in which case the next older one is tried (and logged).
+        """
+        steps = self.all_steps() if step is None else [step]
+        if not steps:
+            raise CheckpointRestoreError(f"{self.directory}: no checkpoint to restore")
+        errors = []
+        for s in reversed(steps):
+            try:
+                out = self._manager.restore(
+                    s,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+                )
+                return out.state, dict(out.meta), s
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                errors.append(f"step {s}: {type(e).__name__}: {e}")
+                if not fallback:
+                    raise CheckpointRestoreError(
+                        f"{self.directory}: checkpoint at step {s} cannot be restored ({type(e).__name__}: {e}); "
+                        "pass fallback=True to fall back to an older checkpoint"
+                    ) from e
+                log.warning("checkpoint at step %d cannot be restored (%s); trying an older one", s, e)
+        raise CheckpointRestoreError(f"{self.directory}: no checkpoint could be restored:\n" + "\n".join(errors))
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        path = self.directory / str(step) / "meta" / "metadata"
+        if path.is_file():
+            return json.loads(path.read_text())
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out.meta)
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves (with shardings) describing ``tree``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
