@@ -158,3 +158,82 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """``jax.ShapeDtypeStruct`` leaves (with shardings) describing ``tree``."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+# ---------------------------------------------------------------------------- run directories
+MODEL_INFO = "model.json"
+
+
+def write_model_info(run_dir: str | os.PathLike, model: Any, tokenizer: Any = None, *,
+                     params_path: tuple[str, ...] = ("params",), extra: dict | None = None) -> None:  # fmt: skip
+    """Record in ``run_dir`` what the checkpoints hold: model config, head, where the params sit.
+
+    ``params_path`` is the key path of the deployable params inside the saved state
+    (``("params",)`` for SFT/RM, ``("policy", "ema_params")`` for PPO).
+    """
+    import dataclasses
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {"model": dataclasses.asdict(model.config), "head": model.head, "params_path": list(params_path), **(extra or {})}
+    (run_dir / MODEL_INFO).write_text(json.dumps(info, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+
+
+def read_model_info(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / MODEL_INFO
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no {MODEL_INFO})")
+    return json.loads(path.read_text())
+
+
+def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str | None = None, which: str = "best"):
+    """(model, params, tokenizer) from a run directory or a Hugging Face directory.
+
+    Args:
+      source: a run directory written by a stage (has model.json) or an HF model dir.
+      head: "lm" or "scalar"; None keeps the source's head. Switching an LM to "scalar"
+        drops the unembedding and adds a fresh score head (reward model from SFT).
+      dtype: compute dtype override ("float32", "bfloat16").
+      which: "best" (by the run's validation metric, falling back to latest) or "latest".
+    """
+    import jax.numpy as jnp
+
+    from rlhf_jax.config import ModelConfig
+    from rlhf_jax.models import CausalLM, from_pretrained, load_tokenizer
+
+    source = Path(source)
+    if not (source / MODEL_INFO).is_file():
+        want = head or "lm"
+        model, params = from_pretrained(source, jnp.float32, head=want)
+        if dtype is not None:
+            model = CausalLM(model.config.replace(dtype=dtype), head=want)
+        return model, params, load_tokenizer(source)
+    info = read_model_info(source)
+    cfg_dict = dict(info["model"])
+    if dtype is not None:
+        cfg_dict["dtype"] = dtype
+    cfg = ModelConfig(**cfg_dict)
+    ckpt = Checkpointer(source / "checkpoints")
+    step = (ckpt.best_step() if which == "best" else None) or ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{source}: the run has no checkpoint yet")
+    raw = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    ckpt.close()
+    params = raw.state
+    for key in info["params_path"]:
+        params = params[key]
+    params = jax.tree.map(jnp.asarray, params)
+    src_head = info["head"]
+    want = head or src_head
+    if want != src_head:
+        if (src_head, want) != ("lm", "scalar"):
+            raise ValueError(f"{source}: cannot turn a {src_head!r}-head model into a {want!r}-head model")
+        import flax.linen as nn
+
+        params = {k: v for k, v in params.items() if k != "lm_head"}
+        fresh = nn.unbox(CausalLM(cfg, head="scalar").init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+        params["score"] = fresh["params"]["score"]
+    tokenizer = load_tokenizer(source / "tokenizer")
+    return CausalLM(cfg, head=want), params, tokenizer

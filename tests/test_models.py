@@ -160,7 +160,9 @@ def test_explicit_position_ids(name, hf, jx):
     # shifted starts and a gap: a uniform shift alone is invisible to RoPE (relative)
     pos = base + np.array([[3], [0], [7]], np.int32) + 2 * (base >= 2)
     ref_logits, _ = F.hf_forward(torch_model, ids, mask, position_ids=pos)
-    out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask), position_ids=jnp.asarray(pos))
+    out = model.apply(
+        {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask), position_ids=jnp.asarray(pos)
+    )
     assert_close_at(out.logits, ref_logits, mask, ATOL, f"{name} explicit position_ids")
     # and the shift is not ignored
     unshifted, _ = F.hf_forward(torch_model, ids, mask)

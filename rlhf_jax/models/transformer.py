@@ -161,7 +161,10 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, key_mask, query_slots, cache_kv, cache_index, deterministic):
         """x [B, T, D]; positions [B, T]; key_mask [B, S]; query_slots [T] (cache slot of each
-        query); cache_kv: (keys, values) [B, S, Hkv, Dh] or None (then S == T)."""
+        query); cache_kv: (keys, values) [B, S, Hkv, Dh] or None (then S == T).
+
+        The causal rule is by cache slot; a sliding window counts token positions, so
+        that padding between a prompt and its continuation never shrinks the window."""
         cfg = self.config
         h, kv, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         q = _dense(cfg, (h, dh), ("embed", "heads", "kv"), use_bias=cfg.qkv_bias, name="q")(x)  # [B, T, H, Dh]
@@ -184,9 +187,10 @@ class Attention(nn.Module):
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(dh).astype(jnp.float32)
         key_slots = jnp.arange(s)
         allowed = key_slots[None, :] <= query_slots[:, None]  # [T, S] causal in cache slots
-        if cfg.sliding_window is not None:
-            allowed &= query_slots[:, None] - key_slots[None, :] < cfg.sliding_window
         allowed = allowed[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
+        if cfg.sliding_window is not None:
+            key_positions = positions_from_mask(key_mask)  # [B, S]
+            allowed &= positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G, T, S]
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)  # [B, T, H, Dh]

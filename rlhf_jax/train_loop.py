@@ -1,0 +1,277 @@
+"""The only impure place: mesh, jit with shardings and donation, the loop, logging, checkpoints.
+
+A stage (SFT, reward model, PPO) describes itself as a :class:`Stage`: its initial state
+and that state's shardings, a pure ``train_step(state, batch, *frozen) -> (state,
+metrics)``, a host-side ``next_batch()``, the data iterators whose positions are
+checkpointed, and an optional evaluation. :func:`run` does the rest: resume from the
+latest checkpoint, jit the step once with in/out shardings and state donation, loop with
+a progress bar, write ``metrics.jsonl``, evaluate, save (latest-N + best-N), and on
+SIGTERM save at the next step boundary and exit with status ``EXIT_PREEMPTED``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from rlhf_jax import sharding
+from rlhf_jax.checkpoint import Checkpointer, abstract_like
+from rlhf_jax.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run saved and stopped on a preemption notice
+
+
+@dataclass
+class Stage:
+    """What a training stage hands to :func:`run`.
+
+    Attributes:
+      name: "sft", "rm", "ppo" (progress bar and metric prefix).
+      state: the initial state pytree (already placed with ``state_shardings``).
+      state_shardings: NamedShardings matching ``state``.
+      train_step: pure ``(state, batch, *frozen) -> (state, metrics)``; jitted here.
+      next_batch: host-side ``() -> dict[str, np.ndarray]`` (global batch).
+      iterators: name -> object with ``state()`` / ``restore(state)`` (checkpointed).
+      total_steps: the step count at which training ends.
+      frozen: extra arrays passed to every step, never donated (reference policy, RM).
+      evaluate: ``(state) -> dict[str, float]``, run every ``eval_every`` steps and at the end.
+      best_metric / best_mode: the evaluation metric that ranks checkpoints.
+      tokens_per_batch: for the throughput shown in the progress bar.
+      extra_meta: ``() -> dict`` added to each checkpoint's JSON (e.g. normalisation stats).
+      restore_extra: ``(meta) -> None`` called after a restore with that JSON.
+    """
+
+    name: str
+    state: Any
+    state_shardings: Any
+    train_step: Callable[..., tuple[Any, dict]]
+    next_batch: Callable[[], dict]
+    iterators: dict[str, Any]
+    total_steps: int
+    frozen: tuple = ()
+    evaluate: Callable[[Any], dict] | None = None
+    best_metric: str | None = None
+    best_mode: str = "min"
+    tokens_per_batch: int = 0
+    extra_meta: Callable[[], dict] = field(default=lambda: {})
+    restore_extra: Callable[[dict], None] = field(default=lambda meta: None)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag checked at step boundaries."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_Preemption":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``<run>/metrics.jsonl`` (and TensorBoard if installed)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        try:  # optional
+            from tensorboardX import SummaryWriter  # type: ignore
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+        except Exception:
+            self._tb = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"step": int(step), **{k: _to_float(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None:
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _to_float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _batch_shardings(batch: dict, mesh) -> dict:
+    return {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def run(stage: Stage, run_cfg: RunConfig, mesh, *, config_json: dict | None = None) -> Any:
+    """Train ``stage`` to ``stage.total_steps`` (resuming if the run has checkpoints); returns the final state."""
+    run_dir = Path(run_cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(
+        run_dir / "checkpoints",
+        keep_last=run_cfg.keep_last,
+        keep_best=run_cfg.keep_best,
+        best_metric=stage.best_metric,
+        best_mode=stage.best_mode,
+    )
+    state = stage.state
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, meta, start = ckpt.restore(abstract_like(stage.state))
+        for name, it in stage.iterators.items():
+            it.restore(meta["iterators"][name])
+        stage.restore_extra(meta)
+        log.info("%s: resumed from step %d", stage.name, start)
+
+    def meta() -> dict:
+        return {
+            "stage": stage.name,
+            "iterators": {n: it.state() for n, it in stage.iterators.items()},
+            "config": config_json or {},
+            **stage.extra_meta(),
+        }
+
+    first = stage.next_batch() if start < stage.total_steps else None
+    step_fn = None
+    if first is not None:
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, stage.frozen)
+        step_fn = jax.jit(
+            stage.train_step,
+            in_shardings=(stage.state_shardings, _batch_shardings(first, mesh), *frozen_shardings),
+            out_shardings=(stage.state_shardings, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+    writer = MetricsWriter(run_dir)
+    pending: list[dict] = []
+    step = start
+    bar = None
+    if run_cfg.progress and start < stage.total_steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=stage.total_steps, initial=start, desc=stage.name, dynamic_ncols=True, file=sys.stderr)
+    t_last, steps_since = time.perf_counter(), 0
+    try:
+        with _Preemption() as preempt, sharding.use_mesh(mesh):
+            batch = first
+            while step < stage.total_steps:
+                device_batch = sharding.shard_batch(batch, mesh)
+                state, metrics = step_fn(state, device_batch, *stage.frozen)
+                step += 1
+                steps_since += 1
+                pending.append(metrics)
+                if bar is not None:
+                    bar.update(1)
+                if step % run_cfg.log_every == 0 or step == stage.total_steps:
+                    host = jax.device_get(pending)
+                    avg = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                    dt = time.perf_counter() - t_last
+                    avg["perf/steps_per_s"] = steps_since / dt
+                    if stage.tokens_per_batch:
+                        avg["perf/tokens_per_s"] = stage.tokens_per_batch * steps_since / dt
+                    writer.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in avg.items()})
+                    if bar is not None:
+                        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(avg.items())[:3]})
+                    pending, t_last, steps_since = [], time.perf_counter(), 0
+                eval_metrics = None
+                if stage.evaluate is not None and (step % run_cfg.eval_every == 0 or step == stage.total_steps):
+                    eval_metrics = stage.evaluate(state)
+                    writer.write(step, eval_metrics)
+                if eval_metrics is not None or step % run_cfg.save_every == 0 or step == stage.total_steps:
+                    ranked = eval_metrics if eval_metrics and stage.best_metric in eval_metrics else None
+                    ckpt.save(step, state, meta(), metrics=ranked)
+                if preempt.requested:
+                    if ckpt.latest_step() != step:
+                        ckpt.save(step, state, meta())
+                    ckpt.wait()
+                    log.warning("%s: SIGTERM received; saved step %d and stopping", stage.name, step)
+                    raise SystemExit(EXIT_PREEMPTED)
+                if step < stage.total_steps:
+                    batch = stage.next_batch()
+        ckpt.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        ckpt.close()
+    return state
+
+
+def shard_state(init_fn: Callable[[Any], Any], boxed_init_fn: Callable[[], Any], params: Any, mesh) -> tuple[Any, Any]:
+    """Build a state from ``params`` directly into its shardings.
+
+    Args:
+      init_fn: ``params -> state`` (pure; e.g. ``init_train_state`` with an optimizer).
+      boxed_init_fn: ``() -> state`` built from the model's *boxed* (logically annotated)
+        init; traced with ``jax.eval_shape`` only, to derive the shardings of every leaf,
+        optimizer moments included.
+      params: the starting parameters (host or device arrays).
+
+    Returns:
+      (state, state_shardings).
+    """
+    shardings = sharding.param_shardings(boxed_init_fn, mesh)
+    with sharding.use_mesh(mesh):
+        state = jax.jit(init_fn, out_shardings=shardings)(params)
+    return state, shardings
+
+
+def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig, tokenize: Callable, *, split: bool = True):
+    """Load a data set, split it by user id (train, val, test) and tokenise each part.
+
+    Malformed rows raise (or are skipped and counted, ``on_error="skip"``); the skip
+    ceiling is checked on the rows and on the length drops. Returns the three
+    TokenizedDatasets (val/test None when ``split`` is False) and the loaded records.
+    """
+    from rlhf_jax.data import load_records, split_by_user
+
+    records, report = load_records(source, kind, on_error=run_cfg.on_error)
+    report.check_ceiling(run_cfg.max_skip_fraction)
+    if report.skipped:
+        log.warning("%s: %s", source, report.summary())
+    parts = split_by_user(records, fractions=run_cfg.split_fractions, seed=run_cfg.seed) if split else (records, [], [])
+    out = []
+    for part in parts:
+        if not part:
+            out.append(None)
+            continue
+        ds = tokenize(part)
+        ds.report.check_ceiling(run_cfg.max_skip_fraction)
+        if ds.report.skipped:
+            log.warning("%s (tokenised): %s", source, ds.report.summary())
+        out.append(ds if len(ds) else None)
+    if out[0] is None:
+        raise ValueError(f"{source}: no training example left after loading, splitting and length filtering")
+    return out[0], out[1], out[2], parts
