@@ -186,9 +186,7 @@ class OptimConfig:
 class RunConfig:
     """What every stage shares: where, how often, on which mesh, with which seed."""
 
-    out: str  # run directory (checkpoints, metrics.jsonl, config.json)
     seed: int = 0
-    max_steps: int | None = None  # None: derived from the stage's epochs
     mesh: MeshConfig = MeshConfig()
     log_every: int = 10
     eval_every: int = 100
@@ -204,10 +202,8 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check(bool(self.out), "RunConfig.out (the run directory) is required")
         for name in ("log_every", "eval_every", "save_every", "eval_batches"):
             _check(getattr(self, name) > 0, f"RunConfig.{name} must be > 0")
-        _check(self.max_steps is None or self.max_steps > 0, "RunConfig.max_steps must be > 0 or None")
         _check(self.keep_last >= 1 and self.keep_best >= 0, "RunConfig: keep_last >= 1 and keep_best >= 0")
         _check(abs(sum(self.split_fractions) - 1.0) < 1e-6, "RunConfig.split_fractions must sum to 1")
         _check(0 <= self.max_skip_fraction <= 1, "RunConfig.max_skip_fraction must be in [0, 1]")
@@ -219,7 +215,9 @@ class SFTConfig:
 
     data: str  # demonstrations (or text, with mode="pretrain"): file or hub name
     init: str  # an HF model directory, or a previous run directory
-    run: RunConfig
+    out: str  # the run directory (checkpoints, metrics.jsonl, model.json, tokenizer/)
+    max_steps: int | None = None  # None: epochs x steps per epoch
+    run: RunConfig = RunConfig()
     mode: Literal["sft", "pretrain"] = "sft"  # pretrain: loss on every token of plain text
     epochs: float = 1.0
     batch_size: int = 32
@@ -235,6 +233,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0 and self.seq_len > 1, "SFTConfig: batch_size > 0 and seq_len > 1 required")
+        _check(self.max_steps is None or self.max_steps > 0, "SFTConfig.max_steps must be > 0 or None")
         _check(self.epochs > 0, "SFTConfig.epochs must be > 0")
         _check(0 <= self.ptx_fraction < 1, "SFTConfig.ptx_fraction must be in [0, 1)")
         _check(
@@ -254,7 +253,9 @@ class RewardConfig:
 
     data: str  # rankings file or hub name
     init: str  # an SFT run directory or an HF model directory
-    run: RunConfig
+    out: str  # the run directory
+    max_steps: int | None = None  # None: epochs x steps per epoch
+    run: RunConfig = RunConfig()
     demonstrations: str | None = None  # scored after training to set the bias (demos mean 0)
     epochs: float = 1.0
     batch_size: int = 64  # prompts (each with all its K responses), not pairs
@@ -267,6 +268,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "RewardConfig.batch_size must be > 0")
+        _check(self.max_steps is None or self.max_steps > 0, "RewardConfig.max_steps must be > 0 or None")
         _check(self.max_prompt_len > 0 and self.max_response_len > 0, "RewardConfig: lengths must be > 0")
         _check(self.max_k is None or self.max_k >= 2, "RewardConfig.max_k must be >= 2 (a ranking needs a pair)")
         _check(self.epochs > 0, "RewardConfig.epochs must be > 0")

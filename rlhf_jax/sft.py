@@ -112,7 +112,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     from rlhf_jax import checkpoint, data, sharding, train_loop
 
     run = cfg.run
-    out = Path(run.out)
+    out = Path(cfg.out)
     model, params, tokenizer = checkpoint.load_model(cfg.init, head="lm", dtype=run.dtype, which="latest")
     model = CausalLM(model.config.replace(dropout=cfg.dropout, remat=run.remat), head="lm")
     data.check_vocab(tokenizer, model.config.vocab_size)
@@ -139,7 +139,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         )
         ptx_it = data.BatchIterator(ptx.arrays, batch_size=cfg.ptx_rows, seed=run.seed + 1)
         iterators["ptx"] = ptx_it
-    total = run.max_steps or max(1, math.ceil(cfg.epochs * train_it.steps_per_epoch))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * train_it.steps_per_epoch))
 
     mesh = sharding.make_mesh(run.mesh)
     optimizer = make_optimizer(cfg.optim, total)
@@ -184,7 +184,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         best_mode=best_mode,
         tokens_per_batch=cfg.batch_size * cfg.seq_len,
     )
-    train_loop.run(stage, run, mesh, config_json=dataclasses.asdict(cfg))
+    train_loop.run(stage, run, mesh, out, config_json=dataclasses.asdict(cfg))
     return out
 
 

@@ -136,9 +136,10 @@ def _batch_shardings(batch: dict, mesh) -> dict:
     return {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
 
-def run(stage: Stage, run_cfg: RunConfig, mesh, *, config_json: dict | None = None) -> Any:
-    """Train ``stage`` to ``stage.total_steps`` (resuming if the run has checkpoints); returns the final state."""
-    run_dir = Path(run_cfg.out)
+def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_json: dict | None = None) -> Any:
+    """Train ``stage`` to ``stage.total_steps`` in ``run_dir`` (resuming from its latest
+    checkpoint if it has one); returns the final state."""
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(
         run_dir / "checkpoints",

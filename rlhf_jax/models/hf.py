@@ -465,7 +465,11 @@ def save_pretrained(model: CausalLM, params: dict, out_dir: str | os.PathLike, *
     out.mkdir(parents=True, exist_ok=True)
     params = jax.device_get(params)
     state = params_to_hf(params, model.config)
-    hf_cfg = config_to_hf(model.config)
+    special = {}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        special[name] = value if value is not None and value < model.config.vocab_size else None
+    hf_cfg = config_to_hf(model.config, **special)
     hf_cfg.architectures = [{"gpt2": "GPT2LMHeadModel", "neox": "GPTNeoXForCausalLM"}.get(
         model.config.family, {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
             model.config.hf_model_type or "llama", "LlamaForCausalLM"))]  # fmt: skip

@@ -1,0 +1,1 @@
+"""Built-in tasks: offline worlds whose data the pipeline reads through the ordinary loaders."""
