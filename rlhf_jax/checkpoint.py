@@ -229,6 +229,8 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
     want = head or src_head
     if src_head == "scalar" and info.get("reward_bias"):  # demonstrations score mean 0 (reward.py)
         params["score"] = {**params["score"], "bias": params["score"]["bias"] + info["reward_bias"]}
+    if want == "lm" and "score" in params:  # a policy trained with a shared value head
+        params = {k: v for k, v in params.items() if k != "score"}
     if want != src_head:
         if (src_head, want) != ("lm", "scalar"):
             raise ValueError(f"{source}: cannot turn a {src_head!r}-head model into a {want!r}-head model")

@@ -20,7 +20,7 @@ from typing import Annotated
 
 import tyro
 
-from rlhf_jax.config import RewardConfig, RunConfig, SFTConfig
+from rlhf_jax.config import PPOConfig, RewardConfig, RunConfig, SFTConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,7 +34,7 @@ class ExportArgs:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SmokeArgs:
-    """Tiny end-to-end check: random model, generated data, a few SFT and RM steps, sampling."""
+    """Tiny end-to-end check: random model, generated data, a few SFT, RM and PPO-ptx steps, sampling."""
 
     out: str | None = None  # run directory (default: a temporary directory)
     steps: int = 30
@@ -55,6 +55,7 @@ def _smoke(args: SmokeArgs) -> None:
     import jax.numpy as jnp
 
     from rlhf_jax import checkpoint
+    from rlhf_jax.ppo_run import run_ppo
     from rlhf_jax.reward import run_rm
     from rlhf_jax.sampling import generate
     from rlhf_jax.sft import run_sft
@@ -72,6 +73,10 @@ def _smoke(args: SmokeArgs) -> None:
                                  demonstrations=str(files["demonstrations"]), max_steps=args.steps, batch_size=8,
                                  max_prompt_len=8, max_response_len=8, run=run,
                                  optim=dataclasses.replace(RewardConfig.optim, learning_rate=1e-3)))  # fmt: skip
+    ppo_dir = run_ppo(PPOConfig(prompts=str(files["prompts"]), policy=str(sft_dir), reward=str(rm_dir),
+                                out=str(root / "ppo"), ptx_data=str(files["text"]), max_steps=max(2, args.steps // 5),
+                                batch_size=16, minibatch_size=8, max_prompt_len=8, max_new_tokens=8,
+                                ptx_seq_len=24, run=dataclasses.replace(run, eval_every=3, save_every=3)))  # fmt: skip
     model, params, tok = checkpoint.load_model(sft_dir)
     enc = tok(["w5 w6 w7", "w9 w3"], padding=True, return_tensors="np", padding_side="left")
     out = generate(model, params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]),
@@ -86,12 +91,16 @@ def _smoke(args: SmokeArgs) -> None:
         print(f"RM validation pair accuracy {rm_metrics[-1]['val/accuracy']:.3f}")
     for prompt, row, m in zip(["w5 w6 w7", "w9 w3"], out.tokens.tolist(), out.mask.tolist()):
         print(f"  {prompt!r} -> {tok.decode([t for t, k in zip(row, m) if k])!r}")
+    ppo_metrics = [m for m in read_metrics(ppo_dir) if "objective/scores" in m]
+    print(f"PPO-ptx RM score {ppo_metrics[0]['objective/scores']:.3f} -> {ppo_metrics[-1]['objective/scores']:.3f}, "
+          f"KL {ppo_metrics[-1]['objective/kl']:.3f}")
     print(f"run directories under {root}")
 
 
 COMMANDS = {
     "sft": (SFTConfig, "Supervised fine-tuning on demonstrations (or --mode pretrain on text)."),
     "rm": (RewardConfig, "Reward model on K-way rankings (all C(K,2) pairs of a prompt in one batch element)."),
+    "ppo": (PPOConfig, "PPO / PPO-ptx against the reward model with a per-token KL penalty (--ptx-data for PPO-ptx)."),
     "export": (ExportArgs, ExportArgs.__doc__),
     "smoke": (SmokeArgs, SmokeArgs.__doc__),
 }
@@ -116,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         from rlhf_jax.reward import run_rm
 
         print(run_rm(args))
+    elif isinstance(args, PPOConfig):
+        from rlhf_jax.ppo_run import run_ppo
+
+        print(run_ppo(args))
     elif isinstance(args, ExportArgs):
         _export(args)
     elif isinstance(args, SmokeArgs):

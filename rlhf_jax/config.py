@@ -200,8 +200,12 @@ class RunConfig:
     dtype: DType = "float32"  # compute dtype (params stay float32)
     remat: bool = False
     progress: bool = True
+    # End this invocation once the step counter reaches this value (a checkpoint is saved there);
+    # the schedule still spans the stage's total steps, so a later run resumes exactly. None: run to the end.
+    stop_at_step: int | None = None
 
     def __post_init__(self) -> None:
+        _check(self.stop_at_step is None or self.stop_at_step > 0, "RunConfig.stop_at_step must be > 0 or None")
         for name in ("log_every", "eval_every", "save_every", "eval_batches"):
             _check(getattr(self, name) > 0, f"RunConfig.{name} must be > 0")
         _check(self.keep_last >= 1 and self.keep_best >= 0, "RunConfig: keep_last >= 1 and keep_best >= 0")
@@ -277,3 +281,78 @@ class RewardConfig:
 def to_dict(config: Any) -> dict:
     """A JSON-ready dict of a (nested) config dataclass."""
     return dataclasses.asdict(config)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    """PPO-ptx (InstructGPT): per-token KL penalty against the SFT policy, pretraining-mix term.
+
+    Paper values: beta (kl_coef) 0.02, gamma (ptx_coef) 27.8, batch 512, minibatch 64,
+    1 PPO epoch, clip 0.2, GAE discount 1 (lambda 0.95 in Ziegler et al.), temperature 1,
+    constant lr with 10-iteration warmup from 1/10, EMA of policy weights with decay 0.992,
+    value function initialised from the reward model.
+    """
+
+    prompts: str  # prompts file or hub name
+    policy: str  # an SFT run dir or HF dir: the initial policy AND the KL reference
+    reward: str  # a reward-model run dir (also initialises the value function)
+    out: str
+    ptx_data: str | None = None  # pretraining text; None = plain PPO
+    max_steps: int = 100  # PPO iterations
+    run: RunConfig = RunConfig(eval_every=10, save_every=10, log_every=1)
+    batch_size: int = 64  # episodes per iteration (paper: 512)
+    minibatch_size: int = 16  # paper: 64
+    ppo_epochs: int = 1  # paper: 1 (Ziegler: 4)
+    max_prompt_len: int = 64
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    clip_eps: float = 0.2
+    vf_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.02  # beta (initial value when adaptive)
+    kl_kind: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False  # Ziegler's controller
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    ptx_coef: float | None = None  # gamma; None: 27.8 with ptx_data, 0 without
+    ptx_rows: int | None = None  # pretraining rows per minibatch (None: = minibatch_size)
+    ptx_seq_len: int = 128
+    no_eos_penalty: float | None = -1.0  # score of a response that never emits EOS (None: keep RM score)
+    whiten_rewards: bool = False  # whiten the per-token rewards (no mean shift) before GAE
+    ema_decay: float = 0.992
+    value_head: Literal["separate", "shared"] = "separate"  # shared: value head on the policy backbone
+    eval_prompts: int = 32  # validation prompts sampled (greedy, EMA policy) at each evaluation
+    optim: OptimConfig = OptimConfig(
+        learning_rate=1e-5, schedule="constant", warmup_steps=10, warmup_init_fraction=0.1
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size % self.minibatch_size == 0, "PPOConfig: batch_size must be a multiple of minibatch_size")
+        _check(self.minibatch_size > 0 and self.ppo_epochs > 0, "PPOConfig: minibatch_size, ppo_epochs must be > 0")
+        _check(self.max_steps > 0, "PPOConfig.max_steps must be > 0")
+        _check(self.temperature > 0, "PPOConfig.temperature must be > 0 (sampling; log-probs use the same value)")
+        _check(0 <= self.ema_decay < 1, "PPOConfig.ema_decay must be in [0, 1)")
+        _check(self.kl_coef >= 0 and self.kl_target > 0 and self.kl_horizon > 0, "PPOConfig: KL settings must be > 0")
+        _check(self.ptx_coef is None or self.ptx_coef >= 0, "PPOConfig.ptx_coef must be >= 0")
+        _check(
+            not (self.ptx_coef and self.ptx_data is None),
+            "PPOConfig: ptx_coef > 0 needs ptx_data (pretraining text)",
+        )
+
+    @property
+    def gamma_ptx(self) -> float:
+        if self.ptx_coef is not None:
+            return self.ptx_coef if self.ptx_data is not None else 0.0
+        return 27.8 if self.ptx_data is not None else 0.0
+
+    @property
+    def num_minibatches(self) -> int:
+        return self.batch_size // self.minibatch_size
+
+    @property
+    def rows_per_ptx_minibatch(self) -> int:
+        return self.ptx_rows or self.minibatch_size

@@ -246,7 +246,9 @@ def positions_from_mask(mask: Array) -> Array:
 
 
 class CausalLM(nn.Module):
-    """Decoder-only transformer with an LM head (``head="lm"``) or a scalar head (``head="scalar"``).
+    """Decoder-only transformer with an LM head (``head="lm"``), a scalar head
+    (``head="scalar"``) or both on one backbone (``head="lm+scalar"``: a policy with a
+    shared value head).
 
     The scalar head (reward model, value function) replaces the unembedding with a
     Dense(D -> 1) read at every position; the reward is read at the EOS position by the caller.
@@ -322,13 +324,15 @@ class CausalLM(nn.Module):
         hidden = Norm(cfg, name="final_norm")(x)  # [B, T, D]
 
         logits = values = None
-        if self.head == "lm":
+        if self.head not in ("lm", "scalar", "lm+scalar"):
+            raise ValueError(f"CausalLM.head must be 'lm', 'scalar' or 'lm+scalar', got {self.head!r}")
+        if self.head in ("lm", "lm+scalar"):
             if cfg.tie_word_embeddings:
                 logits = embed.attend(hidden)
             else:
                 logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head")(hidden)
             logits = _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))  # [B, T, V]
-        elif self.head == "scalar":
+        if self.head in ("scalar", "lm+scalar"):
             score = nn.Dense(
                 1,
                 dtype=jnp.float32,
@@ -338,8 +342,6 @@ class CausalLM(nn.Module):
                 name="score",
             )
             values = score(hidden.astype(jnp.float32))[..., 0]  # [B, T]
-        else:
-            raise ValueError(f"CausalLM.head must be 'lm' or 'scalar', got {self.head!r}")
 
         new_cache = None
         if cache is not None:

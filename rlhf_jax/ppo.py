@@ -1,0 +1,295 @@
+"""PPO-ptx (InstructGPT): the RL stage as pure functions, one compiled call per iteration.
+
+The objective (InstructGPT eq. 2)::
+
+    objective(phi) = E_{(x,y) ~ pi_RL} [ r(x, y) - beta * log(pi_RL(y|x) / pi_SFT(y|x)) ]
+                     + gamma * E_{x ~ D_pretrain} [ log pi_RL(x) ]
+
+as a bandit: one prompt, one sampled response, the reward-model score at its EOS, a
+per-token KL penalty ``-beta * (log pi - log pi_ref)`` at every response token, GAE with
+discount 1. Each iteration is ``iteration(state, batch, ref_params, rm_params)``:
+
+  * :func:`rollout`: sample with the policy (temperature T), then ONE scoring pass per
+    model over prompt + response: old log-probs (policy, same T), reference log-probs,
+    values, and the RM score at the last real token (a fixed penalty without EOS);
+    KL-shaped rewards, GAE, whitened advantages.
+  * :func:`update`: ``ppo_epochs x minibatches`` as ``lax.scan``: clipped policy loss +
+    ``ptx_coef`` x the LM loss on a pretraining minibatch (one gradient, one update),
+    clipped value loss on the value network, EMA of the policy weights, and the
+    adaptive KL coefficient (an array in the state, never a compile-time constant).
+
+Old log-probs are computed by the very function the update uses (``response_logprobs``)
+so the probability ratio is 1 on the first minibatch. Dropout is off in every RL pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import losses, ops, rl
+from rlhf_jax.config import PPOConfig
+from rlhf_jax.models import CausalLM
+from rlhf_jax.optim import TrainState, apply_gradients
+from rlhf_jax.sampling import generate
+
+
+@flax.struct.dataclass
+class PPOState:
+    """Everything that changes during PPO.
+
+    Attributes:
+      policy: TrainState of the policy (its step counts optimizer steps).
+      value: TrainState of the value network (None with a shared value head).
+      ema_params: EMA of the policy params (used for evaluation and export).
+      kl_coef: float32 scalar, beta (adapted when the controller is on).
+      iteration: int32 scalar, PPO iterations completed.
+      rng: uint32 [2] key data for rollouts.
+    """
+
+    policy: TrainState
+    value: TrainState | None
+    ema_params: Any
+    kl_coef: jax.Array
+    iteration: jax.Array
+    rng: jax.Array
+
+
+@flax.struct.dataclass
+class Rollout:
+    """One batch of episodes; every array is [B, ...] with R = max_new_tokens.
+
+    sequences/sequence_mask [B, P+R]: prompt then response; response_mask [B, R];
+    old_logprobs, ref_logprobs, values, rewards, advantages, returns, kl: [B, R];
+    scores [B] (after the no-EOS penalty); has_eos [B].
+    """
+
+    sequences: jax.Array
+    sequence_mask: jax.Array
+    response_mask: jax.Array
+    old_logprobs: jax.Array
+    ref_logprobs: jax.Array
+    values: jax.Array
+    rewards: jax.Array
+    advantages: jax.Array
+    returns: jax.Array
+    kl: jax.Array
+    scores: jax.Array
+    has_eos: jax.Array
+
+
+def response_forward(model: CausalLM, params: Any, sequences: jax.Array, mask: jax.Array, prompt_len: int):
+    """One forward pass over prompt + response; the outputs that predict/evaluate response tokens.
+
+    Returns (logits [B, R, V] or None, values [B, R] or None): position ``P - 1 + t``
+    predicts response token t, and its value is the value of the state before token t.
+    """
+    out = model.apply({"params": params}, sequences, attention_mask=mask)
+    logits = None if out.logits is None else out.logits[:, prompt_len - 1 : -1]
+    values = None if out.values is None else out.values[:, prompt_len - 1 : -1]
+    return logits, values
+
+
+def response_logprobs(logits: jax.Array, sequences: jax.Array, prompt_len: int, temperature: float) -> jax.Array:
+    """log pi(y_t | x, y_<t) at temperature T for the response tokens -> [B, R]."""
+    return ops.gather_logprobs(logits, sequences[:, prompt_len:], temperature=temperature)
+
+
+def score_responses(rm: CausalLM, rm_params: Any, sequences: jax.Array, mask: jax.Array) -> jax.Array:
+    """RM score read at each sequence's last real token (the EOS when there is one) -> [B]."""
+    values = rm.apply({"params": rm_params}, sequences, attention_mask=mask).values  # [B, T]
+    return jnp.take_along_axis(values, ops.last_token_index(mask)[:, None], axis=1)[:, 0]
+
+
+def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: CausalLM, *, eos_token_id: int,
+                 pad_token_id: int) -> Callable:  # fmt: skip
+    """``rollout(state, prompt_ids [B,P], prompt_mask [B,P], ref_params, rm_params) -> Rollout``."""
+
+    def rollout(state: PPOState, prompt_ids, prompt_mask, ref_params, rm_params) -> Rollout:
+        p = prompt_ids.shape[1]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration)
+        gen = generate(policy, state.policy.params, prompt_ids, prompt_mask, key, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
+        seq = jnp.concatenate([prompt_ids, gen.tokens], axis=1)  # [B, P+R]
+        seq_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), gen.mask], axis=1)
+        resp_mask = gen.mask.astype(jnp.float32)  # [B, R]
+
+        logits, shared_values = response_forward(policy, state.policy.params, seq, seq_mask, p)
+        old_logprobs = response_logprobs(logits, seq, p, cfg.temperature)
+        ref_logits, _ = response_forward(policy.clone(head="lm"), ref_params, seq, seq_mask, p)
+        ref_logprobs = response_logprobs(ref_logits, seq, p, cfg.temperature)
+        if value is not None:
+            _, values = response_forward(value, state.value.params, seq, seq_mask, p)
+        else:
+            values = shared_values
+
+        has_eos = jnp.any((gen.tokens == eos_token_id) & (gen.mask > 0), axis=1)  # [B]
+        scores = score_responses(rm, rm_params, seq, seq_mask)
+        if cfg.no_eos_penalty is not None:
+            scores = jnp.where(has_eos, scores, cfg.no_eos_penalty)
+        rewards, kl = rl.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, resp_mask, kl_coef=state.kl_coef,
+                                           kind=cfg.kl_kind)  # fmt: skip
+        if cfg.whiten_rewards:
+            rewards = ops.masked_whiten(rewards, resp_mask, shift_mean=False)
+        advantages, returns = rl.gae(rewards, values * resp_mask, resp_mask, gamma=cfg.gamma, lam=cfg.lam)
+        advantages = ops.masked_whiten(advantages, resp_mask, shift_mean=True)
+        return Rollout(
+            sequences=seq, sequence_mask=seq_mask, response_mask=resp_mask, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, values=values, rewards=rewards, advantages=advantages, returns=returns,
+            kl=kl, scores=scores, has_eos=has_eos,
+        )  # fmt: skip
+
+    return rollout
+
+
+def ppo_objective(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy_params, value_params, mb: dict,
+                  ptx: dict | None, prompt_len: int):  # fmt: skip
+    """policy loss + vf_coef * value loss + ptx_coef * ptx loss (value term only with a shared head).
+
+    Returns (policy_total, (value_total, metrics)) so the two networks can take separate gradients.
+    """
+    logits, shared_values = response_forward(policy, policy_params, mb["sequences"], mb["sequence_mask"], prompt_len)
+    logprobs = response_logprobs(logits, mb["sequences"], prompt_len, cfg.temperature)
+    mask = mb["response_mask"]
+    pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
+                                                 clip_eps=cfg.clip_eps)  # fmt: skip
+    if value is None:
+        new_values = shared_values
+    else:
+        _, new_values = response_forward(value, value_params, mb["sequences"], mb["sequence_mask"], prompt_len)
+    vf_loss, vf_metrics = losses.value_loss(new_values, mb["values"], mb["returns"], mask, clip_eps=cfg.vf_clip_eps)
+    ratio = jnp.exp(logprobs - mb["old_logprobs"])
+    metrics = {
+        "loss/policy": pg_loss,
+        "loss/value": vf_loss,
+        "ppo/clipfrac": pg_metrics["clipfrac"],
+        "ppo/approx_kl": pg_metrics["approx_kl"],
+        "ppo/ratio_mean": ops.masked_mean(ratio, mask),
+        "ppo/ratio_max_dev": jnp.max(jnp.abs(ratio - 1.0) * mask),
+        "val/clipfrac": vf_metrics.get("vf_clipfrac", 0.0),
+        "objective/entropy": ops.masked_mean(ops.entropy_from_logits(logits / cfg.temperature), mask),
+    }
+    policy_total = pg_loss
+    if ptx is not None and cfg.gamma_ptx > 0:
+        ptx_logits = policy.apply({"params": policy_params}, ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
+        ptx_loss, _ = losses.masked_lm_loss(ptx_logits[:, :-1], ptx["input_ids"][:, 1:], ptx["loss_mask"][:, 1:])
+        metrics["loss/ptx"] = ptx_loss
+        policy_total = policy_total + cfg.gamma_ptx * ptx_loss
+    value_total = cfg.vf_coef * vf_loss
+    if value is None:
+        policy_total = policy_total + value_total
+    return policy_total, (value_total, metrics)
+
+
+def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy_opt: optax.GradientTransformation,
+                value_opt: optax.GradientTransformation | None) -> Callable:  # fmt: skip
+    """``update(state, rollout, ptx_batch | None, prompt_len) -> (state, metrics)``: epochs x minibatches scans."""
+    n_mb, mb_size = cfg.num_minibatches, cfg.minibatch_size
+
+    def minibatch_step(state: PPOState, xs):
+        mb, ptx = xs
+        p = mb["sequences"].shape[1] - cfg.max_new_tokens
+
+        if value is None:
+            grad_fn = jax.value_and_grad(
+                lambda pp: ppo_objective(cfg, policy, None, pp, None, mb, ptx, p), has_aux=True
+            )
+            (_, (_, metrics)), p_grads = grad_fn(state.policy.params)
+            new_value = None
+        else:
+
+            def joint(pp, vp):
+                pol, (val, metrics) = ppo_objective(cfg, policy, value, pp, vp, mb, ptx, p)
+                return pol + val, metrics  # disjoint params: d/dpp sees pol, d/dvp sees val
+
+            (_, metrics), (p_grads, v_grads) = jax.value_and_grad(joint, argnums=(0, 1), has_aux=True)(
+                state.policy.params, state.value.params
+            )
+            new_value = apply_gradients(state.value, v_grads, value_opt)
+            metrics["val/grad_norm"] = optax.global_norm(v_grads)
+        metrics["ppo/grad_norm"] = optax.global_norm(p_grads)
+        new_policy = apply_gradients(state.policy, p_grads, policy_opt)
+        ema = jax.tree.map(lambda e, w: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * w,
+                           state.ema_params, new_policy.params)  # fmt: skip
+        return state.replace(policy=new_policy, value=new_value, ema_params=ema), metrics
+
+    def update(state: PPOState, ro: Rollout, ptx_batch: dict | None):
+        fields = ("sequences", "sequence_mask", "response_mask", "old_logprobs", "values", "advantages", "returns")
+        data = {k: getattr(ro, k) for k in fields}
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration + (1 << 30))
+
+        def epoch(state, epoch_idx):
+            perm = jax.random.permutation(jax.random.fold_in(key, epoch_idx), cfg.batch_size)
+            shuffled = jax.tree.map(lambda x: x[perm].reshape(n_mb, mb_size, *x.shape[1:]), data)
+            ptx = None
+            if ptx_batch is not None:  # [E * n_mb * rows, T] -> this epoch's [n_mb, rows, T]
+                ptx = jax.tree.map(
+                    lambda x: x.reshape(cfg.ppo_epochs, n_mb, -1, *x.shape[1:])[epoch_idx], ptx_batch
+                )
+            return jax.lax.scan(minibatch_step, state, (shuffled, ptx))
+
+        state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.ppo_epochs))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return update
+
+
+def make_iteration(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: CausalLM,
+                   policy_opt: optax.GradientTransformation, value_opt: optax.GradientTransformation | None, *,
+                   eos_token_id: int, pad_token_id: int) -> Callable:  # fmt: skip
+    """``iteration(state, batch, ref_params, rm_params) -> (state, metrics)``: rollout + update + KL control.
+
+    ``batch``: ``prompt_ids``/``prompt_mask`` [B, P]; with ptx also ``ptx_input_ids``,
+    ``ptx_attention_mask``, ``ptx_loss_mask`` [E * n_minibatches * rows, T].
+    """
+    rollout_fn = make_rollout(cfg, policy, value, rm, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    update_fn = make_update(cfg, policy, value, policy_opt, value_opt)
+
+    def iteration(state: PPOState, batch: dict, ref_params: Any, rm_params: Any):
+        ro = rollout_fn(state, batch["prompt_ids"], batch["prompt_mask"], ref_params, rm_params)
+        ptx = None
+        if "ptx_input_ids" in batch:
+            ptx = {k[len("ptx_") :]: v for k, v in batch.items() if k.startswith("ptx_")}
+        new_state, metrics = update_fn(state, ro, ptx)
+
+        mask = ro.response_mask
+        seq_kl = jnp.sum(ro.kl * mask, axis=1)  # [B] KL(pi || pi_ref) of each episode (k-estimator sums)
+        mean_kl = jnp.mean(seq_kl)
+        kl_coef = state.kl_coef
+        if cfg.adaptive_kl:
+            kl_coef = rl.update_kl_coef(kl_coef, mean_kl, cfg.batch_size, target=cfg.kl_target, horizon=cfg.kl_horizon)
+        returns_var = ops.masked_var(ro.returns, mask)
+        metrics.update({
+            "objective/kl": mean_kl,
+            "objective/scores": jnp.mean(ro.scores),
+            "objective/rlhf_reward": jnp.mean(ro.scores - state.kl_coef * seq_kl),
+            "objective/non_score_reward": jnp.mean(jnp.sum(ro.rewards * mask, axis=1) - ro.scores),
+            "val/explained_variance": 1.0 - ops.masked_var(ro.returns - ro.values, mask) / (returns_var + 1e-8),
+            "val/mean": ops.masked_mean(ro.values, mask),
+            "episode/response_length": jnp.mean(jnp.sum(mask, axis=1)),
+            "episode/eos_rate": jnp.mean(ro.has_eos.astype(jnp.float32)),
+            "kl_coef": state.kl_coef,
+        })  # fmt: skip
+        new_state = new_state.replace(kl_coef=kl_coef, iteration=state.iteration + 1)
+        return new_state, metrics
+
+    return iteration
+
+
+def init_ppo_state(policy_params: Any, value_params: Any | None, policy_opt, value_opt, *, kl_coef: float,
+                   seed: int) -> PPOState:  # fmt: skip
+    from rlhf_jax.optim import init_train_state
+
+    return PPOState(
+        policy=init_train_state(policy_params, policy_opt, seed),
+        value=None if value_params is None else init_train_state(value_params, value_opt, seed + 1),
+        ema_params=jax.tree.map(lambda x: x, policy_params),
+        kl_coef=jnp.asarray(kl_coef, jnp.float32),
+        iteration=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(seed + 2)),
+    )
