@@ -119,17 +119,25 @@ def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: C
         seq_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), gen.mask], axis=1)
         resp_mask = gen.mask.astype(jnp.float32)  # [B, R]
 
-        logits, shared_values = response_forward(policy, state.policy.params, seq, seq_mask, p)
-        old_logprobs = response_logprobs(logits, seq, p, cfg.temperature)
-        ref_logits, _ = response_forward(policy.clone(head="lm"), ref_params, seq, seq_mask, p)
-        ref_logprobs = response_logprobs(ref_logits, seq, p, cfg.temperature)
-        if value is not None:
-            _, values = response_forward(value, state.value.params, seq, seq_mask, p)
-        else:
-            values = shared_values
+        def score_minibatch(xs):  # [mb, P+R] -> old/ref log-probs, values [mb, R]; RM scores [mb]
+            s, m = xs
+            logits, shared_values = response_forward(policy, state.policy.params, s, m, p)
+            old_lp = response_logprobs(logits, s, p, cfg.temperature)
+            ref_logits, _ = response_forward(policy.clone(head="lm"), ref_params, s, m, p)
+            ref_lp = response_logprobs(ref_logits, s, p, cfg.temperature)
+            if value is not None:
+                _, vals = response_forward(value, state.value.params, s, m, p)
+            else:
+                vals = shared_values
+            return old_lp, ref_lp, vals, score_responses(rm, rm_params, s, m)
+
+        # Scored minibatch by minibatch, with the update's minibatch shape: XLA's rounding can
+        # depend on the batch dimension, and the ratio must be exactly 1 on the first minibatch.
+        split = lambda x: x.reshape(cfg.num_minibatches, cfg.minibatch_size, *x.shape[1:])  # noqa: E731
+        outs = jax.lax.map(score_minibatch, (split(seq), split(seq_mask)))
+        old_logprobs, ref_logprobs, values, scores = (o.reshape(-1, *o.shape[2:]) for o in outs)  # [B, ...]
 
         has_eos = jnp.any((gen.tokens == eos_token_id) & (gen.mask > 0), axis=1)  # [B]
-        scores = score_responses(rm, rm_params, seq, seq_mask)
         if cfg.no_eos_penalty is not None:
             scores = jnp.where(has_eos, scores, cfg.no_eos_penalty)
         rewards, kl = rl.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, resp_mask, kl_coef=state.kl_coef,
@@ -153,7 +161,12 @@ def ppo_objective(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, poli
 
     Returns (policy_total, (value_total, metrics)) so the two networks can take separate gradients.
     """
-    logits, shared_values = response_forward(policy, policy_params, mb["sequences"], mb["sequence_mask"], prompt_len)
+    # Rematerialised: inside value_and_grad, XLA would otherwise fuse the forward differently
+    # (residuals kept for the backward pass) and round it differently from the rollout's
+    # forward-only pass; recomputed, the forward is the same program, so the first
+    # minibatch's ratio is exactly 1 (Llama-style models differ by ~1e-7 without it).
+    forward = jax.checkpoint(lambda pp: response_forward(policy, pp, mb["sequences"], mb["sequence_mask"], prompt_len))
+    logits, shared_values = forward(policy_params)
     logprobs = response_logprobs(logits, mb["sequences"], prompt_len, cfg.temperature)
     mask = mb["response_mask"]
     pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
@@ -288,7 +301,7 @@ def init_ppo_state(policy_params: Any, value_params: Any | None, policy_opt, val
     return PPOState(
         policy=init_train_state(policy_params, policy_opt, seed),
         value=None if value_params is None else init_train_state(value_params, value_opt, seed + 1),
-        ema_params=jax.tree.map(lambda x: x, policy_params),
+        ema_params=jax.tree.map(lambda x: jnp.array(x, copy=True), policy_params),  # own buffers (donation)
         kl_coef=jnp.asarray(kl_coef, jnp.float32),
         iteration=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(seed + 2)),

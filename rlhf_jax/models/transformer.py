@@ -38,7 +38,8 @@ class KVCache:
     """Preallocated key/value cache; every row writes its slot ``index`` at the same time.
 
     Attributes:
-      keys, values: one [B, S, H_kv, Dh] array per layer.
+      keys, values: one [B, H_kv, S, Dh] array per layer (heads-major, so attention over
+        the cache needs no transpose of it at each decode step).
       mask: [B, S] int32, 1 for slots holding a real token (pads and unwritten slots 0).
       index: int32 scalar, the next slot to write.
     """
@@ -52,7 +53,7 @@ class KVCache:
 def init_cache(config: ModelConfig, *, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     """An empty cache for ``max_length`` slots (prompt + new tokens)."""
     dtype = dtype or to_dtype(config.dtype)
-    shape = (batch_size, max_length, config.kv_heads, config.dim_per_head)
+    shape = (batch_size, config.kv_heads, max_length, config.dim_per_head)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(
         keys=zeros,
@@ -173,18 +174,21 @@ class Attention(nn.Module):
         if cfg.uses_rope:
             q = rotary(q, positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
             k = rotary(k, positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
+        k = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+        v = v.transpose(0, 2, 1, 3)
         new_kv = None
         if cache_kv is not None:
-            ck, cv = cache_kv
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)  # [B, S, Hkv, Dh]
+            ck, cv = cache_kv  # [B, Hkv, S, Dh]
+            start = (0, 0, cache_index, 0)
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
             new_kv = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         b, t = x.shape[:2]
-        s = k.shape[1]
-        qg = q.reshape(b, t, kv, h // kv, dh)  # [B, T, Hkv, G, Dh]
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(dh).astype(jnp.float32)
+        s = k.shape[2]
+        qg = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
+        scale = 1.0 / jnp.sqrt(jnp.float32(dh))
+        scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k).astype(jnp.float32) * scale  # [B, Hkv, G, T, S]
         key_slots = jnp.arange(s)
         allowed = key_slots[None, :] <= query_slots[:, None]  # [T, S] causal in cache slots
         allowed = allowed[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
@@ -193,7 +197,7 @@ class Attention(nn.Module):
             allowed &= positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G, T, S]
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)  # [B, T, H, Dh]
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, dh)  # [B, T, H, Dh]
         out = _constrain(out, ("batch", "length", "heads", "kv"))
         out = _dense(cfg, x.shape[-1], ("heads", "kv", "embed"), use_bias=cfg.out_bias, name="o", in_axes=2)(out)
         return out, new_kv
