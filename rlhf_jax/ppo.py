@@ -88,10 +88,9 @@ def response_forward(model: CausalLM, params: Any, sequences: jax.Array, mask: j
     Returns (logits [B, R, V] or None, values [B, R] or None): position ``P - 1 + t``
     predicts response token t, and its value is the value of the state before token t.
     """
-    out = model.apply({"params": params}, sequences, attention_mask=mask)
-    logits = None if out.logits is None else out.logits[:, prompt_len - 1 : -1]
-    values = None if out.values is None else out.values[:, prompt_len - 1 : -1]
-    return logits, values
+    t = sequences.shape[1]
+    out = model.apply({"params": params}, sequences, attention_mask=mask, head_slice=(prompt_len - 1, t - 1))
+    return out.logits, out.values
 
 
 def response_logprobs(logits: jax.Array, sequences: jax.Array, prompt_len: int, temperature: float) -> jax.Array:

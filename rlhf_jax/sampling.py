@@ -94,9 +94,9 @@ def generate(
     r = max_new_tokens
     variables = {"params": params}
     cache = init_cache(model.config, batch_size=b, max_length=p + r)
-    out = model.apply(variables, prompt_ids, attention_mask=prompt_mask, cache=cache)
-    last = _last_real(prompt_mask)  # [B]
-    first_logits = jnp.take_along_axis(out.logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
+    last = _last_real(prompt_mask)  # [B]: the next token follows each row's last real prompt token
+    out = model.apply(variables, prompt_ids, attention_mask=prompt_mask, cache=cache, head_index=last)
+    first_logits = out.logits[:, 0]  # [B, V]
     scale = 1.0 if temperature == 0 else temperature
 
     def sample(logits, step_key):  # logits [B, V] float32 -> (token [B], logprob [B])

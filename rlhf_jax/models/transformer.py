@@ -270,6 +270,8 @@ class CausalLM(nn.Module):
         position_ids: Array | None = None,
         cache: KVCache | None = None,
         deterministic: bool = True,
+        head_slice: tuple[int, int] | None = None,
+        head_index: Array | None = None,
     ) -> ModelOutput:
         """Args:
           input_ids: [B, T] int token ids.
@@ -277,6 +279,9 @@ class CausalLM(nn.Module):
           position_ids: [B, T]; derived from the mask (and the cache's mask) when None.
           cache: a KVCache; the T new tokens are written at slots cache.index .. +T.
           deterministic: False enables dropout (needs a 'dropout' rng).
+          head_slice: static (start, stop): apply the head to positions start:stop only
+            (logits [B, stop - start, V]); the LM head is most of a short sequence's cost.
+          head_index: [B] int: apply the head at one position per row (logits [B, 1, V]).
         """
         cfg = self.config
         b, t = input_ids.shape
@@ -326,15 +331,20 @@ class CausalLM(nn.Module):
                 new_keys.append(kv[0])
                 new_values.append(kv[1])
         hidden = Norm(cfg, name="final_norm")(x)  # [B, T, D]
+        head_in = hidden
+        if head_slice is not None:
+            head_in = hidden[:, head_slice[0] : head_slice[1]]  # [B, T', D]
+        if head_index is not None:
+            head_in = jnp.take_along_axis(head_in, head_index[:, None, None], axis=1)  # [B, 1, D]
 
         logits = values = None
         if self.head not in ("lm", "scalar", "lm+scalar"):
             raise ValueError(f"CausalLM.head must be 'lm', 'scalar' or 'lm+scalar', got {self.head!r}")
         if self.head in ("lm", "lm+scalar"):
             if cfg.tie_word_embeddings:
-                logits = embed.attend(hidden)
+                logits = embed.attend(head_in)
             else:
-                logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head")(hidden)
+                logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head")(head_in)
             logits = _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))  # [B, T, V]
         if self.head in ("scalar", "lm+scalar"):
             score = nn.Dense(
@@ -345,7 +355,7 @@ class CausalLM(nn.Module):
                 bias_init=_param(nn.initializers.zeros, (None,)),
                 name="score",
             )
-            values = score(hidden.astype(jnp.float32))[..., 0]  # [B, T]
+            values = score(head_in.astype(jnp.float32))[..., 0]  # [B, T]
 
         new_cache = None
         if cache is not None:
