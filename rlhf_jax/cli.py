@@ -3,6 +3,7 @@
     rlhf-jax sft --data demos.jsonl --init HF_OR_RUN_DIR --out runs/sft --max-steps 1000
     rlhf-jax rm  --data rankings.jsonl --init runs/sft --out runs/rm --demonstrations demos.jsonl
     rlhf-jax export --run runs/sft --out hf_dir
+    rlhf-jax demo                      # the whole pipeline on the built-in task, with a report
     rlhf-jax smoke                     # a tiny end-to-end check on CPU (about a minute)
 
 ``rlhf-jax <command> --help`` lists every option with its default.
@@ -21,6 +22,7 @@ from typing import Annotated
 import tyro
 
 from rlhf_jax.config import PPOConfig, RewardConfig, RunConfig, SFTConfig
+from rlhf_jax.tasks.demo import DemoConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,6 +100,7 @@ def _smoke(args: SmokeArgs) -> None:
 
 
 COMMANDS = {
+    "demo": (DemoConfig, "The whole InstructGPT pipeline on the built-in task, on CPU, with a report (--quick: test-sized)."),
     "sft": (SFTConfig, "Supervised fine-tuning on demonstrations (or --mode pretrain on text)."),
     "rm": (RewardConfig, "Reward model on K-way rankings (all C(K,2) pairs of a prompt in one batch element)."),
     "ppo": (PPOConfig, "PPO / PPO-ptx against the reward model with a per-token KL penalty (--ptx-data for PPO-ptx)."),
@@ -117,7 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     from typing import Union
 
     args = tyro.cli(Union[tuple(subcommands.values())], args=argv, description=__doc__)  # type: ignore[arg-type]
-    if isinstance(args, SFTConfig):
+    if isinstance(args, DemoConfig):
+        from rlhf_jax.tasks.demo import run_demo
+
+        print(f"report: {run_demo(args)}")
+    elif isinstance(args, SFTConfig):
         from rlhf_jax.sft import run_sft
 
         print(run_sft(args))

@@ -1,0 +1,194 @@
+"""``rlhf-jax demo``: InstructGPT's pipeline and findings on the built-in world, on a CPU.
+
+Stages (each an ordinary rlhf_jax run directory under ``--out``):
+  1. the world writes its files (pretraining corpus, demonstrations, prompts by user);
+  2. ``base``: a small LM pretrained on the corpus; ``base_big``: one >= 4x larger;
+  3. ``sft``: supervised fine-tuning on demonstrations with 10% pretraining mix
+     (the paper's PPO-init model); ``sft_big`` from ``base_big`` the same way;
+  4. rankings: K = 4..9 samples per prompt from ``sft``, ranked by simulated labelers;
+  5. ``rm``: the reward model from ``sft``, demonstrations bias set to mean 0;
+  6. ``ppo_ptx`` (gamma 27.8), ``ppo`` (gamma 0) and ``ppo_nokl`` (beta 0, for the
+     over-optimisation curve), each from ``sft`` against ``rm``;
+  7. evaluation on held-out users' prompts with the gold preference, the held-out
+     pretraining loss, and ``report.md`` with plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rlhf_jax.config import OptimConfig, PPOConfig, RewardConfig, RunConfig, SFTConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """The built-in InstructGPT study at small scale (``--quick``: the same pipeline, test-sized)."""
+
+    out: str = "runs/demo"
+    seed: int = 0
+    quick: bool = False
+    hidden_size: int = 64  # the aligned model; the "big" SFT model has 2x width and 2x depth (>= 4x params)
+    num_layers: int = 2
+    pretrain_steps: int = 400
+    sft_steps: int = 300
+    rm_steps: int = 200
+    ppo_steps: int = 60
+    ranking_prompts: int = 600
+    eval_prompts: int = 256
+    max_new_tokens: int = 16
+
+    def scaled(self) -> "DemoConfig":
+        if not self.quick:
+            return self
+        return dataclasses.replace(self, pretrain_steps=30, sft_steps=30, rm_steps=20, ppo_steps=6,
+                                   ranking_prompts=64, eval_prompts=32, max_new_tokens=12)  # fmt: skip
+
+
+def _run(**kw) -> RunConfig:
+    return RunConfig(**{"log_every": 10, "eval_every": 50, "save_every": 1000, "keep_last": 1, **kw})
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run every stage (skipping finished ones when re-run); returns the report path."""
+    from rlhf_jax import checkpoint, data
+    from rlhf_jax.ppo_run import run_ppo
+    from rlhf_jax.reward import run_rm
+    from rlhf_jax.sft import run_sft
+    from rlhf_jax.tasks import evaluate, report, tiny
+    from rlhf_jax.tasks.world import World, WorldConfig
+
+    cfg = cfg.scaled()
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    def stage(name: str, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        timings[name] = time.perf_counter() - t0
+        log.info("demo: %s done in %.1f s", name, timings[name])
+        return result
+
+    world = World(WorldConfig(seed=cfg.seed))
+    tok = world.build_tokenizer(root / "tokenizer")
+    files = stage("world", lambda: world.write_files(root / "data"))
+    vocab = len(tok)
+
+    def base(name: str, width: int, depth: int) -> Path:
+        init = tiny.make_model_dir(root / f"{name}_init", vocab_size=vocab, family="llama", hidden_size=width,
+                                   num_layers=depth, num_heads=4, seed=cfg.seed, tokenizer=tok)  # fmt: skip
+        return run_sft(SFTConfig(data=str(files["pretrain"]), init=str(init), out=str(root / name), mode="pretrain",
+                                 max_steps=cfg.pretrain_steps, batch_size=32, seq_len=64,
+                                 optim=OptimConfig(learning_rate=3e-3, warmup_steps=20),
+                                 run=_run(seed=cfg.seed)))  # fmt: skip
+
+    def sft(name: str, init: Path) -> Path:
+        return run_sft(SFTConfig(data=str(files["demonstrations"]), init=str(init), out=str(root / name),
+                                 max_steps=cfg.sft_steps, batch_size=32, seq_len=48, ptx_data=str(files["pretrain"]),
+                                 ptx_fraction=0.1, optim=OptimConfig(learning_rate=1e-3),
+                                 run=_run(seed=cfg.seed)))  # fmt: skip
+
+    base_dir = stage("pretrain", lambda: base("base", cfg.hidden_size, cfg.num_layers))
+    big_dir = stage("pretrain_big", lambda: base("base_big", 2 * cfg.hidden_size, 2 * cfg.num_layers))
+    sft_dir = stage("sft", lambda: sft("sft", base_dir))
+    sft_big_dir = stage("sft_big", lambda: sft("sft_big", big_dir))
+
+    # ---- rankings of the SFT model's own samples (K = 4..9), by simulated labelers
+    prompt_records, _ = data.load_records(files["prompts"], "prompts")
+    train_p, val_p, test_p = data.split_by_user(prompt_records, fractions=(0.8, 0.1, 0.1), seed=cfg.seed)
+    policy, policy_params, _ = checkpoint.load_model(sft_dir)
+    rng = np.random.default_rng(cfg.seed)
+    rank_src = [r for r in train_p + val_p][: cfg.ranking_prompts]
+    ks = rng.integers(4, 10, len(rank_src))
+
+    def collect():
+        texts = [r["prompt"] for r in rank_src]
+        groups = [[] for _ in texts]
+        for j in range(int(ks.max())):
+            outs = evaluate.sample_responses(policy, policy_params, tok, texts, key=jax.random.key(100 + j),
+                                             max_prompt_len=32, max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+            for g, k, o in zip(groups, ks, outs):
+                if len(g) < k:
+                    g.append(o)
+        recs = world.rankings(texts, groups, [r["user_id"] for r in rank_src], seed=cfg.seed)
+        path = root / "data" / "rankings.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        agreement = world.labeler_agreement(texts, groups, seed=cfg.seed + 1)
+        return path, agreement
+
+    rankings_path, agreement = stage("rankings", collect)
+    rm_dir = stage("rm", lambda: run_rm(RewardConfig(
+        data=str(rankings_path), init=str(sft_dir), out=str(root / "rm"), demonstrations=str(files["demonstrations"]),
+        max_steps=cfg.rm_steps, batch_size=32, max_prompt_len=32, max_response_len=cfg.max_new_tokens + 1,
+        optim=OptimConfig(learning_rate=3e-4, warmup_steps=10), run=_run(seed=cfg.seed, eval_every=cfg.rm_steps),
+    )))  # fmt: skip
+
+    def ppo(name: str, *, ptx: bool, kl_coef: float = 0.05) -> Path:
+        return run_ppo(PPOConfig(
+            prompts=str(files["prompts"]), policy=str(sft_dir), reward=str(rm_dir), out=str(root / name),
+            ptx_data=str(files["pretrain"]) if ptx else None, max_steps=cfg.ppo_steps, batch_size=64,
+            minibatch_size=16, ppo_epochs=2, max_prompt_len=32, max_new_tokens=cfg.max_new_tokens, kl_coef=kl_coef,
+            ptx_seq_len=64, ptx_rows=8, eval_prompts=64,
+            optim=OptimConfig(learning_rate=3e-4, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1),
+            run=_run(seed=cfg.seed, eval_every=max(1, cfg.ppo_steps // 6), log_every=1,
+                     split_fractions=(0.8, 0.1, 0.1)),
+        ), gold_fn=lambda ps, rs: [world.gold_score(p, r) for p, r in zip(ps, rs)])  # fmt: skip
+
+    ppo_ptx_dir = stage("ppo_ptx", lambda: ppo("ppo_ptx", ptx=True))
+    ppo_dir = stage("ppo", lambda: ppo("ppo", ptx=False))
+    nokl_dir = stage("ppo_nokl", lambda: ppo("ppo_nokl", ptx=False, kl_coef=0.0))
+
+    # ---- evaluation on held-out users
+    def evaluation():
+        texts = [r["prompt"] for r in test_p][: cfg.eval_prompts]
+        heldout_records, _ = data.load_records(files["pretrain_heldout"], "text")
+        heldout = data.tokenize_text(heldout_records, tok, seq_len=64)
+        results = {"models": {}}
+        for name, run_dir in (("SFT", sft_dir), ("SFT big", sft_big_dir), ("PPO", ppo_dir), ("PPO-ptx", ppo_ptx_dir)):
+            m, p, _ = checkpoint.load_model(run_dir, which="latest")
+            outs = evaluate.sample_responses(m, p, tok, texts, key=jax.random.key(7), max_prompt_len=32,
+                                             max_new_tokens=cfg.max_new_tokens, temperature=0.0)  # fmt: skip
+            results["models"][name] = {
+                "gold": float(np.mean([world.gold_score(t, o) for t, o in zip(texts, outs)])),
+                "heldout_loss": evaluate.heldout_lm_loss(m, p, heldout),
+                "params": m.config.num_params(),
+                "samples": list(zip(texts[:5], outs[:5])),
+                "responses": outs,
+            }
+        gold = world.gold_score
+        r = results["models"]
+        results["win_rates"] = {
+            "PPO-ptx vs SFT": evaluate.win_rate(gold, texts, r["PPO-ptx"]["responses"], r["SFT"]["responses"]),
+            "PPO vs SFT": evaluate.win_rate(gold, texts, r["PPO"]["responses"], r["SFT"]["responses"]),
+            "PPO-ptx vs SFT big": evaluate.win_rate(gold, texts, r["PPO-ptx"]["responses"], r["SFT big"]["responses"]),
+        }
+        for v in r.values():
+            del v["responses"]
+        return results
+
+    results = stage("evaluation", evaluation)
+    from rlhf_jax.train_loop import read_metrics
+
+    rm_val = [m for m in read_metrics(rm_dir) if "val/accuracy" in m]
+    results |= {
+        "seed": cfg.seed,
+        "quick": cfg.quick,
+        "labeler_agreement": agreement,
+        "rm_accuracy": rm_val[-1]["val/accuracy"] if rm_val else float("nan"),
+        "timings_s": timings,
+        "total_s": time.perf_counter() - t_start,
+        "runs": {"ppo_ptx": str(ppo_ptx_dir), "ppo": str(ppo_dir), "ppo_nokl": str(nokl_dir)},
+    }
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+    return report.write_report(root, results)

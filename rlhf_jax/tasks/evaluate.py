@@ -1,0 +1,69 @@
+"""Evaluation on the built-in task: sampling many prompts, held-out LM loss, gold win rates."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import data, losses
+from rlhf_jax.models import CausalLM
+from rlhf_jax.sampling import generate
+
+
+def sample_responses(model: CausalLM, params: Any, tokenizer: Any, prompts: Sequence[str], *, key: jax.Array,
+                     max_prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
+                     batch_size: int = 64) -> list[str]:  # fmt: skip
+    """One response per prompt, decoded with its ``<eos>`` when one was emitted.
+
+    Prompts are batched at a fixed ``batch_size`` (the last batch is padded with copies),
+    so generation compiles once. Prompts longer than ``max_prompt_len`` raise.
+    """
+    records = [{"prompt": p, "example_id": i, "user_id": None} for i, p in enumerate(prompts)]
+    ds = data.tokenize_prompts(records, tokenizer, max_prompt_len=max_prompt_len)
+    if len(ds) != len(prompts):
+        raise ValueError(f"{len(prompts) - len(ds)} prompts do not fit max_prompt_len={max_prompt_len}")
+    ids, mask = ds.arrays["input_ids"], ds.arrays["attention_mask"]
+    out: list[str] = []
+    for start in range(0, len(ids), batch_size):
+        chunk_ids, chunk_mask = ids[start : start + batch_size], mask[start : start + batch_size]
+        n = len(chunk_ids)
+        if n < batch_size:  # pad the batch with copies of its first row: one compiled shape
+            chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[:1], batch_size - n, 0)])
+            chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[:1], batch_size - n, 0)])
+        gen = generate(model, params, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask), jax.random.fold_in(key, start),
+                       max_new_tokens=max_new_tokens, temperature=temperature,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        tokens, gmask = np.asarray(gen.tokens)[:n], np.asarray(gen.mask)[:n]
+        out += [tokenizer.decode(row[m > 0].tolist(), skip_special_tokens=False) for row, m in zip(tokens, gmask)]
+    return out
+
+
+def heldout_lm_loss(model: CausalLM, params: Any, dataset: Any, *, batch_size: int = 32) -> float:
+    """Token-weighted next-token loss of ``model`` on a tokenised text set (the alignment tax)."""
+
+    @jax.jit
+    def batch_loss(p, ids, attn, loss_mask):
+        logits = model.apply({"params": p}, ids, attention_mask=attn).logits
+        loss, m = losses.masked_lm_loss(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:])
+        return loss * m["num_tokens"], m["num_tokens"]
+
+    a = dataset.arrays
+    total = tokens = 0.0
+    n = (len(dataset) // batch_size) * batch_size or len(dataset)
+    for i in range(0, n, batch_size):
+        s, t = batch_loss(params, a["input_ids"][i : i + batch_size], a["attention_mask"][i : i + batch_size],
+                          a["loss_mask"][i : i + batch_size])  # fmt: skip
+        total, tokens = total + float(s), tokens + float(t)
+    return total / max(tokens, 1.0)
+
+
+def win_rate(gold: Callable[[str, str], float], prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> float:
+    """Fraction of prompts on which the gold preference scores ``a`` above ``b`` (ties count half)."""
+    wins = 0.0
+    for p, x, y in zip(prompts, a, b):
+        gx, gy = gold(p, x), gold(p, y)
+        wins += 1.0 if gx > gy else 0.5 if gx == gy else 0.0
+    return wins / max(len(prompts), 1)

@@ -1,0 +1,383 @@
+"""The built-in synthetic instruction-following world that ``rlhf-jax demo`` runs.
+
+A small language (about 75 words: nouns, digits, colours, grammar, instruction and filler
+words; see :mod:`rlhf_jax.tasks.world_lang`), a plain-text pretraining corpus in it,
+simulated users who ask for five instruction families (reverse, sort, repeat, replace,
+count) in their own phrasing style, labelers who write demonstrations with realistic
+errors, and a hidden gold preference (correct, concise, properly ended answers; see
+:mod:`rlhf_jax.tasks.world_labels`) that labelers rank samples by through Thurstone
+noise calibrated to InstructGPT's ~73% inter-labeler agreement. Pure Python + numpy,
+deterministic from ``WorldConfig.seed``::
+
+    world = World(WorldConfig(seed=0))
+    tok = world.build_tokenizer(run_dir / "tokenizer")
+    paths = world.write_files(run_dir / "data")       # pretrain, heldout, demos, prompts
+    ...                                              # SFT, then sample K per prompt
+    recs = world.rankings(prompts, samples, user_ids, seed=1)
+    world.gold_score(prompt, response)               # the judge the RM never sees
+
+Every prompt ends with ``.`` or ``?``, so plain ``{"prompt", "response"}`` records keep
+the prompt/response boundary visible; ``write_files(chat=True)`` writes ``{"messages"}``
+records for the chat template instead.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Collection, Sequence
+
+import numpy as np
+
+from rlhf_jax.tasks import world_labels as wl
+from rlhf_jax.tasks.world_lang import (
+    FAMILIES,
+    NOUN_GROUPS,
+    STYLES,
+    all_words,
+    answer_words,
+    corpus_doc,
+    correct_answer,
+    family_of,
+    make_prompt,
+)
+
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "World", "WorldConfig", "correct_answer", "family_of"]
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>")
+#: Role markers are single tokens; an assistant turn ends with ``<eos>``.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+    "{% elif m['role'] == 'assistant' %}<|assistant|> {{ m['content'] }} <eos> "
+    "{% else %}<|system|> {{ m['content'] }} {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorldConfig:
+    """Everything that decides the world; the same config gives the same files, byte for byte.
+
+    Attributes:
+      seed: the root of every random stream.
+      num_users: simulated users (ids ``u000``...); prompts are split by these.
+      prompts_per_user: distinct prompts each user asks.
+      families: the instruction families in use (a subset of ``world_lang.FAMILIES``).
+      main_style_prob: how often a user phrases a prompt in their own style (else another).
+      family_concentration: Dirichlet concentration of each user's family preference
+        (small: users specialise; large: every user asks every family equally).
+      list_len: inclusive (min, max) words in a prompt's list (replace caps at 4).
+      demo_error_rate: fraction of demonstrations with one labeler error (a dropped,
+        duplicated, swapped, wrong or cut-off word, or filler before / after the answer).
+      pretrain_docs, heldout_docs: documents written to pretrain.jsonl / pretrain_heldout.jsonl.
+      filler_penalty, filler_cap, bad_end_penalty, no_eos_penalty: the gold preference's
+        style terms (see ``world_labels``).
+      labeler_sigma: std of the Thurstone noise on gold scores. 0.52 is calibrated so that
+        two labelers agree on 73% of pairs of SFT-like samples (``World.synthetic_responses``
+        pools, K = 4..9: measured 0.729, range 0.721-0.738, over world seeds 0-4 with 2000
+        pools each); one labeler agrees with the gold order on about 82% of pairs, the
+        ceiling of a reward model's accuracy against the gold preference.
+      labeler_spread: log-normal spread of each labeler's personal weight on style.
+      num_labelers: labelers who share the ranking work.
+    """
+
+    seed: int = 0
+    num_users: int = 40
+    prompts_per_user: int = 30
+    families: tuple[str, ...] = FAMILIES
+    main_style_prob: float = 0.85
+    family_concentration: float = 1.0
+    list_len: tuple[int, int] = (3, 5)
+    demo_error_rate: float = 0.2
+    pretrain_docs: int = 20000
+    heldout_docs: int = 1000
+    filler_penalty: float = 0.1
+    filler_cap: int = 5
+    bad_end_penalty: float = 0.3
+    no_eos_penalty: float = 0.5
+    labeler_sigma: float = 0.52
+    labeler_spread: float = 0.25
+    num_labelers: int = 8
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"WorldConfig: {msg}")
+
+        check(self.num_users > 0 and self.prompts_per_user > 0, "num_users and prompts_per_user must be > 0")
+        check(bool(self.families) and set(self.families) <= set(FAMILIES), f"families must be a subset of {FAMILIES}")
+        check(0.0 <= self.main_style_prob <= 1.0, "main_style_prob must be in [0, 1]")
+        check(self.family_concentration > 0, "family_concentration must be > 0")
+        check(2 <= self.list_len[0] <= self.list_len[1] <= 5, "list_len must satisfy 2 <= min <= max <= 5")
+        check(0.0 <= self.demo_error_rate <= 1.0, "demo_error_rate must be in [0, 1]")
+        check(self.pretrain_docs > 0 and self.heldout_docs > 0, "pretrain_docs and heldout_docs must be > 0")
+        check(self.labeler_sigma >= 0 and self.labeler_spread >= 0, "labeler_sigma and labeler_spread must be >= 0")
+        check(self.num_labelers >= 2, "num_labelers must be >= 2")
+
+    @property
+    def gold_weights(self) -> wl.GoldWeights:
+        """The style terms of the gold preference."""
+        return wl.GoldWeights(self.filler_penalty, self.filler_cap, self.bad_end_penalty, self.no_eos_penalty)
+
+
+def _text_seed(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
+
+
+class World:
+    """The synthetic world of one :class:`WorldConfig`; every method is deterministic in it."""
+
+    def __init__(self, config: WorldConfig | None = None) -> None:
+        self.config = config if config is not None else WorldConfig()
+        self._prompts: list[dict] | None = None
+
+    # ------------------------------------------------------------------------- text and prompts
+
+    def pretraining_corpus(self, n: int, split: str = "train") -> list[dict]:
+        """``n`` plain-text documents ``{"text"}`` (no instructions) of at most 40 words.
+
+        ``split="train"`` and ``"heldout"`` are independent streams (for the held-out
+        pretraining loss of the alignment-tax measurement); the first ``m`` documents do
+        not depend on ``n``.
+        """
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        rng = np.random.default_rng([self.config.seed, 1, 0 if split == "train" else 1])
+        return [{"text": corpus_doc(rng)} for _ in range(n)]
+
+    def users(self) -> list[dict]:
+        """Per user: ``{"user_id", "style", "family_probs" [F], "group_probs" [G]}``."""
+        cfg = self.config
+        out = []
+        for u in range(cfg.num_users):
+            rng = np.random.default_rng([cfg.seed, 2, u])
+            out.append({
+                "user_id": f"u{u:03d}",
+                "style": STYLES[int(rng.integers(len(STYLES)))],
+                "family_probs": rng.dirichlet(np.full(len(cfg.families), cfg.family_concentration)),
+                "group_probs": rng.dirichlet(np.ones(len(NOUN_GROUPS))),
+            })  # fmt: skip
+        return out
+
+    def prompts(self) -> list[dict]:
+        """All prompts, ``{"prompt", "user_id", "family"}``, user by user, no two equal.
+
+        Each user asks ``prompts_per_user`` prompts, of families drawn from their own
+        preference, in their own style (``terse`` "reverse : ...", ``polite`` "please
+        reverse ...", ``question`` "can you reverse ... ?") with probability
+        ``main_style_prob``, and about their favourite noun groups.
+        """
+        if self._prompts is None:
+            cfg, seen, rows = self.config, set(), []
+            for user in self.users():
+                rng = np.random.default_rng([cfg.seed, 3, int(user["user_id"][1:])])
+                count = misses = 0
+                while count < cfg.prompts_per_user:
+                    if misses > 100 * cfg.prompts_per_user:
+                        raise ValueError(f"WorldConfig: cannot find {cfg.num_users * cfg.prompts_per_user} distinct "
+                                         f"prompts of families {cfg.families}; ask for fewer")  # fmt: skip
+                    family = cfg.families[int(rng.choice(len(cfg.families), p=user["family_probs"]))]
+                    style = user["style"] if rng.random() < cfg.main_style_prob else STYLES[int(rng.integers(3))]
+                    prompt = make_prompt(family, style, rng, user["group_probs"], cfg.list_len)
+                    if prompt not in seen:
+                        seen.add(prompt)
+                        rows.append({"prompt": prompt, "user_id": user["user_id"], "family": family})
+                        count += 1
+                    else:
+                        misses += 1
+            self._prompts = rows
+        return [dict(r) for r in self._prompts]
+
+    # ------------------------------------------------------------------------- labelers
+
+    def demonstrations(self, prompts: Sequence[dict | str]) -> list[dict]:
+        """Labeler-written answers ``{"prompt", "response", "user_id", "error"}``.
+
+        A fraction ``demo_error_rate`` (in expectation) has one error (``error`` names its
+        kind; ``"none"`` otherwise). Each prompt's demonstration depends only on the seed
+        and the prompt text, not on which other prompts are passed.
+        """
+        out = []
+        for p in prompts:
+            rec = {"prompt": p} if isinstance(p, str) else p
+            rng = np.random.default_rng([self.config.seed, 4, _text_seed(rec["prompt"])])
+            words, kind = answer_words(rec["prompt"]), "none"
+            if rng.random() < self.config.demo_error_rate:
+                words, kind = wl.with_error(words, rng)
+            out.append({"prompt": rec["prompt"], "response": " ".join(words), "user_id": rec.get("user_id"),
+                        "error": kind})  # fmt: skip
+        return out
+
+    def synthetic_responses(self, prompt: str, k: int, rng: np.random.Generator, *, error_rate: float = 0.5,
+                            second_error_rate: float = 0.3, salad_rate: float = 0.1) -> list[str]:  # fmt: skip
+        """K responses of SFT-sample quality: the correct answer, one or two labeler-style errors, or word salad.
+
+        The pools labeler agreement is calibrated on; also a model-free stand-in for
+        samples in quick tests.
+        """
+        answer, out = answer_words(prompt), []
+        for _ in range(k):
+            if rng.random() < salad_rate:
+                out.append(wl.word_salad(rng))
+                continue
+            words = answer
+            if rng.random() < error_rate:
+                words = wl.with_error(words, rng)[0]
+                if rng.random() < second_error_rate:
+                    words = wl.with_error(words, rng)[0]
+            out.append(" ".join(words))
+        return out
+
+    def gold_score(self, prompt: str, response: str, *, ended: bool | None = None) -> float:
+        """The hidden gold preference of ``response`` to ``prompt``: higher is better, in [-2.3, 1].
+
+        ``2 * correctness - 1`` (partial credit by word edit distance) minus style
+        penalties for filler words, filler after the answer, and a cut response (no
+        ``<eos>`` in it and ``ended=False``). A correct, concise answer scores 1.
+        """
+        correctness, style = wl.gold_parts(prompt, response, self.config.gold_weights, ended=ended)
+        return correctness + style
+
+    def rank(self, prompt: str, responses: Sequence[str], rng: np.random.Generator, *, labeler: int | None = None,
+             ended: Sequence[bool] | None = None) -> list[int]:  # fmt: skip
+        """One labeler's ranks of K responses (0 = best; identical responses tie).
+
+        Thurstone: each distinct response gets ``correctness + m_l * style + sigma * N(0, 1)``
+        (``m_l`` labeler ``labeler``'s weight on style; 1 for ``labeler=None``).
+        ``ended[i] = False`` marks a response cut at the length limit.
+        """
+        cfg = self.config
+        m = wl.labeler_style_weight(cfg.seed, labeler, cfg.labeler_spread)
+        utilities: dict[str, float] = {}
+        for i, r in enumerate(responses):
+            c, s = wl.gold_parts(prompt, r, cfg.gold_weights, ended=None if ended is None else ended[i])
+            utilities.setdefault(r, c + m * s)
+        return wl.thurstone_ranks(list(responses), utilities, cfg.labeler_sigma, rng)
+
+    def rankings(self, prompts: Sequence[str], responses: Sequence[Sequence[str]], user_ids: Sequence[str | None],
+                 seed: int, *, ended: Sequence[Sequence[bool]] | None = None) -> list[dict]:  # fmt: skip
+        """Ranking records ``{"prompt", "responses", "ranks", "user_id", "labeler"}`` (design.md format).
+
+        Each group is ranked by one labeler drawn from ``num_labelers`` (see :meth:`rank`;
+        ``ended[i][j] = False`` marks response j of group i as cut at the length limit).
+        Groups whose responses are all identical carry no ordered pair and are left out
+        (the loader would reject them), so the result can be shorter than ``prompts``.
+        """
+        if not len(prompts) == len(responses) == len(user_ids):
+            raise ValueError(f"{len(prompts)} prompts, {len(responses)} response groups, {len(user_ids)} user ids")
+        rng = np.random.default_rng([self.config.seed, 5, seed])
+        out = []
+        for i, (prompt, group, user) in enumerate(zip(prompts, responses, user_ids)):
+            if len(group) < 2:
+                raise ValueError(f"a ranking needs K >= 2 responses, got {len(group)} for {prompt!r}")
+            labeler = int(rng.integers(self.config.num_labelers))
+            ranks = self.rank(prompt, group, rng, labeler=labeler, ended=None if ended is None else ended[i])
+            if len(set(ranks)) > 1:
+                out.append({"prompt": prompt, "responses": list(group), "ranks": ranks, "user_id": user,
+                            "labeler": labeler})  # fmt: skip
+        return out
+
+    def _two_labelers(self, prompts, responses, seed: int):
+        rng = np.random.default_rng([self.config.seed, 6, seed])
+        for prompt, group in zip(prompts, responses):
+            a, b = (int(x) for x in rng.choice(self.config.num_labelers, 2, replace=False))
+            yield group, self.rank(prompt, group, rng, labeler=a), self.rank(prompt, group, rng, labeler=b), prompt
+
+    def labeler_agreement(self, prompts: Sequence[str], responses: Sequence[Sequence[str]], seed: int) -> float:
+        """Fraction of pairs of distinct responses that two independent labelers order the same way."""
+        agree = total = 0
+        for group, ra, rb, _ in self._two_labelers(prompts, responses, seed):
+            a, t = wl.pair_agreement(group, ra, rb)
+            agree, total = agree + a, total + t
+        return agree / max(total, 1)
+
+    def labeler_accuracy(self, prompts: Sequence[str], responses: Sequence[Sequence[str]], seed: int) -> float:
+        """Fraction of pairs with distinct gold scores that one labeler orders like the gold preference."""
+        agree = total = 0
+        for group, ra, _, prompt in self._two_labelers(prompts, responses, seed):
+            gold = [self.gold_score(prompt, r) for r in group]
+            ranks = [sorted(set(gold), reverse=True).index(g) for g in gold]  # gold order as ranks, ties shared
+            a, t = wl.pair_agreement(group, ra, ranks)
+            agree, total = agree + a, total + t
+        return agree / max(total, 1)
+
+    # ------------------------------------------------------------------------- files
+
+    def build_tokenizer(self, out_dir: str | Path):
+        """A word-level tokenizer trained with ``tokenizers`` on the corpus and all task text.
+
+        Every word of the language is one token; ``<pad>`` (id 0) and ``<eos>`` (id 1)
+        differ; the chat template renders ``<|user|> ... <|assistant|> ... <eos>`` and
+        supports ``add_generation_prompt``. Saved with ``save_pretrained(out_dir)``.
+
+        Returns:
+          a ``transformers.PreTrainedTokenizerFast``.
+        """
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        texts = [d["text"] for d in self.pretraining_corpus(min(self.config.pretrain_docs, 5000))]
+        prompts = self.prompts()
+        texts += [p["prompt"] for p in prompts] + [d["response"] for d in self.demonstrations(prompts)]
+        texts.append(" ".join(all_words()))
+        core = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        trainer = trainers.WordLevelTrainer(vocab_size=1000, min_frequency=1, special_tokens=list(SPECIAL_TOKENS))
+        core.train_from_iterator(texts, trainer=trainer)
+        # The trainer orders words by frequency; rebuild with a sorted vocabulary so ids do not depend on
+        # how ties in frequency are broken (the same world always has the same ids).
+        words = sorted(w for w in core.get_vocab() if w not in SPECIAL_TOKENS)
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + tuple(words))}
+        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+            additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+        )  # fmt: skip
+        tok.chat_template = CHAT_TEMPLATE
+        missing = [w for w in all_words() if w not in vocab]
+        if missing:  # pragma: no cover - all_words() is part of the training text
+            raise RuntimeError(f"tokenizer is missing words of the language: {missing}")
+        tok.save_pretrained(str(out_dir))
+        return tok
+
+    def write_files(self, out_dir: str | Path, *, chat: bool = False,
+                    demo_users: Collection[str] | None = None) -> dict[str, Path]:  # fmt: skip
+        """Writes the world's data sets as JSONL in design.md's formats; returns their paths.
+
+        ``pretrain`` / ``pretrain_heldout`` (``{"text"}``), ``demonstrations``
+        (``{"prompt", "response", "user_id", "error"}``, one per prompt of the users in
+        ``demo_users``, default every user) and ``prompts`` (``{"prompt", "user_id",
+        "family"}``, every prompt); with ``chat=True`` prompts and demonstrations are
+        ``{"messages"}`` dialogues instead. ``world`` is the config as JSON. Split by
+        ``user_id`` downstream (SFT / RM / PPO / held-out users); pass ``demo_users`` to
+        keep held-out users' demonstrations out of the file altogether.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        prompts = self.prompts()
+        demos = self.demonstrations([p for p in prompts if demo_users is None or p["user_id"] in demo_users])
+        if chat:
+            demos = [{"messages": [{"role": "user", "content": d["prompt"]},
+                                   {"role": "assistant", "content": d["response"]}],
+                      "user_id": d["user_id"], "error": d["error"]} for d in demos]  # fmt: skip
+            prompts = [{"messages": [{"role": "user", "content": p["prompt"]}], "user_id": p["user_id"],
+                        "family": p["family"]} for p in prompts]  # fmt: skip
+        rows = {
+            "pretrain": self.pretraining_corpus(cfg.pretrain_docs, "train"),
+            "pretrain_heldout": self.pretraining_corpus(cfg.heldout_docs, "heldout"),
+            "demonstrations": demos,
+            "prompts": prompts,
+        }
+        paths = {}
+        for name, recs in rows.items():
+            paths[name] = out / f"{name}.jsonl"
+            paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+        paths["world"] = out / "world.json"
+        paths["world"].write_text(json.dumps(asdict(cfg), indent=1) + "\n", encoding="utf-8")
+        return paths
