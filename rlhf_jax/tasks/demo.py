@@ -99,35 +99,50 @@ def run_demo(cfg: DemoConfig) -> Path:
                                  ptx_fraction=0.1, optim=OptimConfig(learning_rate=1e-3),
                                  run=_run(seed=cfg.seed)))  # fmt: skip
 
+    # users are split once: train/val users' data trains every model; test users are held out
+    prompt_records, _ = data.load_records(files["prompts"], "prompts")
+    train_p, val_p, test_p = data.split_by_user(prompt_records, fractions=(0.8, 0.1, 0.1), seed=cfg.seed)
+    test_users = {r["user_id"] for r in test_p}
+    demo_rows = [json.loads(line) for line in files["demonstrations"].read_text().splitlines()]
+    files["demonstrations"] = root / "data" / "demonstrations_train.jsonl"
+    files["demonstrations"].write_text("".join(json.dumps(r) + "\n" for r in demo_rows if r["user_id"] not in test_users))
+
     base_dir = stage("pretrain", lambda: base("base", cfg.hidden_size, cfg.num_layers))
     big_dir = stage("pretrain_big", lambda: base("base_big", 2 * cfg.hidden_size, 2 * cfg.num_layers))
     sft_dir = stage("sft", lambda: sft("sft", base_dir))
     sft_big_dir = stage("sft_big", lambda: sft("sft_big", big_dir))
 
     # ---- rankings of the SFT model's own samples (K = 4..9), by simulated labelers
-    prompt_records, _ = data.load_records(files["prompts"], "prompts")
-    train_p, val_p, test_p = data.split_by_user(prompt_records, fractions=(0.8, 0.1, 0.1), seed=cfg.seed)
     policy, policy_params, _ = checkpoint.load_model(sft_dir)
     rng = np.random.default_rng(cfg.seed)
     rank_src = [r for r in train_p + val_p][: cfg.ranking_prompts]
     ks = rng.integers(4, 10, len(rank_src))
 
+    def sample_groups(texts: list[str], ks, seed: int) -> tuple[list[list[str]], list[list[bool]]]:
+        """K samples per prompt as (response text without EOS, whether it ended with EOS)."""
+        groups: list[list[str]] = [[] for _ in texts]
+        ended: list[list[bool]] = [[] for _ in texts]
+        for j in range(int(max(ks))):
+            outs = evaluate.sample_responses(policy, policy_params, tok, texts, key=jax.random.key(seed + j),
+                                             max_prompt_len=32, max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+            for g, e, k, o in zip(groups, ended, ks, outs):
+                text, has_eos = evaluate.strip_eos(o, tok.eos_token)
+                if len(g) < k and text:
+                    g.append(text)
+                    e.append(has_eos)
+        keep = [i for i, g in enumerate(groups) if len(g) >= 2]
+        return [groups[i] for i in keep], [ended[i] for i in keep], keep
+
     def collect():
         texts = [r["prompt"] for r in rank_src]
-        groups = [[] for _ in texts]
-        for j in range(int(ks.max())):
-            outs = evaluate.sample_responses(policy, policy_params, tok, texts, key=jax.random.key(100 + j),
-                                             max_prompt_len=32, max_new_tokens=cfg.max_new_tokens)  # fmt: skip
-            for g, k, o in zip(groups, ks, outs):
-                if len(g) < k:
-                    g.append(o)
-        recs = world.rankings(texts, groups, [r["user_id"] for r in rank_src], seed=cfg.seed)
+        groups, ended, keep = sample_groups(texts, ks, 100)
+        recs = world.rankings([texts[i] for i in keep], groups, [rank_src[i]["user_id"] for i in keep],
+                              seed=cfg.seed, ended=ended)  # fmt: skip
         path = root / "data" / "rankings.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-        agreement = world.labeler_agreement(texts, groups, seed=cfg.seed + 1)
-        return path, agreement
+        return path
 
-    rankings_path, agreement = stage("rankings", collect)
+    rankings_path = stage("rankings", collect)
     rm_dir = stage("rm", lambda: run_rm(RewardConfig(
         data=str(rankings_path), init=str(sft_dir), out=str(root / "rm"), demonstrations=str(files["demonstrations"]),
         max_steps=cfg.rm_steps, batch_size=32, max_prompt_len=32, max_response_len=cfg.max_new_tokens + 1,
@@ -175,7 +190,27 @@ def run_demo(cfg: DemoConfig) -> Path:
         }
         for v in r.values():
             del v["responses"]
+        # RM accuracy on held-out users' comparisons, against two labelers' agreement on the same pools
+        held = [r["prompt"] for r in test_p][: cfg.eval_prompts]
+        groups, ended, keep = sample_groups(held, rng.integers(4, 10, len(held)), 500)
+        held = [held[i] for i in keep]
+        recs = world.rankings(held, groups, [None] * len(held), seed=cfg.seed + 2, ended=ended)
+        results["rm_accuracy"] = rm_pair_accuracy(recs)
+        results["labeler_agreement"] = world.labeler_agreement(held, groups, seed=cfg.seed + 3)
+        results["labeler_gold_accuracy"] = world.labeler_accuracy(held, groups, seed=cfg.seed + 3)
         return results
+
+    def rm_pair_accuracy(recs: list[dict]) -> float:
+        """Pair accuracy of the RM on ranking records, through the same tokenisation as training."""
+        from rlhf_jax import reward
+
+        rm, rm_params, _ = checkpoint.load_model(rm_dir)
+        for i, r in enumerate(recs):
+            r["example_id"] = i
+        ds = data.tokenize_rankings(recs, tok, max_prompt_len=32, max_response_len=cfg.max_new_tokens + 1)
+        batch = {k: ds.arrays[k] for k in ("input_ids", "attention_mask", "ranks", "valid", "end_index")}
+        metrics = jax.jit(reward.make_eval_step(rm))(rm_params, batch)
+        return float(metrics["accuracy"])
 
     results = stage("evaluation", evaluation)
     from rlhf_jax.train_loop import read_metrics
@@ -184,8 +219,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     results |= {
         "seed": cfg.seed,
         "quick": cfg.quick,
-        "labeler_agreement": agreement,
-        "rm_accuracy": rm_val[-1]["val/accuracy"] if rm_val else float("nan"),
+        "rm_val_accuracy": rm_val[-1]["val/accuracy"] if rm_val else None,
         "timings_s": timings,
         "total_s": time.perf_counter() - t_start,
         "runs": {"ppo_ptx": str(ppo_ptx_dir), "ppo": str(ppo_dir), "ppo_nokl": str(nokl_dir)},

@@ -41,6 +41,14 @@ def sample_responses(model: CausalLM, params: Any, tokenizer: Any, prompts: Sequ
     return out
 
 
+def strip_eos(response: str, eos_token: str) -> tuple[str, bool]:
+    """(the response text before its EOS, whether it had one): the format ranking records use."""
+    words = response.split()
+    if eos_token in words:
+        return " ".join(words[: words.index(eos_token)]), True
+    return " ".join(words), False
+
+
 def heldout_lm_loss(model: CausalLM, params: Any, dataset: Any, *, batch_size: int = 32) -> float:
     """Token-weighted next-token loss of ``model`` on a tokenised text set (the alignment tax)."""
 
