@@ -83,18 +83,19 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def best_step(self) -> int | None:
-        """The kept step with the best ``best_metric`` (None without metrics)."""
-        if self._best_metric is None:
+    def best_step(self, metric: str | None = None, mode: str | None = None) -> int | None:
+        """The kept step with the best ``metric`` (default ``best_metric``; None without metrics)."""
+        metric, mode = metric or self._best_metric, mode or self._best_mode
+        if metric is None:
             return None
         scored = []
         for step in self.all_steps():
             metrics = self._manager.metrics(step) or {}
-            if self._best_metric in metrics:
-                scored.append((float(metrics[self._best_metric]), step))
+            if metric in metrics:
+                scored.append((float(metrics[metric]), step))
         if not scored:
             return None
-        return (min(scored) if self._best_mode == "min" else max(scored))[1]
+        return (min(scored) if mode == "min" else max(scored))[1]
 
     # ------------------------------------------------------------------ save / restore
     def save(self, step: int, state: Any, meta: dict, *, metrics: dict | None = None, force: bool = True) -> bool:
@@ -216,9 +217,13 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
         cfg_dict["dtype"] = dtype
     cfg = ModelConfig(**cfg_dict)
     ckpt = Checkpointer(source / "checkpoints")
-    step = (ckpt.best_step() if which == "best" else None) or ckpt.latest_step()
+    step = ckpt.latest_step()
     if step is None:
+        ckpt.close()
         raise FileNotFoundError(f"{source}: the run has no checkpoint yet")
+    if which == "best":  # the run's own ranking metric is recorded in each checkpoint's meta (train_loop)
+        ranking = ckpt.restore_meta(step)
+        step = ckpt.best_step(ranking.get("best_metric"), ranking.get("best_mode")) or step
     raw = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     ckpt.close()
     params = raw.state

@@ -137,8 +137,8 @@ def _batch_shardings(batch: dict, mesh) -> dict:
 
 
 def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_json: dict | None = None) -> Any:
-    """Train ``stage`` to ``stage.total_steps`` in ``run_dir`` (resuming from its latest
-    checkpoint if it has one); returns the final state."""
+    """Train ``stage`` to ``stage.total_steps`` (or only to ``run_cfg.stop_at_step``, saving
+    there) in ``run_dir``, resuming from its latest checkpoint if it has one; returns the final state."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(
@@ -150,22 +150,30 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
     )
     state = stage.state
     start = 0
-    if ckpt.latest_step() is not None:
-        state, meta, start = ckpt.restore(abstract_like(stage.state))
-        for name, it in stage.iterators.items():
-            it.restore(meta["iterators"][name])
-        stage.restore_extra(meta)
-        log.info("%s: resumed from step %d", stage.name, start)
+    try:
+        if ckpt.latest_step() is not None:
+            state, meta, start = ckpt.restore(abstract_like(stage.state))
+            for name, it in stage.iterators.items():
+                it.restore(meta["iterators"][name])
+            stage.restore_extra(meta)
+            log.info("%s: resumed from step %d", stage.name, start)
+    except BaseException:  # e.g. a damaged checkpoint: do not leak the manager's background threads
+        ckpt.close()
+        raise
 
     def meta() -> dict:
         return {
             "stage": stage.name,
             "iterators": {n: it.state() for n, it in stage.iterators.items()},
             "config": config_json or {},
+            "best_metric": stage.best_metric,  # how load_model(which="best") ranks the checkpoints
+            "best_mode": stage.best_mode,
             **stage.extra_meta(),
         }
 
-    first = stage.next_batch() if start < stage.total_steps else None
+    # this invocation stops at ``end``; the schedule (built from total_steps) is unaffected
+    end = stage.total_steps if run_cfg.stop_at_step is None else min(stage.total_steps, run_cfg.stop_at_step)
+    first = stage.next_batch() if start < end else None
     step_fn = None
     if first is not None:
         frozen_shardings = jax.tree.map(lambda x: x.sharding, stage.frozen)
@@ -179,7 +187,7 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
     pending: list[dict] = []
     step = start
     bar = None
-    if run_cfg.progress and start < stage.total_steps:
+    if run_cfg.progress and start < end:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=stage.total_steps, initial=start, desc=stage.name, dynamic_ncols=True, file=sys.stderr)
@@ -187,7 +195,7 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
     try:
         with _Preemption() as preempt, sharding.use_mesh(mesh):
             batch = first
-            while step < stage.total_steps:
+            while step < end:
                 device_batch = sharding.shard_batch(batch, mesh)
                 state, metrics = step_fn(state, device_batch, *stage.frozen)
                 step += 1
@@ -195,7 +203,7 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
                 pending.append(metrics)
                 if bar is not None:
                     bar.update(1)
-                if step % run_cfg.log_every == 0 or step == stage.total_steps:
+                if step % run_cfg.log_every == 0 or step == end:
                     host = jax.device_get(pending)
                     avg = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
                     dt = time.perf_counter() - t_last
@@ -210,7 +218,7 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
                 if stage.evaluate is not None and (step % run_cfg.eval_every == 0 or step == stage.total_steps):
                     eval_metrics = stage.evaluate(state)
                     writer.write(step, eval_metrics)
-                if eval_metrics is not None or step % run_cfg.save_every == 0 or step == stage.total_steps:
+                if eval_metrics is not None or step % run_cfg.save_every == 0 or step == end:
                     ranked = eval_metrics if eval_metrics and stage.best_metric in eval_metrics else None
                     ckpt.save(step, state, meta(), metrics=ranked)
                 if preempt.requested:
@@ -219,7 +227,7 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
                     ckpt.wait()
                     log.warning("%s: SIGTERM received; saved step %d and stopping", stage.name, step)
                     raise SystemExit(EXIT_PREEMPTED)
-                if step < stage.total_steps:
+                if step < end:
                     batch = stage.next_batch()
         ckpt.wait()
     finally:

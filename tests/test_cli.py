@@ -1,0 +1,96 @@
+"""The ``rlhf-jax`` command line: help texts, a run driven through ``main``, and ``export``
+to a directory that transformers loads with the same logits."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlhf_jax import checkpoint, cli
+from tests import stage_fixtures as F
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    assert e.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_console_script_help():
+    script = shutil.which("rlhf-jax") or str(Path(sys.executable).parent / "rlhf-jax")
+    proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120, env=F.subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    for command in ("sft", "rm", "export", "smoke"):
+        assert command in proc.stdout
+
+
+def test_subcommand_help(capsys):
+    text = _help(capsys, "sft")
+    for flag in ("--data", "--init", "--out", "--max-steps", "--batch-size", "--run.stop-at-step", "--run.mesh.fsdp",
+                 "--optim.learning-rate"):  # fmt: skip
+        assert flag in text, flag
+    text = _help(capsys, "rm")
+    for flag in ("--data", "--init", "--out", "--max-steps", "--demonstrations", "--max-k"):
+        assert flag in text, flag
+    text = _help(capsys, "export")
+    assert "--run" in text and "--out" in text
+
+
+def test_missing_required_argument_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sft", "--data", "x.jsonl"])
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "--init" in err and "--out" in err
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    world = F.shared_world(tmp_path_factory, "tiny_world")
+    cfg = F.sft_config(world, tmp_path_factory.mktemp("cli") / "sft", max_steps=3)
+    cli.main(["sft", *F.cli_args(cfg)])
+    return world, Path(cfg.out)
+
+
+def test_sft_through_main(sft_run):
+    _, run = sft_run
+    assert sorted(F.train_losses(run)) == [1, 2, 3]
+    assert checkpoint.read_model_info(run)["head"] == "lm"
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_export_loads_in_transformers_with_equal_logits(sft_run, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    world, run = sft_run
+    out = tmp_path / "hf"
+    cli.main(["export", "--run", str(run), "--out", str(out)])
+    assert f"exported {run} -> {out}" in capsys.readouterr().out
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert (tok.pad_token_id, tok.eos_token_id) == (world.tok.pad_token_id, world.tok.eos_token_id)
+    assert hf.config.eos_token_id == tok.eos_token_id and hf.config.vocab_size == len(tok)
+
+    model, params, _ = checkpoint.load_model(run)
+    enc = tok(["w5 w6 w7 w8 <eos>", "w9 w3", "w40 w41 w42"], padding=True, return_tensors="np")  # right-padded
+    ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    ours = np.asarray(model.apply({"params": params}, ids, attention_mask=mask).logits)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+    real = mask.astype(bool)
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours[real], theirs[real], atol=1e-5, rtol=0)
+    # the trained weights were exported, not the random initial ones
+    base = AutoModelForCausalLM.from_pretrained(str(world.base), attn_implementation="eager").eval()
+    with torch.no_grad():
+        initial = base(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits
+    initial = initial.numpy()
+    assert np.abs(initial[real] - theirs[real]).max() > 1e-2
