@@ -325,3 +325,24 @@ def test_tokenizer_larger_than_embedding(world, tmp_path):
 def test_config_rejects_k_below_two(world, tmp_path):
     with pytest.raises(ValueError, match="max_k"):
         dataclasses.replace(F.rm_config(world, tmp_path / "run"), max_k=1)
+
+
+# ----------------------------------------------------------------------------- SFT selection by RM score
+
+
+def test_sft_selects_the_checkpoint_the_reward_model_scores_best(world, runs, tmp_path):
+    """InstructGPT selects the final SFT checkpoint by RM score on validation prompts, not by loss."""
+    from rlhf_jax.sft import run_sft
+
+    run = F.run_config(split_fractions=(0.75, 0.25, 0.0), eval_every=3, save_every=3, keep_last=1, keep_best=1,
+                       mesh=F.MESH_1x8x1)  # fmt: skip
+    out = run_sft(F.sft_config(world, tmp_path / "sft", max_steps=9, run=run, select_by_reward=str(runs.straight),
+                               select_prompts=8))  # fmt: skip
+    evals = {m["step"]: m["val/rm_score"] for m in train_loop.read_metrics(out) if "val/rm_score" in m}
+    assert sorted(evals) == [3, 6, 9] and all(np.isfinite(v) for v in evals.values())
+    best = max(evals, key=evals.get)
+    steps = checkpoint.Checkpointer(out / "checkpoints").all_steps()
+    assert best in steps and 9 in steps  # best-by-RM kept beside the latest
+    _, params_best, _ = checkpoint.load_model(out, which="best")
+    state, _, _ = F.read_checkpoint(out, best)
+    F.assert_trees_equal(jax.tree.map(np.asarray, params_best), state["params"])
