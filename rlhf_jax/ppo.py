@@ -10,16 +10,18 @@ per-token KL penalty ``-beta * (log pi - log pi_ref)`` at every response token, 
 discount 1. Each iteration is ``iteration(state, batch, ref_params, rm_params)``:
 
   * :func:`rollout`: sample with the policy (temperature T), then ONE scoring pass per
-    model over prompt + response: old log-probs (policy, same T), reference log-probs,
-    values, and the RM score at the last real token (a fixed penalty without EOS);
-    KL-shaped rewards, GAE, whitened advantages.
+    model over prompt + response (minibatch by minibatch, in the update's minibatch shape):
+    old log-probs (policy, same T), reference log-probs, values, and the RM score at the
+    last real token (a fixed penalty without EOS); KL-shaped rewards, GAE, whitened advantages.
   * :func:`update`: ``ppo_epochs x minibatches`` as ``lax.scan``: clipped policy loss +
     ``ptx_coef`` x the LM loss on a pretraining minibatch (one gradient, one update),
     clipped value loss on the value network, EMA of the policy weights, and the
     adaptive KL coefficient (an array in the state, never a compile-time constant).
 
-Old log-probs are computed by the very function the update uses (``response_logprobs``)
-so the probability ratio is 1 on the first minibatch. Dropout is off in every RL pass.
+Old log-probs are computed by the very functions the update uses (``response_forward``,
+``response_logprobs``), on minibatches of the update's shape, and the update recomputes
+(rematerialises) that forward instead of fusing it with its backward pass, so the
+probability ratio is exactly 1 on the first minibatch. Dropout is off in every RL pass.
 """
 
 from __future__ import annotations
@@ -132,9 +134,18 @@ def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: C
 
         # Scored minibatch by minibatch, with the update's minibatch shape: XLA's rounding can
         # depend on the batch dimension, and the ratio must be exactly 1 on the first minibatch.
-        split = lambda x: x.reshape(cfg.num_minibatches, cfg.minibatch_size, *x.shape[1:])  # noqa: E731
+        # Strided rows (minibatch i = rows i, i + n, ...) keep every minibatch spread over the
+        # batch-sharded devices.
+        n_mb, mb_size = cfg.num_minibatches, cfg.minibatch_size
+
+        def split(x):  # [B, ...] -> [n_mb, mb, ...]
+            return x.reshape(mb_size, n_mb, *x.shape[1:]).swapaxes(0, 1)
+
+        def merge(x):  # [n_mb, mb, ...] -> [B, ...]
+            return x.swapaxes(0, 1).reshape(n_mb * mb_size, *x.shape[2:])
+
         outs = jax.lax.map(score_minibatch, (split(seq), split(seq_mask)))
-        old_logprobs, ref_logprobs, values, scores = (o.reshape(-1, *o.shape[2:]) for o in outs)  # [B, ...]
+        old_logprobs, ref_logprobs, values, scores = (merge(o) for o in outs)
 
         has_eos = jnp.any((gen.tokens == eos_token_id) & (gen.mask > 0), axis=1)  # [B]
         if cfg.no_eos_penalty is not None:

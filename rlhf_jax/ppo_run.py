@@ -124,7 +124,7 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
             seq_mask = jnp.concatenate([val_mask, gen.mask], axis=1)
             scores = np.asarray(rm_score(frozen[1], seq, seq_mask))
             prompts = [tok.decode(r[m > 0]) for r, m in zip(np.asarray(val_ids), np.asarray(val_mask))]
-            responses = [tok.decode(r[m > 0], skip_special_tokens=True)
+            responses = [tok.decode(r[m > 0], skip_special_tokens=False)
                          for r, m in zip(np.asarray(gen.tokens), np.asarray(gen.mask))]  # fmt: skip
             metrics = {"val/rm_score": float(scores.mean()),
                        "val/response_length": float(np.asarray(gen.mask).sum(1).mean())}  # fmt: skip
