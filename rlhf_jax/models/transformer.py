@@ -38,8 +38,9 @@ class KVCache:
     """Preallocated key/value cache; every row writes its slot ``index`` at the same time.
 
     Attributes:
-      keys, values: one [B, H_kv, S, Dh] array per layer (heads-major, so attention over
-        the cache needs no transpose of it at each decode step).
+      keys: one [B, H_kv, Dh, S] array per layer; values: one [B, H_kv, S, Dh] array per
+        layer. Both are laid out as the right-hand operands of attention's two matmuls
+        (q @ K and p @ V), so a decode step never transposes the cache.
       mask: [B, S] int32, 1 for slots holding a real token (pads and unwritten slots 0).
       index: int32 scalar, the next slot to write.
     """
@@ -53,11 +54,11 @@ class KVCache:
 def init_cache(config: ModelConfig, *, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     """An empty cache for ``max_length`` slots (prompt + new tokens)."""
     dtype = dtype or to_dtype(config.dtype)
-    shape = (batch_size, config.kv_heads, max_length, config.dim_per_head)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    k_shape = (batch_size, config.kv_heads, config.dim_per_head, max_length)
+    v_shape = (batch_size, config.kv_heads, max_length, config.dim_per_head)
     return KVCache(
-        keys=zeros,
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        keys=tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers)),
+        values=tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers)),
         mask=jnp.zeros((batch_size, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
@@ -174,30 +175,33 @@ class Attention(nn.Module):
         if cfg.uses_rope:
             q = rotary(q, positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
             k = rotary(k, positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
-        k = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
-        v = v.transpose(0, 2, 1, 3)
+        k = k.transpose(0, 2, 3, 1)  # [B, Hkv, Dh, T]
+        v = v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
         new_kv = None
         if cache_kv is not None:
-            ck, cv = cache_kv  # [B, Hkv, S, Dh]
-            start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            ck, cv = cache_kv  # [B, Hkv, Dh, S], [B, Hkv, S, Dh]
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, cache_index))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0))
             new_kv = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         b, t = x.shape[:2]
-        s = k.shape[2]
-        qg = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
+        s = k.shape[3]
+        g = h // kv
+        # queries of the G heads sharing a KV head stacked along rows: [B, Hkv, G*T, Dh]
+        qg = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
         scale = 1.0 / jnp.sqrt(jnp.float32(dh))
-        scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k).astype(jnp.float32) * scale  # [B, Hkv, G, T, S]
+        scores = jnp.matmul(qg, k).astype(jnp.float32) * scale  # [B, Hkv, G*T, S]
         key_slots = jnp.arange(s)
         allowed = key_slots[None, :] <= query_slots[:, None]  # [T, S] causal in cache slots
         allowed = allowed[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
         if cfg.sliding_window is not None:
             key_positions = positions_from_mask(key_mask)  # [B, S]
             allowed &= positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G, T, S]
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, dh)  # [B, T, H, Dh]
+        allowed = jnp.tile(allowed, (1, g, 1))[:, None]  # [B, 1, G*T, S], rows ordered (g, t)
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G*T, S]
+        out = jnp.matmul(probs, v)  # [B, Hkv, G*T, Dh]
+        out = out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)  # [B, T, H, Dh]
         out = _constrain(out, ("batch", "length", "heads", "kv"))
         out = _dense(cfg, x.shape[-1], ("heads", "kv", "embed"), use_bias=cfg.out_bias, name="o", in_axes=2)(out)
         return out, new_kv
