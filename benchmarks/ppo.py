@@ -34,7 +34,7 @@ def _stats(xs: list[float]) -> dict:
     return dict(median=statistics.median(xs), min=min(xs), max=max(xs), n=len(xs))
 
 
-def bench_rlhf_jax(size: str, *, ptx: bool, warmup: int, repeats: int) -> dict:
+def bench_rlhf_jax(size: str, *, ptx: bool, warmup: int, repeats: int, exact_ratio: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -50,7 +50,7 @@ def bench_rlhf_jax(size: str, *, ptx: bool, warmup: int, repeats: int) -> dict:
                             out_bias=True, mlp_bias=True, tie_word_embeddings=True, **SIZES[size])  # fmt: skip
     cfg = PPOConfig(prompts="-", policy="-", reward="-", out="-", ptx_data="-" if ptx else None, batch_size=b,
                     minibatch_size=mb, ppo_epochs=1, max_prompt_len=p, max_new_tokens=r, temperature=0.7,
-                    kl_coef=0.05, ptx_rows=mb, ptx_seq_len=p + r,
+                    kl_coef=0.05, ptx_rows=mb, ptx_seq_len=p + r, exact_ratio=exact_ratio,
                     optim=OptimConfig(learning_rate=1e-5, schedule="constant", max_grad_norm=None))  # fmt: skip
     policy, scalar = CausalLM(model_cfg), CausalLM(model_cfg, head="scalar")
     init = lambda m, s: nn.unbox(m.init(jax.random.key(s), jnp.zeros((1, 2), jnp.int32))["params"])  # noqa: E731
@@ -92,7 +92,7 @@ def bench_rlhf_jax(size: str, *, ptx: bool, warmup: int, repeats: int) -> dict:
             roll.append(t2 - t1)
             upd.append(t3 - t2)
     s = _stats(total)
-    return dict(impl="rlhf_jax PPO" + ("-ptx" if ptx else ""), iter_s=s, rollout_and_scoring_s=_stats(roll),
+    return dict(impl="rlhf_jax PPO" + ("-ptx" if ptx else "") + ("" if exact_ratio else " (exact_ratio off)"), iter_s=s, rollout_and_scoring_s=_stats(roll),
                 update_s=_stats(upd), episodes_per_s=b / s["median"])  # fmt: skip
 
 
@@ -115,22 +115,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {"size": args.size, "rlhf_jax": {}}
     for ptx in (False, True):
-        r = bench_rlhf_jax(args.size, ptx=ptx, warmup=args.warmup, repeats=args.repeats)
-        results["rlhf_jax"]["ppo_ptx" if ptx else "ppo"] = r
+        for exact in (True, False):
+            r = bench_rlhf_jax(args.size, ptx=ptx, warmup=args.warmup, repeats=args.repeats, exact_ratio=exact)
+            results["rlhf_jax"][("ppo_ptx" if ptx else "ppo") + ("" if exact else "_inexact")] = r
     if args.peer_python:
         results["peer"] = run_peer(args.peer_python, args.size, args.repeats)
 
-    print(f"{'implementation':<34} {'episodes/s':>10} {'iter s':>8} {'rollout s':>10} {'update s':>9}")
+    print(f"{'implementation':<44} {'episodes/s':>10} {'iter s':>8} {'rollout s':>10} {'update s':>9}")
     rows = list(results["rlhf_jax"].values())
     peer_rows = []
     if "peer" in results:
-        for entry in results["peer"].get("results", []):
-            if isinstance(entry, dict) and "episodes_per_s" in entry:
-                peer_rows.append(entry)
+        for size_results in results["peer"].get("results", {}).values():
+            peer_rows += [e for e in size_results.values() if isinstance(e, dict) and "episodes_per_s" in e]
     for r in rows + peer_rows:
         ro = r.get("rollout_and_scoring_s", {}).get("median", float("nan"))
         up = r.get("update_s", {}).get("median", float("nan"))
-        print(f"{r.get('impl', '?')[:34]:<34} {r['episodes_per_s']:10.2f} {r['iter_s']['median']:8.3f} {ro:10.3f} {up:9.3f}")
+        print(f"{r.get('impl', '?')[:44]:<44} {r['episodes_per_s']:10.2f} {r['iter_s']['median']:8.3f} {ro:10.3f} {up:9.3f}")
     print(json.dumps(results))
     return results
 

@@ -35,6 +35,45 @@ class ExportArgs:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineArgs:
+    """SFT -> RM -> PPO(-ptx), then --rounds - 1 rounds of new comparisons on the current policy,
+    a new RM on all comparisons so far and a new policy (InstructGPT's iterated RLHF)."""
+
+    out: str  # pipeline directory (one run directory per stage and round)
+    init: str  # the pretrained model (HF directory or run directory)
+    demonstrations: str  # local JSONL files
+    rankings: str
+    prompts: str
+    ptx_data: str | None = None  # pretraining text: PPO-ptx when given
+    rounds: int = 1
+    labeler: str = "world"  # "world": the built-in task's simulated labelers; "file": you rank round_<r>/to_rank.jsonl
+    samples_per_prompt: int = 4
+    comparison_prompts: int = 256
+    sft_steps: int | None = None  # None: one epoch
+    rm_steps: int | None = None
+    ppo_steps: int = 100
+    max_prompt_len: int = 64
+    max_response_len: int = 64
+    seed: int = 0
+
+    def config(self):
+        from rlhf_jax.pipeline import PipelineConfig
+
+        run = RunConfig(seed=self.seed)
+        return PipelineConfig(
+            out=self.out, rounds=self.rounds, labeler=self.labeler, samples_per_prompt=self.samples_per_prompt,
+            comparison_prompts=self.comparison_prompts,
+            sft=SFTConfig(data=self.demonstrations, init=self.init, out="", max_steps=self.sft_steps,
+                          seq_len=self.max_prompt_len + self.max_response_len, run=run),
+            rm=RewardConfig(data=self.rankings, init="", out="", max_steps=self.rm_steps, demonstrations=self.demonstrations,
+                            max_prompt_len=self.max_prompt_len, max_response_len=self.max_response_len, run=run),
+            ppo=PPOConfig(prompts=self.prompts, policy="", reward="", out="", ptx_data=self.ptx_data,
+                          max_steps=self.ppo_steps, max_prompt_len=self.max_prompt_len,
+                          max_new_tokens=self.max_response_len),
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SmokeArgs:
     """Tiny end-to-end check: random model, generated data, a few SFT, RM and PPO-ptx steps, sampling."""
 
@@ -104,6 +143,7 @@ COMMANDS = {
     "sft": (SFTConfig, "Supervised fine-tuning on demonstrations (or --mode pretrain on text)."),
     "rm": (RewardConfig, "Reward model on K-way rankings (all C(K,2) pairs of a prompt in one batch element)."),
     "ppo": (PPOConfig, "PPO / PPO-ptx against the reward model with a per-token KL penalty (--ptx-data for PPO-ptx)."),
+    "pipeline": (PipelineArgs, PipelineArgs.__doc__),
     "export": (ExportArgs, ExportArgs.__doc__),
     "smoke": (SmokeArgs, SmokeArgs.__doc__),
 }
@@ -136,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         from rlhf_jax.ppo_run import run_ppo
 
         print(run_ppo(args))
+    elif isinstance(args, PipelineArgs):
+        from rlhf_jax.pipeline import run_pipeline
+
+        print(run_pipeline(args.config()))
     elif isinstance(args, ExportArgs):
         _export(args)
     elif isinstance(args, SmokeArgs):

@@ -326,6 +326,8 @@ class PPOConfig:
     ema_decay: float = 0.992
     value_head: Literal["separate", "shared"] = "separate"  # shared: value head on the policy backbone
     eval_prompts: int = 32  # validation prompts sampled (greedy, EMA policy) at each evaluation
+    exact_ratio: bool = True  # recompute the policy forward in the update so the first ratio is exactly 1
+    # (False: ~1e-7 rounding differences on RoPE models, one policy forward per minibatch cheaper)
     optim: OptimConfig = OptimConfig(
         learning_rate=1e-5, schedule="constant", warmup_steps=10, warmup_init_fraction=0.1
     )

@@ -175,7 +175,9 @@ def ppo_objective(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, poli
     # (residuals kept for the backward pass) and round it differently from the rollout's
     # forward-only pass; recomputed, the forward is the same program, so the first
     # minibatch's ratio is exactly 1 (Llama-style models differ by ~1e-7 without it).
-    forward = jax.checkpoint(lambda pp: response_forward(policy, pp, mb["sequences"], mb["sequence_mask"], prompt_len))
+    forward = lambda pp: response_forward(policy, pp, mb["sequences"], mb["sequence_mask"], prompt_len)  # noqa: E731
+    if cfg.exact_ratio:
+        forward = jax.checkpoint(forward)
     logits, shared_values = forward(policy_params)
     logprobs = response_logprobs(logits, mb["sequences"], prompt_len, cfg.temperature)
     mask = mb["response_mask"]
@@ -234,8 +236,8 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
                 state.policy.params, state.value.params
             )
             new_value = apply_gradients(state.value, v_grads, value_opt)
-            metrics["val/grad_norm"] = optax.global_norm(v_grads)
-        metrics["ppo/grad_norm"] = optax.global_norm(p_grads)
+            metrics["val/grad_norm"] = optax.tree.norm(v_grads)
+        metrics["ppo/grad_norm"] = optax.tree.norm(p_grads)
         new_policy = apply_gradients(state.policy, p_grads, policy_opt)
         ema = jax.tree.map(lambda e, w: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * w,
                            state.ema_params, new_policy.params)  # fmt: skip

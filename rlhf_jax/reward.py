@@ -62,7 +62,7 @@ def make_train_step(model: CausalLM, optimizer: optax.GradientTransformation, *,
             return reward_objective(model, params, batch, margin=margin, center_coef=center_coef)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
         return apply_gradients(state, grads, optimizer), metrics
 
     return train_step
