@@ -77,6 +77,12 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed:
     )
 
 
+def gradient_step(state: TrainState, loss_fn, optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """One optimizer step on ``loss_fn(params) -> (loss, metrics)``; adds ``grad_norm`` to the metrics."""
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return apply_gradients(state, grads, optimizer), {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+
 def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTransformation) -> TrainState:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -28,7 +28,7 @@ import optax
 from rlhf_jax import losses, ops
 from rlhf_jax.config import RewardConfig
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import TrainState, apply_gradients, init_train_state, make_optimizer
+from rlhf_jax.optim import TrainState, gradient_step, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ def make_train_step(model: CausalLM, optimizer: optax.GradientTransformation, *,
         def loss_fn(params):
             return reward_objective(model, params, batch, margin=margin, center_coef=center_coef)
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
-        return apply_gradients(state, grads, optimizer), metrics
+        return gradient_step(state, loss_fn, optimizer)
 
     return train_step
 
@@ -146,10 +144,7 @@ def run_rm(cfg: RewardConfig) -> Path:
 
     mesh = sharding.make_mesh(run.mesh)
     optimizer = make_optimizer(cfg.optim, total)
-    boxed = lambda: init_train_state(  # noqa: E731
-        model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], optimizer, run.seed
-    )
-    state, shardings = train_loop.shard_state(lambda p: init_train_state(p, optimizer, run.seed), boxed, params, mesh)
+    state, shardings = train_loop.sharded_train_state(model, params, optimizer, run.seed, mesh)
     eval_fn = None
     if val is not None:
         eval_step = jax.jit(make_eval_step(model))

@@ -18,16 +18,14 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from rlhf_jax import losses
 from rlhf_jax.config import SFTConfig
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import TrainState, apply_gradients, init_train_state, make_optimizer
+from rlhf_jax.optim import TrainState, gradient_step, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +51,7 @@ def make_train_step(model: CausalLM, optimizer: optax.GradientTransformation) ->
     def train_step(state: TrainState, batch: dict):
         key = state.key() if use_dropout else None
 
-        def loss_fn(params):
-            return lm_objective(model, params, batch, dropout_key=key)
-
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
-        return apply_gradients(state, grads, optimizer), metrics
+        return gradient_step(state, lambda params: lm_objective(model, params, batch, dropout_key=key), optimizer)
 
     return train_step
 
@@ -143,10 +136,7 @@ def run_sft(cfg: SFTConfig) -> Path:
 
     mesh = sharding.make_mesh(run.mesh)
     optimizer = make_optimizer(cfg.optim, total)
-    boxed = lambda: init_train_state(  # noqa: E731
-        model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], optimizer, run.seed
-    )
-    state, shardings = train_loop.shard_state(lambda p: init_train_state(p, optimizer, run.seed), boxed, params, mesh)
+    state, shardings = train_loop.sharded_train_state(model, params, optimizer, run.seed, mesh)
 
     eval_fn = None
     best_metric, best_mode = None, "min"
@@ -197,4 +187,4 @@ def _without_ids(next_batch: Callable[[], dict]) -> Callable[[], dict]:
     return f
 
 
-__all__ = ["lm_objective", "make_eval_step", "make_train_step", "mixed_batches", "run_sft", "nn"]
+__all__ = ["lm_objective", "make_eval_step", "make_train_step", "mixed_batches", "run_sft"]

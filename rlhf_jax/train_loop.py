@@ -257,6 +257,18 @@ def shard_state(init_fn: Callable[[Any], Any], boxed_init_fn: Callable[[], Any],
     return state, shardings
 
 
+def sharded_train_state(model, params: Any, optimizer, seed: int, mesh) -> tuple[Any, Any]:
+    """A TrainState for ``params`` placed by the model's logical axes (optimizer moments included)."""
+    import jax.numpy as jnp
+
+    from rlhf_jax.optim import init_train_state
+
+    def boxed():
+        return init_train_state(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], optimizer, seed)
+
+    return shard_state(lambda p: init_train_state(p, optimizer, seed), boxed, params, mesh)
+
+
 def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig, tokenize: Callable, *, split: bool = True):
     """Load a data set, split it by user id (train, val, test) and tokenise each part.
 
