@@ -42,6 +42,8 @@ def main(stage: str) -> None:
     from rlhf_jax.sft import run_sft
 
     stages = {"sft": lambda: run_sft(SFT), "rm": lambda: run_rm(RM), "ppo": lambda: run_ppo(PPO)}
+    if stage not in (*stages, "all"):
+        raise SystemExit(__doc__)
     for name in stages if stage == "all" else [stage]:
         print(name, stages[name]())
 
