@@ -1,0 +1,151 @@
+"""Hugging Face config.json <-> ModelConfig, for the three supported families.
+
+transformers 4.x and 5.x spellings are both read (5.x moved the RoPE settings into
+``rope_parameters``); anything that would change the computation and is not supported
+(RoPE scaling, Qwen2's sliding window, GPT-2's attention-scaling variants) is an error
+naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf_jax.config import ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be imported (the message says which file/tensor and why)."""
+
+
+_LLAMA_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", *_LLAMA_TYPES)
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu", "swish": "silu"}
+
+
+def _rope(hf: dict) -> tuple[float, float]:
+    """(theta, partial rotary factor) from a transformers 4.x or 5.x config dict."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type not in ("default", None):
+        raise CheckpointError(f"config.json: rope_type {rope_type!r} is not supported (only 'default' RoPE)")
+    theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    pct = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
+    return float(theta), float(pct)
+
+
+def _activation(hf: dict, key: str) -> str:
+    act = hf.get(key)
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"config.json: {key}={act!r} is not supported (supported: {sorted(_ACTIVATIONS)})")
+    return _ACTIVATIONS[act]
+
+
+def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
+    """A ModelConfig from a transformers config dict (the parsed config.json)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"config.json: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    common = dict(vocab_size=hf["vocab_size"], dtype=dtype, param_dtype=dtype, hf_model_type=model_type)
+    if model_type == "gpt2":
+        if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+            raise CheckpointError("config.json: GPT-2 attention-scaling variants are not supported")
+        return ModelConfig(
+            family="gpt2",
+            hidden_size=hf["n_embd"],
+            num_layers=hf["n_layer"],
+            num_heads=hf["n_head"],
+            intermediate_size=hf.get("n_inner"),
+            max_position_embeddings=hf["n_positions"],
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            activation=_activation(hf, "activation_function"),
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            **common,
+        )
+    theta, pct = _rope(hf)
+    if model_type == "gpt_neox":
+        bias = hf.get("attention_bias", True)
+        return ModelConfig(
+            family="neox",
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            norm_eps=hf.get("layer_norm_eps", 1e-5),
+            activation=_activation(hf, "hidden_act"),
+            rope_theta=theta,
+            rotary_pct=pct,
+            qkv_bias=bias,
+            out_bias=bias,
+            mlp_bias=True,
+            parallel_residual=hf.get("use_parallel_residual", True),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            **common,
+        )
+    window = hf.get("sliding_window") if model_type == "mistral" else None
+    if model_type == "qwen2" and hf.get("use_sliding_window", False):
+        raise CheckpointError("config.json: Qwen2 use_sliding_window=true is not supported")
+    attn_bias = model_type == "qwen2" or hf.get("attention_bias", False)
+    return ModelConfig(
+        family="llama",
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation=_activation(hf, "hidden_act"),
+        rope_theta=theta,
+        rotary_pct=pct,
+        qkv_bias=attn_bias,
+        out_bias=model_type == "llama" and hf.get("attention_bias", False),
+        mlp_bias=model_type == "llama" and hf.get("mlp_bias", False),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        sliding_window=window,
+        **common,
+    )
+
+
+def config_to_hf(cfg: ModelConfig, **extra: Any):
+    """A transformers PretrainedConfig for ``cfg`` (the class is chosen by family / hf_model_type)."""
+    import transformers
+
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu"}[cfg.activation]
+    if cfg.family == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+            n_inner=cfg.mlp_dim, n_positions=cfg.max_position_embeddings, layer_norm_epsilon=cfg.norm_eps,
+            activation_function=act, tie_word_embeddings=cfg.tie_word_embeddings,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **extra,
+        )  # fmt: skip
+    if cfg.family == "neox":
+        return transformers.GPTNeoXConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim,
+            max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.norm_eps, hidden_act=act,
+            rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rope_theta, use_parallel_residual=cfg.parallel_residual,
+            attention_bias=cfg.qkv_bias, tie_word_embeddings=cfg.tie_word_embeddings, **extra,
+        )  # fmt: skip
+    model_type = cfg.hf_model_type or "llama"
+    kwargs = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
+        intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_eps, hidden_act=act, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings, **extra,
+    )  # fmt: skip
+    if model_type == "qwen2":
+        return transformers.Qwen2Config(**kwargs)
+    if model_type == "mistral":
+        return transformers.MistralConfig(sliding_window=cfg.sliding_window, **kwargs)
+    if cfg.sliding_window is not None:
+        raise CheckpointError("export: a llama-family config with sliding_window needs hf_model_type='mistral'")
+    return transformers.LlamaConfig(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, **kwargs)
