@@ -41,9 +41,9 @@ class DemoConfig:
     num_layers: int = 2
     pretrain_steps: int = 400
     sft_steps: int = 300
-    rm_steps: int = 200
+    rm_steps: int = 60  # about 2 epochs of the rankings: more overfits (InstructGPT: 1 epoch)
     ppo_steps: int = 60
-    ranking_prompts: int = 600
+    ranking_prompts: int = 1000
     eval_prompts: int = 256
     max_new_tokens: int = 16
 
@@ -149,13 +149,13 @@ def run_demo(cfg: DemoConfig) -> Path:
         optim=OptimConfig(learning_rate=3e-4, warmup_steps=10), run=_run(seed=cfg.seed, eval_every=cfg.rm_steps),
     )))  # fmt: skip
 
-    def ppo(name: str, *, ptx: bool, kl_coef: float = 0.05) -> Path:
+    def ppo(name: str, *, ptx: bool, kl_coef: float = 0.1) -> Path:
         return run_ppo(PPOConfig(
             prompts=str(files["prompts"]), policy=str(sft_dir), reward=str(rm_dir), out=str(root / name),
             ptx_data=str(files["pretrain"]) if ptx else None, max_steps=cfg.ppo_steps, batch_size=64,
-            minibatch_size=16, ppo_epochs=2, max_prompt_len=32, max_new_tokens=cfg.max_new_tokens, kl_coef=kl_coef,
+            minibatch_size=16, ppo_epochs=1, max_prompt_len=32, max_new_tokens=cfg.max_new_tokens, kl_coef=kl_coef,
             ptx_seq_len=64, ptx_rows=8, eval_prompts=64,
-            optim=OptimConfig(learning_rate=3e-4, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1),
+            optim=OptimConfig(learning_rate=1e-4, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1),
             run=_run(seed=cfg.seed, eval_every=max(1, cfg.ppo_steps // 6), log_every=1,
                      split_fractions=(0.8, 0.1, 0.1)),
         ), gold_fn=lambda ps, rs: [world.gold_score(p, r) for p, r in zip(ps, rs)])  # fmt: skip
