@@ -210,7 +210,14 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
         model, params = from_pretrained(source, jnp.float32, head=want)
         if dtype is not None:
             model = CausalLM(model.config.replace(dtype=dtype), head=want)
-        return model, params, load_tokenizer(source)
+        tokenizer = load_tokenizer(source)
+        if len(tokenizer) == model.config.vocab_size + 1 and tokenizer.pad_token_id == model.config.vocab_size:
+            # load_tokenizer added the pad token the checkpoint lacked (GPT-2): make room for it
+            from rlhf_jax.models import resize_vocab
+
+            log.warning("%s: embedding grown by one row for the added pad token", source)
+            model, params = resize_vocab(model, params, len(tokenizer))
+        return model, params, tokenizer
     info = read_model_info(source)
     cfg_dict = dict(info["model"])
     if dtype is not None:

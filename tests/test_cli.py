@@ -94,3 +94,28 @@ def test_export_loads_in_transformers_with_equal_logits(sft_run, tmp_path, capsy
         initial = base(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits
     initial = initial.numpy()
     assert np.abs(initial[real] - theirs[real]).max() > 1e-2
+
+
+def test_checkpoint_without_pad_token_gets_one_and_room_for_it(tmp_path):
+    """GPT-2-style tokenizers have no pad (or pad == EOS): a distinct pad is added and the
+    embedding grows by one row, so stages can run; everything else about the model is kept."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rlhf_jax.checkpoint import load_model
+    from rlhf_jax.models import from_pretrained
+    from rlhf_jax.tasks import tiny
+
+    tok = tiny.make_tokenizer(tmp_path / "tok")
+    tok.pad_token = tok.eos_token  # the GPT-2 convention that hides the real EOS
+    model_dir = tiny.make_model_dir(tmp_path / "m", vocab_size=len(tok), hidden_size=32, tokenizer=tok)
+    with pytest.warns(UserWarning, match="pad token"):
+        model, params, loaded = load_model(model_dir)
+    assert loaded.pad_token_id != loaded.eos_token_id
+    assert model.config.vocab_size == len(loaded) == len(tok) + 1
+    _, original = from_pretrained(model_dir)
+    ids = jnp.asarray([[5, 6, 7]])
+    old = np.asarray(model.clone(config=model.config.replace(vocab_size=len(tok))).apply(
+        {"params": original}, ids).logits)  # fmt: skip
+    new = np.asarray(model.apply({"params": params}, ids).logits)
+    np.testing.assert_allclose(new[..., : len(tok)], old, atol=1e-6)  # old tokens' logits unchanged
