@@ -17,8 +17,6 @@ KL to SFT stays in the tens of nats; win rate vs SFT judged by a stronger model 
 
 from __future__ import annotations
 
-import sys
-
 from rlhf_jax.config import OptimConfig, PPOConfig, RewardConfig, RunConfig, SFTConfig
 
 DATA, MODEL, RUNS = "data/tldr", "models/gpt2", "runs/gpt2_tldr"
@@ -36,17 +34,7 @@ PPO = PPOConfig(prompts=f"{DATA}/prompts.jsonl", policy=f"{RUNS}/sft", reward=f"
                 run=RunConfig(dtype="bfloat16", eval_every=50, save_every=50))  # fmt: skip
 
 
-def main(stage: str) -> None:
-    from rlhf_jax.ppo_run import run_ppo
-    from rlhf_jax.reward import run_rm
-    from rlhf_jax.sft import run_sft
-
-    stages = {"sft": lambda: run_sft(SFT), "rm": lambda: run_rm(RM), "ppo": lambda: run_ppo(PPO)}
-    if stage not in (*stages, "all"):
-        raise SystemExit(__doc__)
-    for name in stages if stage == "all" else [stage]:
-        print(name, stages[name]())
-
-
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "all")
+    from stages import run_stages  # experiments/stages.py, beside this file
+
+    run_stages(SFT, RM, PPO, __doc__)

@@ -137,6 +137,14 @@ class Checkpointer:
                 log.warning("checkpoint at step %d cannot be restored (%s); trying an older one", s, e)
         raise CheckpointRestoreError(f"{self.directory}: no checkpoint could be restored:\n" + "\n".join(errors))
 
+    def restore_raw(self, step: int) -> tuple[Any, dict]:
+        """(state, meta) of ``step`` exactly as saved (numpy leaves, no target shardings):
+        for reading a run's params without knowing its optimizer."""
+        out = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+        return out.state, dict(out.meta)
+
     def restore_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         path = self.directory / str(step) / "meta" / "metadata"
@@ -231,9 +239,8 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
     if which == "best":  # the run's own ranking metric is recorded in each checkpoint's meta (train_loop)
         ranking = ckpt.restore_meta(step)
         step = ckpt.best_step(ranking.get("best_metric"), ranking.get("best_mode")) or step
-    raw = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    params, _ = ckpt.restore_raw(step)
     ckpt.close()
-    params = raw.state
     for key in info["params_path"]:
         params = params[key]
     params = jax.tree.map(jnp.asarray, params)

@@ -169,7 +169,7 @@ def run_rm(cfg: RewardConfig) -> Path:
         best_mode="max",
         tokens_per_batch=int(np.prod(train.arrays["input_ids"].shape[1:])) * train_it.batch_size,
     )
-    final = train_loop.run(stage, run, mesh, out, config_json=dataclasses.asdict(cfg))
+    train_loop.run(stage, run, mesh, out, config_json=dataclasses.asdict(cfg))
 
     bias = 0.0
     if cfg.demonstrations is not None:
@@ -179,7 +179,6 @@ def run_rm(cfg: RewardConfig) -> Path:
         bias = demonstration_bias(best_model, best_params, demo_ds)
         log.info("reward model: demonstrations scored mean %.4f; bias %.4f stored", -bias, bias)
     checkpoint.write_model_info(out, model, tokenizer, extra={"reward_bias": bias})
-    del final
     return out
 
 

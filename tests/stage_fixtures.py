@@ -20,7 +20,6 @@ from typing import Callable
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from rlhf_jax import checkpoint, train_loop
 from rlhf_jax.config import MeshConfig, RewardConfig, RunConfig, SFTConfig
@@ -170,12 +169,10 @@ def read_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[dict,
     ckpt = checkpoint.Checkpointer(Path(run_dir) / "checkpoints")
     try:
         step = ckpt.latest_step() if step is None else step
-        raw = ckpt._manager.restore(  # no abstract target: restore what was saved, as saved
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-        )
+        state, meta = ckpt.restore_raw(step)  # no abstract target: what was saved, as saved
     finally:
         ckpt.close()
-    return jax.tree.map(np.asarray, raw.state), dict(raw.meta), step
+    return jax.tree.map(np.asarray, state), meta, step
 
 
 def train_losses(run_dir: str | Path) -> dict[int, float]:
