@@ -233,6 +233,51 @@ def test_bad_rows_strict_and_skip(tmp_path, kind, bad, reason):
     assert [r["example_id"] for r in recs] == [0, 1, 3]
 
 
+def test_json_value_errors_are_row_errors(tmp_path):
+    # regression: a > 4300-digit int makes json.loads raise a plain ValueError (not JSONDecodeError)
+    huge = b'{"text": "b", "n": ' + b"1" * 5000 + b"}"
+    p = write_lines(tmp_path / "big.jsonl", [b'{"text": "a"}', huge])
+    with pytest.raises(DataError, match=r"big\.jsonl:2: invalid_json: .*digits"):
+        load_records(p, "text")
+    assert load_records(p, "text", on_error="skip")[1].counts == {"invalid_json": 1}
+    # regression: a JSON array file that is too deep or holds a too long int is a DataError
+    for name, body in [("deep.json", b"[" * 100_000 + b"]" * 100_000), ("int.json", b"[" + huge + b"]")]:
+        (tmp_path / name).write_bytes(body)
+        with pytest.raises(DataError, match=rf"{name}: cannot parse the JSON array"):
+            load_records(tmp_path / name, "text", on_error="skip")
+
+
+def test_only_json_whitespace_makes_a_blank_line(tmp_path):
+    # regression: a form-feed line was dropped as blank without being counted
+    p = write_lines(tmp_path / "ff.jsonl", [b'{"text": "a"}', b"\x0c", b" \t", b"\x0b"])
+    _, rep = load_records(p, "text", on_error="skip")
+    assert (rep.total_rows, rep.kept, rep.counts) == (3, 1, {"invalid_json": 2})
+
+
+def test_parquet_bad_utf8_string_is_a_row_error(tmp_path):
+    # regression: to_pylist's UnicodeDecodeError escaped as a crash
+    col = pa.array([b"fine", b"bad \xff", b"ok"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": col}), tmp_path / "u.parquet")
+    with pytest.raises(DataError, match=r"u\.parquet: row 1: invalid_encoding"):
+        load_records(tmp_path / "u.parquet", "text")
+    recs, rep = load_records(tmp_path / "u.parquet", "text", on_error="skip")
+    assert [r["example_id"] for r in recs] == [0, 2] and rep.counts == {"invalid_encoding": 1}
+
+
+def test_parquet_damaged_page_is_a_data_error(tmp_path):
+    # regression: a damaged data page raised a bare OSError; with page checksums it is always found
+    p = tmp_path / "c.parquet"
+    rows = [{"text": f"row {i}"} for i in range(5000)]
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, p, compression="none", use_dictionary=False, data_page_size=4096, write_page_checksum=True)
+    data = bytearray(p.read_bytes())
+    data[data.index(b"row 4500")] ^= 0x01  # a byte in the values of the second batch of 4096 rows
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"c\.parquet: row 4096: unreadable: cannot decode.*CRC") as e:
+        load_records(p, "text", on_error="skip")
+    assert e.value.row == 4096 and e.value.reason == "unreadable"
+
+
 def test_file_level_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_records(tmp_path / "missing.jsonl", "text")

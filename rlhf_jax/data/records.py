@@ -21,6 +21,7 @@ from rlhf_jax.data.schema import KINDS, RowError, normalise_row
 NOTE_REASONS = frozenset({"duplicate_response", "response_too_long", "packing_remainder_tokens"})
 
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+_JSON_BLANK = b" \t\r"  # JSON's whitespace within a line: a line of only these is blank
 
 
 class DataError(ValueError):
@@ -111,18 +112,18 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int | None, int, Any]]:
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):  # utf-8-sig
         data = data[3:]
-    if path.suffix.lower() == ".json" and data.lstrip()[:1] == b"[":
+    if path.suffix.lower() == ".json" and data.lstrip(_JSON_BLANK + b"\n")[:1] == b"[":
         try:
             rows = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            msg = f"{path}: cannot parse the JSON array: {e}"
+        except (ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, a too long int
+            msg = f"{path}: cannot parse the JSON array: {_json_problem(e)}"
             raise DataError(msg, source=str(path), reason="invalid_json") from None
         for row, obj in enumerate(rows):
             yield None, row, obj
         return
     row = 0
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():  # blank lines are not rows
+        if not raw.strip(_JSON_BLANK):  # blank lines are not rows
             continue
         try:
             text = raw.decode("utf-8")
@@ -130,26 +131,56 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int | None, int, Any]]:
             yield lineno, row, RowError("invalid_encoding", f"invalid UTF-8 at byte {e.start}")
         else:
             try:
-                yield lineno, row, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield lineno, row, RowError("invalid_json", f"{e.msg} at column {e.colno}")
-            except RecursionError:
-                yield lineno, row, RowError("invalid_json", "nesting too deep")
+                obj = json.loads(text)
+            except (ValueError, RecursionError) as e:
+                obj = RowError("invalid_json", _json_problem(e))
+            yield lineno, row, obj
         row += 1
+
+
+def _json_problem(e: Exception) -> str:
+    """What json.loads objected to: a syntax error (with its column), nesting, or a too long int."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at column {e.colno}"
+    if isinstance(e, RecursionError):
+        return "nesting too deep"
+    return str(e)
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int | None, int, Any]]:
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
+    try:  # page checksums are verified where the writer stored them
+        batches = pq.ParquetFile(path, page_checksum_verification=True).iter_batches(batch_size=4096)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise DataError(f"{path}: cannot read parquet file: {e}", source=str(path), reason="unreadable") from None
     row = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for obj in batch.to_pylist():
+    while True:
+        try:  # a damaged data page surfaces only when its batch is decoded
+            batch = next(batches, None)
+            objs = None if batch is None else _batch_rows(batch)
+        except Exception as e:  # noqa: BLE001 - OSError, ArrowInvalid, ... for damaged pages
+            msg = f"{path}: row {row}: unreadable: cannot decode the parquet data from this row on: {e}"
+            raise DataError(msg, source=str(path), row=row, reason="unreadable") from None
+        if objs is None:
+            return
+        for obj in objs:
             yield None, row, obj
             row += 1
+
+
+def _batch_rows(batch: Any) -> list[Any]:
+    """A record batch as dicts; a row whose strings are not UTF-8 becomes a RowError."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:  # find the offending rows one by one
+        out: list[Any] = []
+        for i in range(batch.num_rows):
+            try:
+                out.extend(batch.slice(i, 1).to_pylist())
+            except UnicodeDecodeError as e:
+                out.append(RowError("invalid_encoding", f"a string is not valid UTF-8 (byte {e.start})"))
+        return out
 
 
 def _hub_rows(name: str, split: str) -> Iterator[tuple[int | None, int, Any]]:
@@ -180,7 +211,7 @@ def load_records(
     ``source`` is a local ``.jsonl`` / ``.json`` (JSON Lines, or one top-level array) /
     ``.parquet`` file, or else a Hugging Face hub dataset name (loaded with
     ``datasets.load_dataset(source, split=split)``). JSONL: a UTF-8 BOM and CRLF line
-    ends are accepted; blank lines are not rows and are skipped silently.
+    ends are accepted; blank lines (only spaces, tabs, a CR) are not rows and are skipped.
 
     Normalised records (every one also has ``"example_id"``: the 0-based row index in
     the source, stable under skipping; ``"user_id"``: str or None; ``"meta"``: a dict of
