@@ -5,7 +5,10 @@ A checkpoint ``<run>/checkpoints/<step>/`` holds two items:
     and for PPO the KL coefficient and EMA params), saved asynchronously;
   * ``meta``: JSON with the data-iterator positions, the resolved config and counters.
 Orbax writes each checkpoint into a temporary directory and renames it when complete,
-so a killed save is never listed. Latest-N plus best-N by a validation metric are kept.
+so a killed save is never listed. Checkpoints dropped by the retention policy are first
+renamed (atomically) into ``<checkpoints>/.deleted/`` and removed from there later, so a
+process killed while deleting never leaves a half-deleted checkpoint that is still listed.
+Latest-N plus best-N by a validation metric are kept.
 Restores take an abstract state with shardings, so a checkpoint saved on one mesh
 restores onto another.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger(__name__)
+
+TRASH = ".deleted"  # under the checkpoints directory: unlisted checkpoints waiting to be removed
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -70,9 +76,21 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
+            todelete_subdir=TRASH,  # retention renames here (atomic); _purge_trash removes
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._purge_trash()
+
+    def _purge_trash(self) -> None:
+        """Remove the checkpoints retention has already unlisted (renamed into ``.deleted/``).
+
+        Called only when no save is in flight (orbax renames into it from its finalize thread).
+        """
+        trash = self.directory / TRASH
+        if trash.is_dir():
+            for entry in trash.iterdir():
+                shutil.rmtree(entry, ignore_errors=True)
 
     # ------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
@@ -102,11 +120,13 @@ class Checkpointer:
         """Start saving ``state`` and ``meta`` at ``step`` (asynchronously); returns whether it saves."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        self.wait()  # orbax waits for the previous save here anyway; its finalize thread is done
         return self._manager.save(step, args=args, metrics=metrics, force=force)
 
     def wait(self) -> None:
-        """Block until the in-flight save has been committed."""
+        """Block until the in-flight save has been committed (and old checkpoints removed)."""
         self._manager.wait_until_finished()
+        self._purge_trash()
 
     def restore(self, abstract_state: Any, step: int | None = None, *, fallback: bool = False) -> tuple[Any, dict, int]:
         """Restore ``(state, meta, step)``; ``step=None`` takes the latest.
@@ -114,7 +134,9 @@ class Checkpointer:
         ``abstract_state``: the state's tree of ``jax.ShapeDtypeStruct`` with the target
         shardings (from ``jax.eval_shape`` plus the mesh's shardings). A checkpoint that
         fails to restore raises CheckpointRestoreError naming the step, unless
-        ``fallback`` is set, in which case the next older one is tried (and logged).
+        ``fallback`` is set, in which case the next older one is tried (and logged) and the
+        damaged newer ones are moved aside to ``<checkpoints>/damaged-step-<s>`` so that
+        training can save those steps again.
         """
         steps = self.all_steps() if step is None else [step]
         if not steps:
@@ -126,6 +148,9 @@ class Checkpointer:
                     s,
                     args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
                 )
+                for bad in steps:
+                    if bad > s:
+                        self._quarantine(bad)
                 return out.state, dict(out.meta), s
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 errors.append(f"step {s}: {type(e).__name__}: {e}")
@@ -136,6 +161,12 @@ class Checkpointer:
                     ) from e
                 log.warning("checkpoint at step %d cannot be restored (%s); trying an older one", s, e)
         raise CheckpointRestoreError(f"{self.directory}: no checkpoint could be restored:\n" + "\n".join(errors))
+
+    def _quarantine(self, step: int) -> None:
+        target = self.directory / f"damaged-step-{step}"
+        log.warning("checkpoint at step %d could not be restored: moved to %s", step, target)
+        os.replace(self.directory / str(step), target)
+        self._manager.reload()
 
     def restore_raw(self, step: int) -> tuple[Any, dict]:
         """(state, meta) of ``step`` exactly as saved (numpy leaves, no target shardings):
@@ -154,7 +185,7 @@ class Checkpointer:
         return dict(out.meta)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":

@@ -203,9 +203,19 @@ class RunConfig:
     # End this invocation once the step counter reaches this value (a checkpoint is saved there);
     # the schedule still spans the stage's total steps, so a later run resumes exactly. None: run to the end.
     stop_at_step: int | None = None
+    # A step with a non-finite reward, logits, advantages, loss or gradients is skipped (the state
+    # stays bitwise unchanged, the batch is consumed); this many skips in a row stop the run with
+    # an error naming the step and the quantity.
+    max_consecutive_skips: int = 10
+    # A latest checkpoint that cannot be restored: False raises (naming the step); True falls back
+    # to the newest one that restores and moves the damaged newer ones aside (logged).
+    restore_fallback: bool = False
+    # Write <run>/data_trace.jsonl: the example ids of every step's batch, per data iterator.
+    trace_data: bool = False
 
     def __post_init__(self) -> None:
         _check(self.stop_at_step is None or self.stop_at_step > 0, "RunConfig.stop_at_step must be > 0 or None")
+        _check(self.max_consecutive_skips >= 1, "RunConfig.max_consecutive_skips must be >= 1")
         for name in ("log_every", "eval_every", "save_every", "eval_batches"):
             _check(getattr(self, name) > 0, f"RunConfig.{name} must be > 0")
         _check(self.keep_last >= 1 and self.keep_best >= 0, "RunConfig: keep_last >= 1 and keep_best >= 0")

@@ -1,4 +1,14 @@
-"""The train state pytree and the optimizer every stage uses (optax)."""
+"""The train state pytree, the optimizer every stage uses (optax), and the non-finite guard.
+
+Non-finite values: every stage's step reports, for each quantity it computes, whether it
+is finite (``finite/<name>`` boolean scalars in its metrics; names from
+:data:`NONFINITE_QUANTITIES`), and :func:`skip_nonfinite` returns the OLD state, bitwise,
+when any is not: the step is skipped as a whole (params, optimizer state and its count,
+the step counter, RNG, and for PPO the KL coefficient, EMA params and iteration all stay
+as they were; the batch is consumed). ``train_loop.run`` counts consecutive skips and
+stops the run after ``RunConfig.max_consecutive_skips``. :func:`inject_fault` is the hook
+tests use to put NaN or Inf into a named quantity.
+"""
 
 from __future__ import annotations
 
@@ -77,13 +87,77 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed:
     )
 
 
-def gradient_step(state: TrainState, loss_fn, optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One optimizer step on ``loss_fn(params) -> (loss, metrics)``; adds ``grad_norm`` to the metrics."""
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return apply_gradients(state, grads, optimizer), {**metrics, "grad_norm": optax.tree.norm(grads)}
+def gradient_step(state: TrainState, loss_fn, optimizer: optax.GradientTransformation, *,
+                  faults: dict | None = None) -> tuple[TrainState, dict]:  # fmt: skip
+    """One optimizer step on ``loss_fn(params) -> (loss, metrics)``, skipped when non-finite.
+
+    ``loss_fn``'s metrics may hold ``finite/<name>`` flags of its intermediates (e.g.
+    ``finite/logits``); the loss and the gradients are checked here. Returns the new state
+    (the old one, bitwise, if anything was non-finite) and the metrics plus ``grad_norm``
+    and the guard's ``nonfinite/*`` metrics. ``faults``: the batch, read by :func:`inject_fault`.
+    """
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = inject_fault("grads", grads, faults)
+    metrics = {**metrics, "finite/loss": all_finite(loss), "finite/grads": all_finite(grads)}
+    new_state, metrics = skip_nonfinite(apply_gradients(state, grads, optimizer), state, metrics)
+    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTransformation) -> TrainState:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+# ---------------------------------------------------------------------------- non-finite guard
+
+# What the stages check, in pipeline order: an error names the first non-finite one (a NaN
+# reward also makes the advantages, the loss and the gradients NaN).
+NONFINITE_QUANTITIES = ("reward", "logits", "advantages", "loss", "grads")
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """bool scalar: every element of every floating-point leaf of ``tree`` is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+
+
+def skip_nonfinite(new_state: Any, old_state: Any, metrics: dict) -> tuple[Any, dict]:
+    """``new_state`` if every ``finite/<name>`` flag in ``metrics`` is True, else ``old_state``.
+
+    The choice is an elementwise select, so a skipped step returns ``old_state`` bitwise
+    (every leaf: params, optimizer moments and counts, step, RNG key data, ...). The flags
+    are replaced in the returned metrics by ``nonfinite/<name>`` (1.0 when that quantity
+    was non-finite) and ``nonfinite/skipped`` (1.0 when the step was skipped).
+
+    Args:
+      new_state: the state after the step (any pytree).
+      old_state: the state before it (same structure).
+      metrics: the step's metrics with boolean scalar ``finite/<name>`` entries.
+    """
+    flags = {k[len("finite/") :]: v for k, v in metrics.items() if k.startswith("finite/")}
+    out = {k: v for k, v in metrics.items() if not k.startswith("finite/")}
+    finite = jnp.stack([jnp.asarray(v, bool) for v in flags.values()]).all() if flags else jnp.asarray(True)
+    state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+    for name, ok in flags.items():
+        out[f"nonfinite/{name}"] = 1.0 - jnp.asarray(ok, jnp.float32)
+    out["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
+    return state, out
+
+
+def inject_fault(name: str, value: Any, faults: dict | None) -> Any:
+    """Fault injection for tests: ``value`` with every element replaced when asked.
+
+    ``faults`` is a batch (or None); a ``"fault/<name>"`` entry ([B] float, as every batch
+    array has a leading batch axis) asks for ``name`` to be poisoned: when its element 0 is
+    non-zero (NaN, Inf, ...), every floating element of ``value`` (an array or a pytree)
+    becomes that number; when it is 0, ``value`` passes through bitwise. Batches without
+    the entry (every real batch) are not touched: nothing is traced.
+    """
+    key = f"fault/{name}"
+    if faults is None or key not in faults:
+        return value
+    poison = faults[key][0]
+    return jax.tree.map(lambda x: jnp.where(poison != 0, poison.astype(x.dtype), x), value)

@@ -22,6 +22,10 @@ Old log-probs are computed by the very functions the update uses (``response_for
 ``response_logprobs``), on minibatches of the update's shape, and the update recomputes
 (rematerialises) that forward instead of fusing it with its backward pass, so the
 probability ratio is exactly 1 on the first minibatch. Dropout is off in every RL pass.
+
+Non-finite values: an iteration whose RM scores (``reward``), log-probs (``logits``),
+advantages or returns, losses or gradients are not all finite is skipped as a whole
+(``optim.skip_nonfinite``): the state comes back bitwise, iteration counter included.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import optax
 from rlhf_jax import losses, ops, rl
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import TrainState, apply_gradients
+from rlhf_jax.optim import TrainState, all_finite, apply_gradients, inject_fault, skip_nonfinite
 from rlhf_jax.sampling import generate
 
 
@@ -108,9 +112,12 @@ def score_responses(rm: CausalLM, rm_params: Any, sequences: jax.Array, mask: ja
 
 def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: CausalLM, *, eos_token_id: int,
                  pad_token_id: int) -> Callable:  # fmt: skip
-    """``rollout(state, prompt_ids [B,P], prompt_mask [B,P], ref_params, rm_params) -> Rollout``."""
+    """``rollout(state, prompt_ids [B,P], prompt_mask [B,P], ref_params, rm_params, faults=None) -> Rollout``.
 
-    def rollout(state: PPOState, prompt_ids, prompt_mask, ref_params, rm_params) -> Rollout:
+    ``faults``: a batch read by ``optim.inject_fault`` (tests poison ``reward`` and ``advantages`` here).
+    """
+
+    def rollout(state: PPOState, prompt_ids, prompt_mask, ref_params, rm_params, faults: dict | None = None) -> Rollout:
         p = prompt_ids.shape[1]
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration)
         gen = generate(policy, state.policy.params, prompt_ids, prompt_mask, key, max_new_tokens=cfg.max_new_tokens,
@@ -146,6 +153,7 @@ def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: C
 
         outs = jax.lax.map(score_minibatch, (split(seq), split(seq_mask)))
         old_logprobs, ref_logprobs, values, scores = (merge(o) for o in outs)
+        scores = inject_fault("reward", scores, faults)
 
         has_eos = jnp.any((gen.tokens == eos_token_id) & (gen.mask > 0), axis=1)  # [B]
         if cfg.no_eos_penalty is not None:
@@ -155,7 +163,7 @@ def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: C
         if cfg.whiten_rewards:
             rewards = ops.masked_whiten(rewards, resp_mask, shift_mean=False)
         advantages, returns = rl.gae(rewards, values * resp_mask, resp_mask, gamma=cfg.gamma, lam=cfg.lam)
-        advantages = ops.masked_whiten(advantages, resp_mask, shift_mean=True)
+        advantages = inject_fault("advantages", ops.masked_whiten(advantages, resp_mask, shift_mean=True), faults)
         return Rollout(
             sequences=seq, sequence_mask=seq_mask, response_mask=resp_mask, old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs, values=values, rewards=rewards, advantages=advantages, returns=returns,
@@ -166,10 +174,11 @@ def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: C
 
 
 def ppo_objective(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy_params, value_params, mb: dict,
-                  ptx: dict | None, prompt_len: int):  # fmt: skip
+                  ptx: dict | None, prompt_len: int, faults: dict | None = None):  # fmt: skip
     """policy loss + vf_coef * value loss + ptx_coef * ptx loss (value term only with a shared head).
 
-    Returns (policy_total, (value_total, metrics)) so the two networks can take separate gradients.
+    Returns (policy_total, (value_total, metrics)) so the two networks can take separate
+    gradients; metrics hold the ``finite/logits`` and ``finite/loss`` flags.
     """
     # Rematerialised: inside value_and_grad, XLA would otherwise fuse the forward differently
     # (residuals kept for the backward pass) and round it differently from the rollout's
@@ -179,6 +188,7 @@ def ppo_objective(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, poli
     if cfg.exact_ratio:
         forward = jax.checkpoint(forward)
     logits, shared_values = forward(policy_params)
+    logits = inject_fault("logits", logits, faults)
     logprobs = response_logprobs(logits, mb["sequences"], prompt_len, cfg.temperature)
     mask = mb["response_mask"]
     pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
@@ -208,12 +218,17 @@ def ppo_objective(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, poli
     value_total = cfg.vf_coef * vf_loss
     if value is None:
         policy_total = policy_total + value_total
+    metrics["finite/logits"] = all_finite(logprobs)
+    metrics["finite/loss"] = all_finite((policy_total, value_total))
     return policy_total, (value_total, metrics)
 
 
 def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy_opt: optax.GradientTransformation,
                 value_opt: optax.GradientTransformation | None) -> Callable:  # fmt: skip
-    """``update(state, rollout, ptx_batch | None, prompt_len) -> (state, metrics)``: epochs x minibatches scans."""
+    """``update(state, rollout, ptx_batch | None, faults=None) -> (state, metrics)``: epochs x minibatches scans.
+
+    Metrics are means over the minibatches, except the ``finite/*`` flags (all minibatches).
+    """
     n_mb, mb_size = cfg.num_minibatches, cfg.minibatch_size
 
     def minibatch_step(state: PPOState, xs):
@@ -222,19 +237,23 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
 
         if value is None:
             grad_fn = jax.value_and_grad(
-                lambda pp: ppo_objective(cfg, policy, None, pp, None, mb, ptx, p), has_aux=True
+                lambda pp: ppo_objective(cfg, policy, None, pp, None, mb, ptx, p, faults), has_aux=True
             )
             (_, (_, metrics)), p_grads = grad_fn(state.policy.params)
+            p_grads = inject_fault("grads", p_grads, faults)
+            metrics["finite/grads"] = all_finite(p_grads)
             new_value = None
         else:
 
             def joint(pp, vp):
-                pol, (val, metrics) = ppo_objective(cfg, policy, value, pp, vp, mb, ptx, p)
+                pol, (val, metrics) = ppo_objective(cfg, policy, value, pp, vp, mb, ptx, p, faults)
                 return pol + val, metrics  # disjoint params: d/dpp sees pol, d/dvp sees val
 
             (_, metrics), (p_grads, v_grads) = jax.value_and_grad(joint, argnums=(0, 1), has_aux=True)(
                 state.policy.params, state.value.params
             )
+            p_grads = inject_fault("grads", p_grads, faults)
+            metrics["finite/grads"] = all_finite((p_grads, v_grads))
             new_value = apply_gradients(state.value, v_grads, value_opt)
             metrics["val/grad_norm"] = optax.tree.norm(v_grads)
         metrics["ppo/grad_norm"] = optax.tree.norm(p_grads)
@@ -243,7 +262,7 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
                            state.ema_params, new_policy.params)  # fmt: skip
         return state.replace(policy=new_policy, value=new_value, ema_params=ema), metrics
 
-    def update(state: PPOState, ro: Rollout, ptx_batch: dict | None):
+    def update(state: PPOState, ro: Rollout, ptx_batch: dict | None, faults: dict | None = None):
         fields = ("sequences", "sequence_mask", "response_mask", "old_logprobs", "values", "advantages", "returns")
         data = {k: getattr(ro, k) for k in fields}
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration + (1 << 30))
@@ -259,7 +278,7 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
             return jax.lax.scan(minibatch_step, state, (shuffled, ptx))
 
         state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.ppo_epochs))
-        return state, jax.tree.map(jnp.mean, metrics)
+        return state, {k: jnp.all(v) if k.startswith("finite/") else jnp.mean(v) for k, v in metrics.items()}
 
     return update
 
@@ -270,17 +289,20 @@ def make_iteration(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm:
     """``iteration(state, batch, ref_params, rm_params) -> (state, metrics)``: rollout + update + KL control.
 
     ``batch``: ``prompt_ids``/``prompt_mask`` [B, P]; with ptx also ``ptx_input_ids``,
-    ``ptx_attention_mask``, ``ptx_loss_mask`` [E * n_minibatches * rows, T].
+    ``ptx_attention_mask``, ``ptx_loss_mask`` [E * n_minibatches * rows, T]; tests may add
+    ``fault/<name>`` entries (``optim.inject_fault``). An iteration with a non-finite score,
+    log-prob, advantage, loss or gradient returns ``state`` bitwise (``optim.skip_nonfinite``).
     """
     rollout_fn = make_rollout(cfg, policy, value, rm, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     update_fn = make_update(cfg, policy, value, policy_opt, value_opt)
 
     def iteration(state: PPOState, batch: dict, ref_params: Any, rm_params: Any):
-        ro = rollout_fn(state, batch["prompt_ids"], batch["prompt_mask"], ref_params, rm_params)
+        faults = {k: v for k, v in batch.items() if k.startswith("fault/")} or None
+        ro = rollout_fn(state, batch["prompt_ids"], batch["prompt_mask"], ref_params, rm_params, faults)
         ptx = None
         if "ptx_input_ids" in batch:
             ptx = {k[len("ptx_") :]: v for k, v in batch.items() if k.startswith("ptx_")}
-        new_state, metrics = update_fn(state, ro, ptx)
+        new_state, metrics = update_fn(state, ro, ptx, faults)
 
         mask = ro.response_mask
         seq_kl = jnp.sum(ro.kl * mask, axis=1)  # [B] KL(pi || pi_ref) of each episode (k-estimator sums)
@@ -301,7 +323,12 @@ def make_iteration(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm:
             "kl_coef": state.kl_coef,
         })  # fmt: skip
         new_state = new_state.replace(kl_coef=kl_coef, iteration=state.iteration + 1)
-        return new_state, metrics
+        metrics.update({
+            "finite/reward": all_finite(ro.scores),
+            "finite/logits": metrics["finite/logits"] & all_finite((ro.old_logprobs, ro.ref_logprobs)),
+            "finite/advantages": all_finite((ro.advantages, ro.returns)),
+        })  # fmt: skip
+        return skip_nonfinite(new_state, state, metrics)
 
     return iteration
 

@@ -28,7 +28,7 @@ import optax
 from rlhf_jax import losses, ops
 from rlhf_jax.config import RewardConfig
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import TrainState, gradient_step, make_optimizer
+from rlhf_jax.optim import TrainState, all_finite, gradient_step, inject_fault, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +51,30 @@ def ranking_rewards(model: CausalLM, params: Any, batch: dict) -> jax.Array:
 
 
 def reward_objective(model: CausalLM, params: Any, batch: dict, *, margin: float = 0.0, center_coef: float = 0.0):
-    rewards = ranking_rewards(model, params, batch)
-    return losses.k_way_ranking_loss(rewards, batch["ranks"], batch["valid"], margin=margin, center_coef=center_coef)
+    """K-way ranking loss of the batch's scores; metrics add the ``finite/reward`` flag."""
+    rewards = inject_fault("reward", ranking_rewards(model, params, batch), batch)  # [B, K]
+    loss, metrics = losses.k_way_ranking_loss(rewards, batch["ranks"], batch["valid"], margin=margin,
+                                              center_coef=center_coef)  # fmt: skip
+    return loss, {**metrics, "finite/reward": all_finite(rewards)}
 
 
 def make_train_step(model: CausalLM, optimizer: optax.GradientTransformation, *, margin: float = 0.0,
                     center_coef: float = 0.0) -> Callable:  # fmt: skip
+    """``step(state, batch) -> (state, metrics)``; skipped when the scores, loss or gradients are not finite."""
+
     def train_step(state: TrainState, batch: dict):
         def loss_fn(params):
             return reward_objective(model, params, batch, margin=margin, center_coef=center_coef)
 
-        return gradient_step(state, loss_fn, optimizer)
+        return gradient_step(state, loss_fn, optimizer, faults=batch)
 
     return train_step
 
 
 def make_eval_step(model: CausalLM) -> Callable:
     def eval_step(params: Any, batch: dict):
-        return reward_objective(model, params, batch)[1]
+        metrics = reward_objective(model, params, batch)[1]
+        return {k: v for k, v in metrics.items() if not k.startswith("finite/")}
 
     return eval_step
 

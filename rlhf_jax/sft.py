@@ -25,7 +25,7 @@ import optax
 from rlhf_jax import losses
 from rlhf_jax.config import SFTConfig
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import TrainState, gradient_step, make_optimizer
+from rlhf_jax.optim import TrainState, all_finite, gradient_step, inject_fault, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +33,31 @@ log = logging.getLogger(__name__)
 def lm_objective(model: CausalLM, params: Any, batch: dict, *, dropout_key: jax.Array | None = None):
     """Masked next-token cross-entropy: ``mean_{t: loss_mask} -log p(x_t | x_<t)``.
 
-    Returns (loss, metrics) with metrics loss, accuracy, num_tokens.
+    Returns (loss, metrics) with metrics loss, accuracy, num_tokens and the
+    ``finite/logits`` flag (see ``optim.skip_nonfinite``).
     """
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
     out = model.apply(
         {"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
         deterministic=dropout_key is None, rngs=rngs,
     )  # fmt: skip
-    logits = out.logits[:, :-1]  # [B, T-1, V]: position t predicts token t + 1
-    return losses.masked_lm_loss(logits, batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
+    logits = inject_fault("logits", out.logits[:, :-1], batch)  # [B, T-1, V]: position t predicts token t + 1
+    loss, metrics = losses.masked_lm_loss(logits, batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
+    return loss, {**metrics, "finite/logits": all_finite(logits)}
 
 
 def make_train_step(model: CausalLM, optimizer: optax.GradientTransformation) -> Callable:
-    """``step(state, batch) -> (state, metrics)``; dropout is on when the model config has it."""
+    """``step(state, batch) -> (state, metrics)``; dropout is on when the model config has it.
+
+    A step whose logits, loss or gradients are not finite is skipped (``optim.gradient_step``).
+    """
     use_dropout = model.config.dropout > 0
 
     def train_step(state: TrainState, batch: dict):
         key = state.key() if use_dropout else None
 
-        return gradient_step(state, lambda params: lm_objective(model, params, batch, dropout_key=key), optimizer)
+        return gradient_step(state, lambda params: lm_objective(model, params, batch, dropout_key=key), optimizer,
+                             faults=batch)  # fmt: skip
 
     return train_step
 
@@ -60,7 +66,8 @@ def make_eval_step(model: CausalLM) -> Callable:
     """``eval_step(params, batch) -> metrics`` (no dropout)."""
 
     def eval_step(params: Any, batch: dict):
-        return lm_objective(model, params, batch)[1]
+        metrics = lm_objective(model, params, batch)[1]
+        return {k: v for k, v in metrics.items() if not k.startswith("finite/")}
 
     return eval_step
 

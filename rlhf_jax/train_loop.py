@@ -7,6 +7,15 @@ checkpointed, and an optional evaluation. :func:`run` does the rest: resume from
 latest checkpoint, jit the step once with in/out shardings and state donation, loop with
 a progress bar, write ``metrics.jsonl``, evaluate, save (latest-N + best-N), and on
 SIGTERM save at the next step boundary and exit with status ``EXIT_PREEMPTED``.
+
+Non-finite values: each stage's step skips itself when a checked quantity is not finite
+(``optim.skip_nonfinite``: the state comes back bitwise, its step counter included, so a
+checkpoint labelled step s holds s minus the skipped steps' updates). The loop reads the
+guard's ``nonfinite/*`` flags with the logged metrics and before every save (no extra
+host sync per step), logs ``nonfinite/skipped_total`` and ``nonfinite/consecutive``, keeps
+both counts in each checkpoint, raises :class:`NonFiniteError` naming the step and the
+quantity after ``RunConfig.max_consecutive_skips`` skips in a row, and never saves a state
+that is not finite.
 """
 
 from __future__ import annotations
@@ -26,10 +35,57 @@ import numpy as np
 from rlhf_jax import sharding
 from rlhf_jax.checkpoint import Checkpointer, abstract_like
 from rlhf_jax.config import RunConfig
+from rlhf_jax.optim import NONFINITE_QUANTITIES, all_finite
 
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run saved and stopped on a preemption notice
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on non-finite values; the message names the step and the quantity."""
+
+
+class SkipCounter:
+    """Host-side count of the steps the non-finite guard skipped (checkpointed in the meta JSON).
+
+    Attributes:
+      total: steps skipped in the whole run.
+      consecutive: steps skipped in a row up to the last counted step.
+    """
+
+    def __init__(self, stage: str, limit: int) -> None:
+        self.stage, self.limit = stage, limit
+        self.total = self.consecutive = 0
+        self._tripped: str | None = None
+
+    def add(self, step: int, flags: dict) -> None:
+        """Count ``step`` from its ``nonfinite/*`` metrics (host floats); :meth:`check` raises later."""
+        if float(flags.get("nonfinite/skipped", 0.0)) == 0.0:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        if self.consecutive >= self.limit and self._tripped is None:
+            names = [k[len("nonfinite/") :] for k, v in flags.items() if k != "nonfinite/skipped" and float(v) > 0]
+            order = {q: i for i, q in enumerate(NONFINITE_QUANTITIES)}
+            names.sort(key=lambda n: order.get(n, len(order)))
+            self._tripped = (
+                f"{self.stage}: step {step}: {self.consecutive} consecutive steps skipped for non-finite values "
+                f"(limit RunConfig.max_consecutive_skips={self.limit}); first non-finite quantity: "
+                f"{names[0] if names else 'unknown'} (all: {', '.join(names) or 'unknown'})"
+            )
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteError` if the limit of consecutive skips was reached."""
+        if self._tripped is not None:
+            raise NonFiniteError(self._tripped)
+
+    def state(self) -> dict:
+        return {"skipped_total": self.total, "consecutive": self.consecutive}
+
+    def restore(self, state: dict) -> None:
+        self.total, self.consecutive = int(state["skipped_total"]), int(state["consecutive"])
 
 
 @dataclass
@@ -150,11 +206,14 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
     )
     state = stage.state
     start = 0
+    skips = SkipCounter(stage.name, run_cfg.max_consecutive_skips)
     try:
         if ckpt.latest_step() is not None:
-            state, meta, start = ckpt.restore(abstract_like(stage.state))
+            state, meta, start = ckpt.restore(abstract_like(stage.state), fallback=run_cfg.restore_fallback)
             for name, it in stage.iterators.items():
                 it.restore(meta["iterators"][name])
+            if "nonfinite" in meta:
+                skips.restore(meta["nonfinite"])
             stage.restore_extra(meta)
             log.info("%s: resumed from step %d", stage.name, start)
     except BaseException:  # e.g. a damaged checkpoint: do not leak the manager's background threads
@@ -168,12 +227,15 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
             "config": config_json or {},
             "best_metric": stage.best_metric,  # how load_model(which="best") ranks the checkpoints
             "best_mode": stage.best_mode,
+            "nonfinite": skips.state(),
             **stage.extra_meta(),
         }
 
     # this invocation stops at ``end``; the schedule (built from total_steps) is unaffected
     end = stage.total_steps if run_cfg.stop_at_step is None else min(stage.total_steps, run_cfg.stop_at_step)
     first = stage.next_batch() if start < end else None
+    trace = (run_dir / "data_trace.jsonl").open("a") if run_cfg.trace_data else None
+    first_ids = _batch_ids(stage) if trace is not None and first is not None else None
     step_fn = None
     if first is not None:
         frozen_shardings = jax.tree.map(lambda x: x.sharding, stage.frozen)
@@ -184,7 +246,24 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
             donate_argnums=(0,),
         )
     writer = MetricsWriter(run_dir)
-    pending: list[dict] = []
+    pending: list[dict] = []  # device metrics of the steps since the last log
+    counted = 0  # how many of ``pending`` the skip counter has seen
+    state_finite = jax.jit(all_finite)
+
+    def count_skips() -> None:  # host-read the guard's flags of the steps not counted yet
+        nonlocal counted
+        flags = jax.device_get([{k: v for k, v in m.items() if k.startswith("nonfinite/")} for m in pending[counted:]])
+        for i, f in enumerate(flags):
+            skips.add(step - len(pending) + counted + i + 1, f)
+        counted = len(pending)
+
+    def save(st, **kw) -> None:  # a non-finite state is never saved
+        count_skips()
+        skips.check()
+        if not bool(state_finite(st)):
+            raise NonFiniteError(f"{stage.name}: step {step}: the train state is not finite; not saving it")
+        ckpt.save(step, st, meta(), **kw)
+
     step = start
     bar = None
     if run_cfg.progress and start < end:
@@ -194,18 +273,23 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
     t_last, steps_since = time.perf_counter(), 0
     try:
         with _Preemption() as preempt, sharding.use_mesh(mesh):
-            batch = first
+            batch, ids = first, first_ids
             while step < end:
                 device_batch = sharding.shard_batch(batch, mesh)
                 state, metrics = step_fn(state, device_batch, *stage.frozen)
                 step += 1
                 steps_since += 1
                 pending.append(metrics)
+                if trace is not None:
+                    trace.write(json.dumps({"step": step, **ids}) + "\n")
+                    trace.flush()
                 if bar is not None:
                     bar.update(1)
                 if step % run_cfg.log_every == 0 or step == end:
+                    count_skips()
                     host = jax.device_get(pending)
                     avg = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                    avg |= {f"nonfinite/{k}": float(v) for k, v in skips.state().items()}
                     dt = time.perf_counter() - t_last
                     avg["perf/steps_per_s"] = steps_since / dt
                     if stage.tokens_per_batch:
@@ -213,29 +297,39 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
                     writer.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in avg.items()})
                     if bar is not None:
                         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(avg.items())[:3]})
-                    pending, t_last, steps_since = [], time.perf_counter(), 0
+                    pending, counted, t_last, steps_since = [], 0, time.perf_counter(), 0
+                    skips.check()  # after the row is written: the log shows the skips that stopped the run
                 eval_metrics = None
                 if stage.evaluate is not None and (step % run_cfg.eval_every == 0 or step == stage.total_steps):
                     eval_metrics = stage.evaluate(state)
                     writer.write(step, eval_metrics)
                 if eval_metrics is not None or step % run_cfg.save_every == 0 or step == end:
                     ranked = eval_metrics if eval_metrics and stage.best_metric in eval_metrics else None
-                    ckpt.save(step, state, meta(), metrics=ranked)
+                    save(state, metrics=ranked)
                 if preempt.requested:
                     if ckpt.latest_step() != step:
-                        ckpt.save(step, state, meta())
+                        save(state)
                     ckpt.wait()
                     log.warning("%s: SIGTERM received; saved step %d and stopping", stage.name, step)
                     raise SystemExit(EXIT_PREEMPTED)
                 if step < end:
                     batch = stage.next_batch()
+                    ids = _batch_ids(stage) if trace is not None else None
         ckpt.wait()
     finally:
         if bar is not None:
             bar.close()
+        if trace is not None:
+            trace.close()
         writer.close()
         ckpt.close()
     return state
+
+
+def _batch_ids(stage: Stage) -> dict:
+    """iterator name -> example ids of the batch it served last (``BatchIterator.last_ids``)."""
+    return {name: np.asarray(it.last_ids).tolist() for name, it in stage.iterators.items()
+            if getattr(it, "last_ids", None) is not None}  # fmt: skip
 
 
 def shard_state(init_fn: Callable[[Any], Any], boxed_init_fn: Callable[[], Any], params: Any, mesh) -> tuple[Any, Any]:

@@ -68,6 +68,7 @@ class BatchIterator:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self._n} rows give no full batch of {batch_size} (drop_last=True)")
         self._set(seed, 0, 0)
+        self.last_ids: np.ndarray | None = None  # this host's example ids (or row indices) of the last batch
 
     @property
     def num_rows(self) -> int:
@@ -112,6 +113,7 @@ class BatchIterator:
             local = rows[self.process_index * per_host : (self.process_index + 1) * per_host]
         else:  # short last batch (drop_last=False)
             local = np.array_split(rows, self.process_count)[self.process_index]
+        self.last_ids = self._arrays["example_id"][local] if "example_id" in self._arrays else local
         return {k: v[local] for k, v in self._arrays.items()}
 
     def state(self) -> dict[str, int]:
