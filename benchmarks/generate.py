@@ -9,6 +9,7 @@ Prints one line per side and their ratio, plus a JSON line.
     python benchmarks/generate.py --size 124m --batch 64   # GPU: the 124M GPT-2 config
 
 Timings are medians over ``--repeats`` runs after ``--warmup`` runs (compilation excluded).
+``benchmarks/run.py`` runs the same measurement against the peer script's transformers side.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
+
+from bench_common import fmt_stats, timed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -31,15 +32,25 @@ SIZES = {
 }
 
 
-def timed(fn, *, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return dict(median=statistics.median(times), min=min(times), max=max(times), n=repeats)
+def measure_rlhf_jax(model, params, ids, mask, *, new: int, warmup: int, repeats: int, temperature: float = 1.0) -> dict:
+    """Timing of ``rlhf_jax.sampling.generate`` (exactly ``new`` tokens per row, no EOS stop)
+    on prompts ids/mask [B, P]; adds new_tokens_per_s."""
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax.sampling import generate
+
+    keys = iter(jax.random.split(jax.random.key(0), warmup + repeats))
+    jids, jmask = jnp.asarray(ids), jnp.asarray(mask)
+
+    def run():
+        out = generate(model, params, jids, jmask, next(keys), max_new_tokens=new, temperature=temperature,
+                       eos_token_id=None, pad_token_id=0)  # fmt: skip
+        out.tokens.block_until_ready()
+
+    result = {"call_s": timed(run, warmup=warmup, repeats=repeats)}
+    result["new_tokens_per_s"] = ids.shape[0] * new / result["call_s"]["median"]
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,13 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from rlhf_jax.models import from_pretrained
-    from rlhf_jax.sampling import generate
 
     torch.manual_seed(0)
     hf_model = GPT2LMHeadModel(GPT2Config(**SIZES[args.size], resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
@@ -78,17 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     ids[mask == 0] = 0
     new_tokens = args.batch * args.new
 
-    keys = iter(jax.random.split(jax.random.key(0), 10_000))
-    jids, jmask = jnp.asarray(ids), jnp.asarray(mask)
-
-    def run_jax():
-        out = generate(model, params, jids, jmask, next(keys), max_new_tokens=args.new, temperature=1.0,
-                       eos_token_id=None, pad_token_id=0)  # fmt: skip
-        out.tokens.block_until_ready()
-
     results = {"config": {**vars(args), **SIZES[args.size]}, "device": str(jax.devices()[0].device_kind)}
-    results["rlhf_jax"] = timed(run_jax, warmup=args.warmup, repeats=args.repeats)
-    results["rlhf_jax"]["new_tokens_per_s"] = new_tokens / results["rlhf_jax"]["median"]
+    results["rlhf_jax"] = measure_rlhf_jax(model, params, ids, mask, new=args.new, warmup=args.warmup,
+                                           repeats=args.repeats)  # fmt: skip
 
     if not args.skip_torch:
         tids, tmask = torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, device=device)
@@ -101,15 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        results["transformers"] = timed(run_torch, warmup=args.warmup, repeats=args.repeats)
-        results["transformers"]["new_tokens_per_s"] = new_tokens / results["transformers"]["median"]
+        results["transformers"] = {"call_s": timed(run_torch, warmup=args.warmup, repeats=args.repeats)}
+        results["transformers"]["new_tokens_per_s"] = new_tokens / results["transformers"]["call_s"]["median"]
         results["speedup"] = results["rlhf_jax"]["new_tokens_per_s"] / results["transformers"]["new_tokens_per_s"]
 
     for side in ("rlhf_jax", "transformers"):
         if side in results:
             r = results[side]
-            print(f"{side:>12}: {r['new_tokens_per_s']:9.0f} new tok/s  (median {r['median']:.3f} s, "
-                  f"min {r['min']:.3f}, max {r['max']:.3f})")  # fmt: skip
+            print(f"{side:>12}: {r['new_tokens_per_s']:9.0f} new tok/s  ({fmt_stats(r['call_s'])})")
     if "speedup" in results:
         print(f"     speedup: {results['speedup']:.2f}x")
     print(json.dumps(results))

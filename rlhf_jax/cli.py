@@ -5,6 +5,7 @@
     rlhf-jax export --run runs/sft --out hf_dir
     rlhf-jax demo                      # the whole pipeline on the built-in task, with a report
     rlhf-jax smoke                     # a tiny end-to-end check on CPU (about a minute)
+    rlhf-jax bench --presets gpt2-124m --meshes 1,-1,1 --dtype bfloat16   # speed, memory, MFU
 
 ``rlhf-jax <command> --help`` lists every option with its default.
 """
@@ -21,6 +22,7 @@ from typing import Annotated
 
 import tyro
 
+from rlhf_jax.bench import BenchArgs
 from rlhf_jax.config import PPOConfig, RewardConfig, RunConfig, SFTConfig
 from rlhf_jax.tasks.demo import DemoConfig
 
@@ -146,7 +148,19 @@ COMMANDS = {
     "pipeline": (PipelineArgs, PipelineArgs.__doc__),
     "export": (ExportArgs, ExportArgs.__doc__),
     "smoke": (SmokeArgs, SmokeArgs.__doc__),
+    "bench": (BenchArgs, BenchArgs.__doc__ + " --check-meshes: compile and run every mesh shape that fits (CPU: fake devices)."),
 }
+
+
+def _multihost_requested() -> bool:
+    """A multi-process launch: tpu_setup.sh sets RLHF_JAX_DISTRIBUTED=1 on every worker of a pod;
+    a coordinator address or a SLURM / Open MPI job of several tasks says the same."""
+    env = os.environ
+    if env.get("RLHF_JAX_DISTRIBUTED", "") not in ("", "0"):
+        return True
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    return int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     from typing import Union
 
     args = tyro.cli(Union[tuple(subcommands.values())], args=argv, description=__doc__)  # type: ignore[arg-type]
+    if _multihost_requested():  # before any other jax call: every host joins the one global mesh
+        from rlhf_jax.sharding import initialize_distributed
+
+        initialize_distributed()
     if isinstance(args, DemoConfig):
         from rlhf_jax.tasks.demo import run_demo
 
@@ -184,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         _export(args)
     elif isinstance(args, SmokeArgs):
         _smoke(args)
+    elif isinstance(args, BenchArgs):
+        from rlhf_jax.bench import run_bench
+
+        run_bench(args)
 
 
 if __name__ == "__main__":

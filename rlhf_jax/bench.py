@@ -1,0 +1,533 @@
+"""``rlhf-jax bench``: step time, tokens/s, peak memory and MFU of the SFT, RM and PPO steps,
+per model size and per device-mesh shape.
+
+Every model is built from its config with random weights (nothing is downloaded); every
+batch is random token ids of full length. Each step is the library's own pure step
+(``sft.make_train_step``, ``reward.make_train_step``, ``ppo.make_iteration``), jitted as
+``train_loop`` jits it: with in/out shardings from the model's logical axes and the state
+donated. Timings are medians over ``repeats`` calls after ``warmup`` calls (the first
+call compiles; its time is reported as ``first_call_s``).
+
+Model FLOPs (what MFU counts; recomputation, padding and masked attention are not counted):
+
+* forward, per token: ``2 * N_body`` (every matmul weight of the blocks once) plus
+  attention ``4 * L * H * Dh * C`` (QK^T and AV, ``C`` = keys attended on average: ``T / 2``
+  for a causal pass over ``T`` tokens, ``P + R / 2`` while decoding after a ``P``-token
+  prompt), plus the head: ``2 * D * V`` for every position whose logits are computed
+  (``2 * D`` for a scalar head). Embedding look-ups are free.
+* training: 3x the forward (backward = 2x forward), so an SFT step of ``B x T`` tokens is
+  ``B * T * (6 * (N_body + D * V) + 6 * L * H * Dh * T)`` — ``ModelConfig.flops_per_token``.
+* RM step: the same with the scalar head, over ``B * K`` sequences.
+* PPO iteration: rollout = generation (prefill + ``R - 1`` decode steps) + one scoring
+  forward per model (policy and reference with the LM head on the ``R`` response
+  positions, value and reward model with scalar heads); update = ``epochs x`` training of
+  the policy (LM head on the response positions) and the value network over the batch,
+  plus the pretraining (ptx) rows with the full LM head.
+
+MFU = model FLOPs / step time / peak FLOP/s. The peak is looked up per device kind
+(dense bf16 numbers, :data:`PEAK_FLOPS`) times the device count, or measured with a
+2048^3 float32 matmul on CPU (the machine's practical peak, whatever the number of fake
+devices), or given with ``--peak-tflops``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.config import MeshConfig, ModelConfig, OptimConfig, PPOConfig
+
+_GPT2 = dict(family="gpt2", qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=True)
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(**_GPT2, vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=256),
+    # the peer baseline's two CPU models (../shared/bench/trl_baseline.py)
+    "small": ModelConfig(**_GPT2, vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=256),
+    "medium": ModelConfig(**_GPT2, vocab_size=8192, hidden_size=512, num_layers=6, num_heads=8, max_position_embeddings=256),
+    # real sizes; GPT-2's vocabulary 50257 padded to 50304 (a multiple of 128, as nanoGPT does) so it shards evenly
+    "gpt2-124m": ModelConfig(**_GPT2, vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12,
+                             max_position_embeddings=1024),
+    "gpt2-355m": ModelConfig(**_GPT2, vocab_size=50304, hidden_size=1024, num_layers=24, num_heads=16,
+                             max_position_embeddings=1024),
+    # TinyLlama-1.1B's shape: 22 layers, d 2048, GQA 32 query / 4 KV heads, SwiGLU 5632
+    "1b": ModelConfig(family="llama", vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+                      intermediate_size=5632, activation="silu", max_position_embeddings=2048),
+}  # fmt: skip
+
+# Dense bf16 peak FLOP/s per chip (vendor figures), matched as substrings of
+# ``jax.Device.device_kind`` in this order (so "TPU v5 lite" wins over "TPU v5").
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),  # v5p reports "TPU v5"
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM; the PCIe card is 756e12
+    ("A100", 312e12),
+)
+
+# Mesh shapes (data, fsdp, tensor) tried by --check-meshes, kept where they fit the device count.
+CHECK_MESHES: tuple[tuple[int, int, int], ...] = (
+    (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (2, 4, 1), (4, 1, 2), (4, 2, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2),
+    (4, 1, 1), (1, 4, 1), (2, 2, 1), (1, 2, 2), (1, 1, 1),
+)  # fmt: skip
+
+Stage = Literal["sft", "rm", "ppo"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchArgs:
+    """Step time, tokens/s, peak memory and MFU of the SFT, RM and PPO steps per model size and mesh."""
+
+    presets: tuple[str, ...] = ("tiny", "small")  # from: tiny, small, medium, gpt2-124m, gpt2-355m, 1b
+    meshes: tuple[str, ...] = ("1,-1,1",)  # data,fsdp,tensor; -1 = all remaining devices
+    check_meshes: bool = False  # run one step of every stage on every mesh in CHECK_MESHES that fits
+    stages: tuple[str, ...] = ("sft", "rm", "ppo")
+    out: str = "bench_out"  # directory for results.json, results.md, results.png
+    dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); parameters and losses stay float32
+    remat: bool = False  # rematerialise every block in the backward pass
+    batch_size: int = 8  # SFT rows; RM prompts = batch_size // 2 (K responses each); PPO episodes = 2 x batch_size
+    seq_len: int = 128  # SFT and RM sequence length; PPO prompt and response = seq_len // 2 each
+    rm_k: int = 4  # responses ranked per prompt (C(K,2) comparisons from K forward passes)
+    ppo_ptx: bool = True  # PPO-ptx: + a pretraining minibatch per PPO minibatch
+    ppo_split: bool = False  # also time rollout and update separately (two more compiles)
+    warmup: int = 2
+    repeats: int = 5
+    peak_tflops: float | None = None  # override the looked-up / measured peak (whole mesh)
+
+
+def stats(xs: list[float]) -> dict:
+    """median, min, max and count of a list of timings."""
+    return dict(median=statistics.median(xs), min=min(xs), max=max(xs), n=len(xs))
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def forward_flops(cfg: ModelConfig, *, tokens: float, context: float, head_tokens: float, lm_head: bool = True) -> float:
+    """Model FLOPs of a forward pass: ``tokens`` positions through the blocks, each attending
+    ``context`` keys on average, and the head at ``head_tokens`` positions."""
+    body = cfg.num_params(with_embeddings=False)
+    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * context
+    head = 2 * cfg.hidden_size * (cfg.vocab_size if lm_head else 1)
+    return tokens * (2 * body + attn) + head_tokens * head
+
+
+def train_flops(cfg: ModelConfig, *, sequences: int, seq_len: int, lm_head: bool = True) -> float:
+    """Forward + backward (3x forward) over ``sequences x seq_len`` tokens, head at every position."""
+    n = sequences * seq_len
+    return 3 * forward_flops(cfg, tokens=n, context=seq_len / 2, head_tokens=n, lm_head=lm_head)
+
+
+def generate_flops(cfg: ModelConfig, *, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Prefill of ``batch x prompt_len`` (head at the last prompt token) + ``new_tokens - 1`` decode steps."""
+    prefill = forward_flops(cfg, tokens=batch * prompt_len, context=prompt_len / 2, head_tokens=batch)
+    steps = batch * (new_tokens - 1)
+    return prefill + forward_flops(cfg, tokens=steps, context=prompt_len + new_tokens / 2, head_tokens=steps)
+
+
+def ppo_flops(cfg: ModelConfig, ppo: PPOConfig, *, prompt_len: int) -> dict[str, float]:
+    """Rollout, update and total model FLOPs of one PPO(-ptx) iteration (separate value network)."""
+    b, r = ppo.batch_size, ppo.max_new_tokens
+    t = prompt_len + r
+    gen = generate_flops(cfg, batch=b, prompt_len=prompt_len, new_tokens=r)
+    lm_pass = forward_flops(cfg, tokens=b * t, context=t / 2, head_tokens=b * r)  # head on response positions
+    scalar_pass = forward_flops(cfg, tokens=b * t, context=t / 2, head_tokens=b * r, lm_head=False)
+    rollout = gen + 2 * lm_pass + 2 * scalar_pass  # policy, reference; value, reward model
+    update = ppo.ppo_epochs * 3 * (lm_pass + scalar_pass)
+    if ppo.gamma_ptx > 0:
+        rows = ppo.ppo_epochs * ppo.num_minibatches * ppo.rows_per_ptx_minibatch
+        update += train_flops(cfg, sequences=rows, seq_len=ppo.ptx_seq_len)
+    return dict(rollout=rollout, update=update, total=rollout + update)
+
+
+# ----------------------------------------------------------------------------- peaks and memory
+def device_peak_flops(device: Any) -> float | None:
+    """Dense bf16 peak FLOP/s of one accelerator from :data:`PEAK_FLOPS`; None if unknown or CPU."""
+    kind = str(getattr(device, "device_kind", ""))
+    for name, peak in PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
+    """FLOP/s of an ``n^3`` float32 matmul on the default device (the practical peak of a CPU)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    for _ in range(3):
+        mm(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    s = stats(times)
+    return dict(n=n, seconds=s, flops_median=2 * n**3 / s["median"], flops_best=2 * n**3 / s["min"])
+
+
+def peak_flops(devices: list, override_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of the whole mesh, where the number comes from)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12, "given (--peak-tflops)"
+    per_device = [device_peak_flops(d) for d in devices]
+    if all(p is not None for p in per_device):
+        return float(sum(per_device)), f"table: {devices[0].device_kind} x {len(devices)} (dense bf16)"
+    m = measure_matmul_peak()
+    return m["flops_best"], f"measured: {m['n']}^3 float32 matmul, best of {m['seconds']['n']}"
+
+
+def peak_memory_bytes(devices: list) -> tuple[int, str]:
+    """Peak device memory over ``devices`` (allocator stats) or the process's peak host RSS."""
+    peaks = []
+    for d in devices:
+        try:
+            ms = d.memory_stats()
+        except Exception:  # noqa: BLE001 - backends without allocator stats
+            ms = None
+        if ms and "peak_bytes_in_use" in ms:
+            peaks.append(int(ms["peak_bytes_in_use"]))
+    if peaks:
+        return max(peaks), "device peak_bytes_in_use (max over devices)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS of the process"
+
+
+# ----------------------------------------------------------------------------- measurement
+def time_calls(call: Callable[[], Any], *, warmup: int, repeats: int) -> tuple[dict, float]:
+    """(stats of ``repeats`` timed calls after ``warmup`` calls, time of the first call)."""
+    first = None
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        first = first if first is not None else time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    return stats(times), times[0] if first is None else first
+
+
+def random_params(model: Any) -> Any:
+    """Unboxed random parameters of a CausalLM (float32 master weights)."""
+    from flax import linen as nn
+
+    return nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+
+
+def _sharded_step(model_cfg: ModelConfig, head: str, mesh: Any, optim: OptimConfig, make_step: Callable, batch: dict):
+    """(jitted step, state placement thunk, batch) for a TrainState stage (SFT, RM)."""
+    from rlhf_jax import sharding, train_loop
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.optim import make_optimizer
+
+    model = CausalLM(model_cfg, head=head)
+    optimizer = make_optimizer(optim, 10_000)
+    state, shardings = train_loop.sharded_train_state(model, random_params(model), optimizer, 0, mesh)
+    batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+    step = jax.jit(make_step(model, optimizer), in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))  # fmt: skip
+    return step, state, sharding.shard_batch(batch, mesh)
+
+
+def _run_state_step(step: Callable, state: Any, batch: Any, mesh: Any, *, warmup: int, repeats: int):
+    from rlhf_jax import sharding
+
+    holder = [state]
+
+    def call():
+        holder[0], metrics = step(holder[0], batch)
+        return holder[0], metrics
+
+    with sharding.use_mesh(mesh):
+        timing, first = time_calls(call, warmup=warmup, repeats=repeats)
+        metrics = jax.device_get(call()[1])
+    return timing, first, metrics
+
+
+def measure_sft(model_cfg: ModelConfig, mesh: Any, *, batch_size: int, seq_len: int, optim: OptimConfig,
+                warmup: int, repeats: int, seed: int = 0) -> dict:  # fmt: skip
+    """One SFT step (causal LM loss on every token of ``batch_size x seq_len``)."""
+    from rlhf_jax.sft import make_train_step
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, model_cfg.vocab_size, (batch_size, seq_len)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, np.float32)}
+    step, state, dev_batch = _sharded_step(model_cfg, "lm", mesh, optim, make_train_step, batch)
+    timing, first, metrics = _run_state_step(step, state, dev_batch, mesh, warmup=warmup, repeats=repeats)
+    flops = train_flops(model_cfg, sequences=batch_size, seq_len=seq_len)
+    return dict(step_s=timing, first_call_s=first, tokens_per_s=batch_size * seq_len / timing["median"],
+                flops=flops, loss=float(metrics["loss"]), batch=batch_size, seq=seq_len)  # fmt: skip
+
+
+def ranking_batch(rng: np.random.Generator, *, prompts: int, k: int, seq_len: int, vocab: int) -> dict:
+    """Random full-length ranked groups: [B, K, L] ids, distinct ranks (C(K,2) comparisons each)."""
+    ids = rng.integers(3, vocab, (prompts, k, seq_len)).astype(np.int32)
+    ranks = np.stack([rng.permutation(k) for _ in range(prompts)]).astype(np.int32)  # [B, K]
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "ranks": ranks,
+            "valid": np.ones((prompts, k), bool), "end_index": np.full((prompts, k), seq_len - 1, np.int32)}  # fmt: skip
+
+
+def measure_rm(model_cfg: ModelConfig, mesh: Any, *, prompts: int, k: int, seq_len: int, optim: OptimConfig,
+               warmup: int, repeats: int, seed: int = 0) -> dict:  # fmt: skip
+    """One reward-model step on ``prompts`` groups of ``k`` ranked responses (InstructGPT eq. 1)."""
+    from rlhf_jax.reward import make_train_step
+
+    batch = ranking_batch(np.random.default_rng(seed), prompts=prompts, k=k, seq_len=seq_len,
+                          vocab=model_cfg.vocab_size)  # fmt: skip
+    step, state, dev_batch = _sharded_step(model_cfg, "scalar", mesh, optim, make_train_step, batch)
+    timing, first, metrics = _run_state_step(step, state, dev_batch, mesh, warmup=warmup, repeats=repeats)
+    comparisons = prompts * k * (k - 1) // 2
+    med = timing["median"]
+    return dict(step_s=timing, first_call_s=first, prompts=prompts, k=k, seq=seq_len, comparisons=comparisons,
+                comparisons_per_s=comparisons / med, sequences_per_s=prompts * k / med,
+                tokens_per_s=prompts * k * seq_len / med, pair_accuracy=float(metrics["accuracy"]),
+                flops=train_flops(model_cfg, sequences=prompts * k, seq_len=seq_len, lm_head=False))  # fmt: skip
+
+
+def measure_ppo(model_cfg: ModelConfig, mesh: Any, ppo: PPOConfig, *, prompt_len: int, warmup: int, repeats: int,
+                split: bool = True, seed: int = 0) -> dict:  # fmt: skip
+    """One PPO(-ptx) iteration (rollout + update), and with ``split`` the rollout and the update timed apart.
+
+    Policy, separate value network, frozen reference and reward model all of ``model_cfg``'s
+    shape; prompts are full ``prompt_len`` rows; EOS is the last vocabulary id (rarely sampled,
+    so responses run to ``max_new_tokens``, the same work as a fixed-length peer).
+    """
+    from rlhf_jax import sharding, train_loop
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.optim import make_optimizer
+    from rlhf_jax.ppo import init_ppo_state, make_iteration, make_rollout, make_update
+
+    policy, scalar = CausalLM(model_cfg), CausalLM(model_cfg, head="scalar")
+    steps = ppo.ppo_epochs * ppo.num_minibatches
+    policy_opt, value_opt = make_optimizer(ppo.optim, 10_000 * steps), make_optimizer(ppo.optim, 10_000 * steps)
+    policy_params, value_params, rm_params = random_params(policy), random_params(scalar), random_params(scalar)
+
+    def init(pv):
+        return init_ppo_state(pv[0], pv[1], policy_opt, value_opt, kl_coef=ppo.kl_coef, seed=seed)
+
+    def boxed():
+        boxed_p = policy.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+        boxed_v = scalar.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+        return init_ppo_state(boxed_p, boxed_v, policy_opt, value_opt, kl_coef=ppo.kl_coef, seed=seed)
+
+    state, state_sh = train_loop.shard_state(init, boxed, (policy_params, value_params), mesh)
+    ref_sh = sharding.param_shardings(lambda: policy.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], mesh)
+    rm_sh = sharding.param_shardings(lambda: scalar.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], mesh)
+    ref = jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), policy_params), ref_sh)
+    rm = jax.device_put(rm_params, rm_sh)
+
+    rng = np.random.default_rng(seed)
+    vocab, b = model_cfg.vocab_size, ppo.batch_size
+    host = {"prompt_ids": rng.integers(3, vocab - 1, (b, prompt_len)).astype(np.int32),
+            "prompt_mask": np.ones((b, prompt_len), np.int32)}  # fmt: skip
+    if ppo.gamma_ptx > 0:
+        rows = ppo.ppo_epochs * ppo.num_minibatches * ppo.rows_per_ptx_minibatch
+        ids = rng.integers(3, vocab - 1, (rows, ppo.ptx_seq_len)).astype(np.int32)
+        host |= {"ptx_input_ids": ids, "ptx_attention_mask": np.ones_like(ids),
+                 "ptx_loss_mask": np.ones(ids.shape, np.float32)}  # fmt: skip
+    batch = sharding.shard_batch(host, mesh)
+    batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in host.items()}
+    eos, pad = vocab - 1, 0
+    iteration = jax.jit(make_iteration(ppo, policy, scalar, scalar, policy_opt, value_opt, eos_token_id=eos,
+                                       pad_token_id=pad),
+                        in_shardings=(state_sh, batch_sh, ref_sh, rm_sh),
+                        out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))  # fmt: skip
+    holder = [state]
+
+    def call_iteration():
+        holder[0], metrics = iteration(holder[0], batch, ref, rm)
+        return holder[0], metrics
+
+    flops = ppo_flops(model_cfg, ppo, prompt_len=prompt_len)
+    out: dict[str, Any] = dict(episodes=b, prompt=prompt_len, new=ppo.max_new_tokens, ptx=ppo.gamma_ptx > 0, flops=flops)
+    with sharding.use_mesh(mesh):
+        timing, first = time_calls(call_iteration, warmup=warmup, repeats=repeats)
+        out |= dict(iter_s=timing, first_call_s=first, episodes_per_s=b / timing["median"],
+                    tokens_per_s=b * (prompt_len + ppo.max_new_tokens) / timing["median"])  # fmt: skip
+        if split:
+            rollout = jax.jit(make_rollout(ppo, policy, scalar, scalar, eos_token_id=eos, pad_token_id=pad))
+            update = jax.jit(make_update(ppo, policy, scalar, policy_opt, value_opt))
+            ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")} or None
+            ro = rollout(holder[0], batch["prompt_ids"], batch["prompt_mask"], ref, rm)
+            out["rollout_s"], _ = time_calls(lambda: rollout(holder[0], batch["prompt_ids"], batch["prompt_mask"], ref, rm),
+                                             warmup=warmup, repeats=repeats)  # fmt: skip
+            out["update_s"], _ = time_calls(lambda: update(holder[0], ro, ptx), warmup=warmup, repeats=repeats)
+    return out
+
+
+def ppo_config(*, batch: int, minibatch: int, prompt_len: int, new_tokens: int, ptx: bool,
+               ptx_seq_len: int | None = None) -> PPOConfig:  # fmt: skip
+    """The peer baseline's PPO settings: 1 epoch, T 0.7, beta 0.05, lr 1e-5 constant, no clipping,
+    ptx = ``minibatch`` rows of ``prompt_len + new_tokens`` per minibatch with coefficient 27.8."""
+    return PPOConfig(prompts="-", policy="-", reward="-", out="-", ptx_data="-" if ptx else None, batch_size=batch,
+                     minibatch_size=minibatch, ppo_epochs=1, max_prompt_len=prompt_len, max_new_tokens=new_tokens,
+                     temperature=0.7, kl_coef=0.05, ptx_rows=minibatch,
+                     ptx_seq_len=ptx_seq_len or prompt_len + new_tokens,
+                     optim=OptimConfig(learning_rate=1e-5, schedule="constant", max_grad_norm=None))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the command
+def parse_mesh(text: str) -> MeshConfig:
+    """"data,fsdp,tensor" (one of them may be -1) -> MeshConfig."""
+    parts = [int(x) for x in text.replace("x", ",").split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"a mesh is data,fsdp,tensor (e.g. 2,2,2 or 1,-1,1), got {text!r}")
+    return MeshConfig(data=parts[0], fsdp=parts[1], tensor=parts[2])
+
+
+def meshes_that_fit(num_devices: int, model_cfg: ModelConfig, batch_rows: int) -> list[tuple[int, int, int]]:
+    """The CHECK_MESHES shapes for ``num_devices`` whose axes divide the heads and the batch."""
+    out = []
+    for d, f, t in CHECK_MESHES:
+        if d * f * t != num_devices or model_cfg.num_heads % t or model_cfg.kv_heads % t or batch_rows % (d * f):
+            continue
+        out.append((d, f, t))
+    return out
+
+
+def run_bench(args: BenchArgs) -> dict:
+    """Measure every (preset, mesh, stage); write results.json, results.md and results.png to ``args.out``."""
+    from rlhf_jax import sharding
+
+    unknown = [p for p in args.presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+    devices = jax.devices()
+    peak, peak_source = peak_flops(devices, args.peak_tflops)
+    optim = OptimConfig(learning_rate=1e-4, schedule="constant", max_grad_norm=1.0, weight_decay=0.01)
+    half = args.seq_len // 2
+    rows = []
+    for preset in args.presets:
+        model_cfg = PRESETS[preset].replace(dtype=args.dtype, remat=args.remat)
+        if args.seq_len > model_cfg.max_position_embeddings:
+            raise ValueError(f"--seq-len {args.seq_len} > {preset}'s {model_cfg.max_position_embeddings} positions")
+        # --check-meshes: 2 rows per device, so that every mesh's batch axes divide the RM's B / 2 prompts
+        batch_size = 2 * len(devices) if args.check_meshes else args.batch_size
+        shapes = (meshes_that_fit(len(devices), model_cfg, batch_size // 2) if args.check_meshes
+                  else [parse_mesh(m).shape(len(devices)) for m in args.meshes])  # fmt: skip
+        for shape in shapes:
+            mesh = sharding.make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]), devices)
+            row: dict[str, Any] = dict(preset=preset, mesh=list(shape), params=model_cfg.num_params())
+            warmup, repeats = (1, 1) if args.check_meshes else (args.warmup, args.repeats)
+            if "sft" in args.stages:
+                row["sft"] = measure_sft(model_cfg, mesh, batch_size=batch_size, seq_len=args.seq_len, optim=optim,
+                                         warmup=warmup, repeats=repeats)  # fmt: skip
+            if "rm" in args.stages:
+                row["rm"] = measure_rm(model_cfg, mesh, prompts=max(batch_size // 2, 1), k=args.rm_k,
+                                       seq_len=args.seq_len, optim=optim, warmup=warmup, repeats=repeats)  # fmt: skip
+            if "ppo" in args.stages:
+                cfg = ppo_config(batch=2 * batch_size, minibatch=batch_size, prompt_len=half, new_tokens=half,
+                                 ptx=args.ppo_ptx)  # fmt: skip
+                row["ppo"] = measure_ppo(model_cfg, mesh, cfg, prompt_len=half, warmup=warmup, repeats=repeats,
+                                         split=args.ppo_split)  # fmt: skip
+            for stage in ("sft", "rm", "ppo"):
+                if stage in row:
+                    r = row[stage]
+                    seconds = r["iter_s" if stage == "ppo" else "step_s"]["median"]
+                    total = r["flops"]["total"] if stage == "ppo" else r["flops"]
+                    r["flops_per_s"] = total / seconds
+                    r["mfu"] = r["flops_per_s"] / peak
+            row["peak_memory_bytes"], row["memory_source"] = peak_memory_bytes(list(mesh.devices.flat))
+            rows.append(row)
+            print(format_row(row), flush=True)
+    result = dict(device=devices[0].device_kind, platform=devices[0].platform, num_devices=len(devices),
+                  process_count=jax.process_count(), peak_flops=peak, peak_source=peak_source, dtype=args.dtype,
+                  remat=args.remat, check_meshes=args.check_meshes, args=dataclasses.asdict(args), rows=rows)  # fmt: skip
+    write_outputs(result, Path(args.out))
+    return result
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['preset']:>10} mesh {tuple(row['mesh'])}"]
+    for stage in ("sft", "rm", "ppo"):
+        if stage in row:
+            r = row[stage]
+            t = r["iter_s" if stage == "ppo" else "step_s"]["median"]
+            parts.append(f"{stage} {t * 1e3:8.1f} ms {r['tokens_per_s']:9.0f} tok/s MFU {100 * r['mfu']:5.1f}%")
+    return " | ".join(parts)
+
+
+def markdown_table(result: dict) -> str:
+    """One row per (preset, mesh, stage)."""
+    lines = [
+        (f"Device: {result['num_devices']} x {result['device']} ({result['platform']}), compute {result['dtype']}"
+         f"{', remat' if result['remat'] else ''}; peak {result['peak_flops'] / 1e12:.3g} TFLOP/s "
+         f"({result['peak_source']})."),
+        "",
+        "| model | params | mesh (data, fsdp, tensor) | step | time (median) | first call | tokens/s | extra | MFU | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        mem = f"{row['peak_memory_bytes'] / 2**20:.0f} MiB"
+        for stage in ("sft", "rm", "ppo"):
+            if stage not in row:
+                continue
+            r = row[stage]
+            if stage == "sft":
+                what, t = f"SFT {r['batch']} x {r['seq']}", r["step_s"]
+                extra = ""
+            elif stage == "rm":
+                what, t = f"RM {r['prompts']} x K={r['k']} x {r['seq']}", r["step_s"]
+                extra = f"{r['comparisons_per_s']:.1f} comparisons/s"
+            else:
+                what, t = f"PPO{'-ptx' if r['ptx'] else ''} {r['episodes']} x ({r['prompt']} + {r['new']})", r["iter_s"]
+                extra = f"{r['episodes_per_s']:.2f} episodes/s"
+                if "rollout_s" in r:
+                    extra += f" (rollout {r['rollout_s']['median']:.3f} s, update {r['update_s']['median']:.3f} s)"
+            lines.append(
+                f"| {row['preset']} | {row['params'] / 1e6:.1f}M | {tuple(row['mesh'])} | {what} | {t['median'] * 1e3:.1f} ms "
+                f"| {r['first_call_s']:.1f} s | {r['tokens_per_s']:,.0f} | {extra} | {100 * r['mfu']:.1f}% | {mem} |"
+            )  # fmt: skip
+    lines.append("")
+    lines.append(f"Peak memory: {result['rows'][0]['memory_source'] if result['rows'] else '-'}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Tokens/s (bars) and MFU (labels) per (preset, mesh), one panel per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in ("sft", "rm", "ppo") if any(s in row for row in result["rows"])]
+    fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(5 * max(len(stages), 1), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        rows = [row for row in result["rows"] if stage in row]
+        labels = [f"{row['preset']}\n{tuple(row['mesh'])}" for row in rows]
+        values = [row[stage]["tokens_per_s"] for row in rows]
+        bars = ax.bar(range(len(rows)), values, color="tab:blue")
+        for bar, row in zip(bars, rows):
+            ax.annotate(f"{100 * row[stage]['mfu']:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(f"{stage.upper()}: tokens/s (label: MFU)")
+    fig.suptitle(f"{result['num_devices']} x {result['device']}, {result['dtype']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(markdown_table(result))
+    plot(result, out / "results.png")
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
+
+
+__all__ = [
+    "PEAK_FLOPS", "PRESETS", "BenchArgs", "forward_flops", "generate_flops", "measure_matmul_peak", "measure_ppo",
+    "measure_rm", "measure_sft", "ppo_flops", "run_bench", "train_flops",
+]  # fmt: skip
