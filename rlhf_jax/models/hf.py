@@ -253,17 +253,36 @@ def hf_shapes(cfg: ModelConfig, head: str = "lm") -> dict[str, tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------- files
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    return json.loads(cfg_file.read_text())
+    return _read_json(cfg_file)
 
 
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        names = sorted(set(map(str, weight_map.values())))
+        foreign = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
+        if foreign:  # a pickle shard, or a path out of the directory: never opened
+            raise CheckpointError(
+                f"{index}: shard(s) {foreign[:5]} are not *.safetensors files inside {path}; refused "
+                "(pickle files can execute code when loaded)"
+            )
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard file(s) {missing} are missing")
@@ -287,7 +306,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     state: dict[str, np.ndarray] = {}
     for f in _safetensors_files(Path(path)):
-        for k, v in load_file(f).items():
+        try:
+            tensors = load_file(f)
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a damaged or foreign file
+            raise CheckpointError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        for k, v in tensors.items():
             if k in state:
                 raise CheckpointError(f"{f}: tensor {k!r} appears in two shards")
             state[k] = v
@@ -350,12 +373,21 @@ def load_tokenizer(path: str | os.PathLike, *, pad_token: str = "<|pad|>"):
     A tokenizer without a pad token, or whose pad is its EOS (GPT-2 style), gets a new
     ``pad_token`` added, and a warning says so: PAD must never hide the real EOS. If that
     grows the vocabulary past the model's embedding, ``resize_vocab`` makes room.
+    A tokenizer that needs custom code (an ``auto_map`` naming a tokenizer class) is
+    refused before transformers reads the directory: no downloaded code is ever run.
     """
     import warnings
 
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))  # never trust_remote_code
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (tokenizers are loaded from local directories only)")
+    for name in ("tokenizer_config.json", "config.json"):
+        auto_map = _read_json(path / name).get("auto_map") if (path / name).is_file() else None
+        if auto_map and (not isinstance(auto_map, dict) or "AutoTokenizer" in auto_map):
+            raise CheckpointError(f"{path / name}: the tokenizer needs custom code (auto_map); custom code is refused")
+    tok = AutoTokenizer.from_pretrained(str(path))
     if tok.eos_token_id is None:
         raise CheckpointError(f"{path}: the tokenizer has no EOS token; responses could never end")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
