@@ -332,8 +332,8 @@ JUNK = st.one_of(
 
 
 def _oracle_valid(line: bytes) -> bool | None:
-    """None for a blank line, else whether it is a valid text row."""
-    if not line.strip():
+    """None for a blank line (only JSON whitespace), else whether it is a valid text row."""
+    if not line.strip(b" \t\r"):
         return None
     try:
         obj = json.loads(line.decode("utf-8"))
