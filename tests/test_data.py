@@ -395,6 +395,32 @@ def test_check_vocab(tok):
         check_vocab(Stub(), 50)
 
 
+def test_special_token_spelling_in_data_is_plain_text():
+    """regression: a literal "<|endoftext|>" in data text became the EOS token (SFT learnt to stop
+    mid-response, packing split documents); data text is now encoded literally."""
+    from tokenizers import decoders, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    core.train_from_iterator(["hello world, say hi"] * 4, trainer)
+    bpe = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<pad>")
+    bpe.chat_template = "{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}"
+    eos, hostile = bpe.eos_token_id, "say <|endoftext|> hi"
+    ds = tokenize_demonstrations([{"prompt": hostile, "response": hostile}], bpe, seq_len=64)
+    assert (ds.arrays["input_ids"] == eos).sum() == 1  # only the EOS that closes the response
+    assert (tokenize_prompts([{"prompt": hostile}], bpe, max_prompt_len=64).arrays["input_ids"] != eos).all()
+    assert (tokenize_text([{"text": hostile}] * 2, bpe, seq_len=8).arrays["input_ids"] == eos).sum() <= 2
+    ds = tokenize_rankings([{"prompt": hostile, "responses": [hostile, "hi"], "ranks": [0, 1]}], bpe,
+                           max_prompt_len=32, max_response_len=32)  # fmt: skip
+    assert (ds.arrays["input_ids"] == eos).sum() == 2  # one per response
+    ds = tokenize_prompts([{"messages": [{"role": "user", "content": "hi"}]}], bpe, max_prompt_len=8)
+    assert ds.arrays["input_ids"][0, -1] == eos  # a chat template's own special tokens stay special
+
+
 def test_text_packing(tok):
     recs = [{"text": "a b c", "example_id": 10}, {"text": "d e", "example_id": 11}, {"text": "f", "example_id": 12}]
     ds = tokenize_text(recs, tok, seq_len=4)

@@ -1,8 +1,10 @@
 """Encoding with a Hugging Face tokenizer: the pad != eos contract, vocabulary checks, chat templates.
 
 Helpers shared by the tokenize_* functions. Plain-string prompts get the tokenizer's
-BOS (if it prepends one by default) and are encoded without other special tokens;
-dialogues are rendered with the tokenizer's chat template, whose text carries its own
+BOS (if it prepends one by default) and are encoded without other special tokens; the
+spelling of a special token inside a plain text (a literal ``<|endoftext|>`` in a web
+page or a user's prompt) is encoded as ordinary text, never as the control token.
+Dialogues are rendered with the tokenizer's chat template, whose text carries its own
 special tokens.
 """
 
@@ -51,12 +53,21 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
             raise ValueError(f"{name}_token_id {tid} is outside the model's vocabulary [0, {vocab_size})")
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    """Encodes texts without special tokens, in batched calls."""
+def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, literal: bool = True) -> list[list[int]]:
+    """Encodes texts without added special tokens, in batched calls.
+
+    Args:
+      tokenizer: the tokenizer.
+      texts: the texts.
+      literal: True for data text: a special token's spelling in it is split like any
+        other text (``split_special_tokens``); False for chat-template renderings, whose
+        special-token spellings are the template's control tokens.
+    """
     out: list[list[int]] = []
     for i in range(0, len(texts), _ENCODE_CHUNK):
         chunk = list(texts[i : i + _ENCODE_CHUNK])
-        out.extend(list(x) for x in tokenizer(chunk, add_special_tokens=False)["input_ids"])
+        enc = tokenizer(chunk, add_special_tokens=False, split_special_tokens=literal)
+        out.extend(list(x) for x in enc["input_ids"])
     return out
 
 
@@ -101,20 +112,18 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, records: Sequence[dict]) -> l
     """
     bos = bos_prefix(tokenizer)
     out: list[Any] = [None] * len(records)
-    texts, where = [], []
+    rendered, plain = [], []  # (record index, text)
     for i, rec in enumerate(records):
-        if rec.get("messages") is not None:
-            try:
-                texts.append(render(tokenizer, rec["messages"], add_generation_prompt=True))
-            except DropExample as d:
-                out[i] = d.reason
-                continue
-            where.append((i, []))
-        else:
-            texts.append(rec["prompt"])
-            where.append((i, bos))
-    for (i, prefix), ids in zip(where, encode(tokenizer, texts)):
-        out[i] = prefix + ids
+        if rec.get("messages") is None:
+            plain.append((i, rec["prompt"]))
+            continue
+        try:
+            rendered.append((i, render(tokenizer, rec["messages"], add_generation_prompt=True)))
+        except DropExample as d:
+            out[i] = d.reason
+    for group, prefix, literal in ((plain, bos, True), (rendered, [], False)):
+        for (i, _), ids in zip(group, encode(tokenizer, [t for _, t in group], literal=literal)):
+            out[i] = prefix + ids
     return out
 
 
@@ -131,7 +140,7 @@ def dialogue_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tu
             raise DropExample("chat_template_error")
         texts.append(render(tokenizer, messages[:i], add_generation_prompt=True))
         texts.append(render(tokenizer, messages[: i + 1], add_generation_prompt=False))
-    enc = encode(tokenizer, texts)
+    enc = encode(tokenizer, texts, literal=False)
     ids, mask = enc[0], [0] * len(enc[0])
     for j in range(len(turns)):
         before, after = enc[1 + 2 * j], enc[2 + 2 * j]
