@@ -416,6 +416,9 @@ def run_bench(args: BenchArgs) -> dict:
         shapes = (meshes_that_fit(len(devices), model_cfg, batch_size // 2) if args.check_meshes
                   else [parse_mesh(m).shape(len(devices)) for m in args.meshes])  # fmt: skip
         for shape in shapes:
+            if (batch_size // 2) % (shape[0] * shape[1]):
+                raise ValueError(f"mesh {shape}: data x fsdp = {shape[0] * shape[1]} must divide the RM's "
+                                 f"{batch_size // 2} prompts (--batch-size / 2)")  # fmt: skip
             mesh = sharding.make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]), devices)
             row: dict[str, Any] = dict(preset=preset, mesh=list(shape), params=model_cfg.num_params())
             warmup, repeats = (1, 1) if args.check_meshes else (args.warmup, args.repeats)

@@ -12,14 +12,14 @@ from rlhf_jax import bench, cli
 from rlhf_jax.config import ModelConfig
 
 
-def test_bench_tiny_on_three_meshes(tmp_path):
+def test_bench_tiny_on_several_meshes(tmp_path):
     out = tmp_path / "bench"
     common = ["--presets", "tiny", "--seq-len", "16", "--batch-size", "8", "--warmup", "1", "--repeats", "1"]
-    cli.main(["bench", *common, "--meshes", "2,2,2", "1,4,2", "4,2,1", "--stages", "sft", "rm", "--out", str(out)])
-    cli.main(["bench", *common, "--meshes", "2,2,2", "--stages", "ppo", "--out", str(out / "ppo")])
+    cli.main(["bench", *common, "--meshes", "2,2,2", "4,1,2", "--stages", "sft", "rm", "--out", str(out)])
+    cli.main(["bench", *common, "--meshes", "1,4,2", "--stages", "ppo", "--no-ppo-ptx", "--peak-tflops", "0.1", "--out", str(out / "ppo")])
     result = json.loads((out / "results.json").read_text())
     ppo = json.loads((out / "ppo" / "results.json").read_text())
-    assert [tuple(r["mesh"]) for r in result["rows"]] == [(2, 2, 2), (1, 4, 2), (4, 2, 1)]
+    assert [tuple(r["mesh"]) for r in result["rows"]] == [(2, 2, 2), (4, 1, 2)]
     assert result["num_devices"] == 8 and result["peak_flops"] > 0
     for row in result["rows"] + ppo["rows"]:
         assert row["peak_memory_bytes"] > 0
@@ -32,9 +32,12 @@ def test_bench_tiny_on_three_meshes(tmp_path):
     for row in result["rows"]:
         assert row["rm"]["comparisons"] == 4 * 6  # 4 prompts x C(4, 2)
         assert math.isfinite(row["sft"]["loss"]) and "ppo" not in row
-    assert ppo["rows"][0]["ppo"]["episodes_per_s"] > 0 and ppo["rows"][0]["ppo"]["ptx"]
+    assert ppo["rows"][0]["ppo"]["episodes_per_s"] > 0 and not ppo["rows"][0]["ppo"]["ptx"]
+    assert ppo["peak_flops"] == 0.1e12 and ppo["rows"][0]["mesh"] == [1, 4, 2]
+    with pytest.raises(ValueError, match="must divide"):
+        cli.main(["bench", *common, "--meshes", "8,1,1", "--out", str(out / "bad")])
     table = (out / "results.md").read_text()
-    assert table.count("| tiny |") == 6 and "comparisons/s" in table
+    assert table.count("| tiny |") == 4 and "comparisons/s" in table
     assert "episodes/s" in (out / "ppo" / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
