@@ -30,6 +30,7 @@ advantages or returns, losses or gradients are not all finite is skipped as a wh
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -153,11 +154,11 @@ def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: C
 
         outs = jax.lax.map(score_minibatch, (split(seq), split(seq_mask)))
         old_logprobs, ref_logprobs, values, scores = (merge(o) for o in outs)
-        scores = inject_fault("reward", scores, faults)
 
         has_eos = jnp.any((gen.tokens == eos_token_id) & (gen.mask > 0), axis=1)  # [B]
         if cfg.no_eos_penalty is not None:
             scores = jnp.where(has_eos, scores, cfg.no_eos_penalty)
+        scores = inject_fault("reward", scores, faults)  # the reward as used (a penalised row's RM score is not)
         rewards, kl = rl.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, resp_mask, kl_coef=state.kl_coef,
                                            kind=cfg.kl_kind)  # fmt: skip
         if cfg.whiten_rewards:
@@ -227,11 +228,13 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
                 value_opt: optax.GradientTransformation | None) -> Callable:  # fmt: skip
     """``update(state, rollout, ptx_batch | None, faults=None) -> (state, metrics)``: epochs x minibatches scans.
 
-    Metrics are means over the minibatches, except the ``finite/*`` flags (all minibatches).
+    Metrics are means over the minibatches, except the ``finite/*`` flags: those of the first
+    minibatch with a non-finite quantity (later minibatches inherit its NaNs through the params,
+    so they do not count), all True when every minibatch was finite.
     """
     n_mb, mb_size = cfg.num_minibatches, cfg.minibatch_size
 
-    def minibatch_step(state: PPOState, xs):
+    def minibatch_step(state: PPOState, xs, faults: dict | None = None):
         mb, ptx = xs
         p = mb["sequences"].shape[1] - cfg.max_new_tokens
 
@@ -275,10 +278,14 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
                 ptx = jax.tree.map(
                     lambda x: x.reshape(cfg.ppo_epochs, n_mb, -1, *x.shape[1:])[epoch_idx], ptx_batch
                 )
-            return jax.lax.scan(minibatch_step, state, (shuffled, ptx))
+            return jax.lax.scan(functools.partial(minibatch_step, faults=faults), state, (shuffled, ptx))
 
         state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.ppo_epochs))
-        return state, {k: jnp.all(v) if k.startswith("finite/") else jnp.mean(v) for k, v in metrics.items()}
+        flags = {k: v.reshape(-1) for k, v in metrics.items() if k.startswith("finite/")}  # [E * n_mb] each
+        ok = jnp.stack(list(flags.values())).all(axis=0)
+        earlier_ok = jnp.concatenate([jnp.ones(1, bool), jnp.cumprod(ok.astype(jnp.int32))[:-1] > 0])
+        out = {k: jnp.mean(v) for k, v in metrics.items() if not k.startswith("finite/")}
+        return state, out | {k: jnp.all(v | ~earlier_ok) for k, v in flags.items()}
 
     return update
 
@@ -323,11 +330,14 @@ def make_iteration(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm:
             "kl_coef": state.kl_coef,
         })  # fmt: skip
         new_state = new_state.replace(kl_coef=kl_coef, iteration=state.iteration + 1)
-        metrics.update({
-            "finite/reward": all_finite(ro.scores),
-            "finite/logits": metrics["finite/logits"] & all_finite((ro.old_logprobs, ro.ref_logprobs)),
-            "finite/advantages": all_finite((ro.advantages, ro.returns)),
-        })  # fmt: skip
+        # The rollout's quantities come first; the update's are blamed only when the rollout was finite.
+        rollout = {"reward": all_finite(ro.scores), "logits": all_finite((ro.old_logprobs, ro.ref_logprobs)),
+                   "advantages": all_finite((ro.advantages, ro.returns))}  # fmt: skip
+        rollout_ok = rollout["reward"] & rollout["logits"] & rollout["advantages"]
+        for name in ("logits", "loss", "grads"):
+            metrics[f"finite/{name}"] = metrics[f"finite/{name}"] | ~rollout_ok
+        for name, ok in rollout.items():
+            metrics[f"finite/{name}"] = ok & metrics.get(f"finite/{name}", True)
         return skip_nonfinite(new_state, state, metrics)
 
     return iteration
