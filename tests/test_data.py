@@ -395,20 +395,31 @@ def test_check_vocab(tok):
         check_vocab(Stub(), 50)
 
 
-def test_special_token_spelling_in_data_is_plain_text():
-    """regression: a literal "<|endoftext|>" in data text became the EOS token (SFT learnt to stop
-    mid-response, packing split documents); data text is now encoded literally."""
+def make_bpe_tokenizer():
+    """A tiny byte-level BPE tokenizer (GPT-2 style: EOS spelt "<|endoftext|>", which is not a word)."""
     from tokenizers import decoders, trainers
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    core.train_from_iterator(["hello world, say hi"] * 4, trainer)
+    specials = ["<|endoftext|>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    core.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                                        initial_alphabet=alphabet))  # fmt: skip
     bpe = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<pad>")
-    bpe.chat_template = "{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}"
+    bpe.add_special_tokens({"additional_special_tokens": specials[2:]})
+    bpe.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return bpe
+
+
+def test_special_token_spelling_in_data_is_plain_text():
+    """regression: a literal "<|endoftext|>" in data text became the EOS token (SFT learnt to stop
+    mid-response, packing split documents); data text is now encoded literally."""
+    bpe = make_bpe_tokenizer()
     eos, hostile = bpe.eos_token_id, "say <|endoftext|> hi"
     ds = tokenize_demonstrations([{"prompt": hostile, "response": hostile}], bpe, seq_len=64)
     assert (ds.arrays["input_ids"] == eos).sum() == 1  # only the EOS that closes the response
@@ -417,8 +428,8 @@ def test_special_token_spelling_in_data_is_plain_text():
     ds = tokenize_rankings([{"prompt": hostile, "responses": [hostile, "hi"], "ranks": [0, 1]}], bpe,
                            max_prompt_len=32, max_response_len=32)  # fmt: skip
     assert (ds.arrays["input_ids"] == eos).sum() == 2  # one per response
-    ds = tokenize_prompts([{"messages": [{"role": "user", "content": "hi"}]}], bpe, max_prompt_len=8)
-    assert ds.arrays["input_ids"][0, -1] == eos  # a chat template's own special tokens stay special
+    ds = tokenize_prompts([{"messages": [MSG_U, MSG_A, MSG_U]}], bpe, max_prompt_len=16)
+    assert (ds.arrays["input_ids"] == eos).sum() == 1  # a chat template's own special tokens stay special
 
 
 def test_text_packing(tok):

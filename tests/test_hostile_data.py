@@ -1,7 +1,7 @@
 """Hostile data: hypothesis-generated files that mix valid and broken rows, for every loader.
 
-Every loader kind (text, demonstrations, rankings, prompts) in every local file format
-(JSONL, JSON array, parquet) is fed files whose rows are valid rows, valid rows with one
+Every loader kind (text, demonstrations, rankings, prompts) in every source format
+(JSONL, JSON array, parquet, a hub dataset) is fed files whose rows are valid rows, valid rows with one
 injected fault, or raw junk lines. Each generated row carries its oracle: the reason it
 must be rejected with, or None if it must be kept (plus the duplicate responses it must
 lose). The properties:
@@ -45,10 +45,11 @@ from rlhf_jax.data import (
     tokenize_rankings,
     tokenize_text,
 )
-from tests.test_data import WORDS, make_tokenizer
+from tests.test_data import WORDS, make_bpe_tokenizer, make_tokenizer
 
-EXAMPLES_PER_CASE = 100  # x 3 formats = 300 files per loader kind
-FORMATS = ("jsonl", "json", "parquet")
+EXAMPLES_PER_CASE = 80  # x 4 formats = 320 files per loader kind
+FORMATS = ("jsonl", "json", "parquet", "hub")
+HUB_NAME = "org/hostile"
 KINDS = ("text", "demonstrations", "rankings", "prompts")
 SETTINGS = settings(
     max_examples=EXAMPLES_PER_CASE,
@@ -57,16 +58,17 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-# Tokenisation limits: small, so that over-length prompts, responses and dialogues are common.
-SEQ_LEN, MAX_PROMPT, MAX_RESPONSE = 24, 10, 6
+# Tokenisation limits (word-level tokenizers; x4 for the byte-level BPE): small, so that
+# over-length prompts, responses and dialogues are common.
+LIMITS = {"seq_len": 24, "max_prompt": 10, "max_response": 6}
 
 ROWS_FUZZED = collections.Counter()  # loader kind -> rows written into hostile files
 
 
 @pytest.fixture(scope="module")
 def toks():
-    """Two tokenizers: GPT-2 style (no BOS on plain text) and Llama style (a BOS in front)."""
-    return make_tokenizer(), make_tokenizer(bos_post_processor=True)
+    """Word-level tokenizers without and with a BOS in front of plain text, and a byte-level BPE."""
+    return make_tokenizer(), make_tokenizer(bos_post_processor=True), make_bpe_tokenizer()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,7 +88,7 @@ def report_rows_fuzzed(request):
 # ============================================================================ valid rows
 
 # Word pool: in-vocabulary words, out-of-vocabulary words, and special-token spellings.
-POOL = [*WORDS[:12], "zebra", "naïve", "日本", "<eos>", "<pad>", "<|assistant|>", "<bos>"]
+POOL = [*WORDS[:12], "zebra", "naïve", "日本", "<eos>", "<pad>", "<|assistant|>", "<bos>", "<|endoftext|>"]
 HUGE = " ".join(["sky"] * 50_000)  # 200k characters
 
 
@@ -306,23 +308,27 @@ def hostile_file(draw, kind: str, fmt: str) -> dict:
     options = [valid, valid, faulty_row(kind, fmt)]
     if fmt == "jsonl":
         options.append(JUNK_LINES)
-    rows = draw(st.lists(st.one_of(options), min_size=1 if fmt == "parquet" else 0, max_size=12))
-    bom = fmt != "parquet" and draw(st.booleans())
+    rows = draw(st.lists(st.one_of(options), min_size=1 if fmt == "parquet" else 0, max_size=24))
+    bom = fmt in ("jsonl", "json") and draw(st.booleans())
     if rows and rows[0] == (BOM_LINE, "invalid_json") and not bom:  # then it is the file's own BOM
         rows[0] = (BOM_LINE, "missing_field")  # and the line is "{}"
     return {
         "rows": rows,
         "bom": bom,
         "newline": draw(st.sampled_from([b"\n", b"\r\n"])),
-        "blank_after": draw(st.sets(st.integers(0, 12), max_size=3)) if fmt == "jsonl" else set(),
+        "blank_after": draw(st.sets(st.integers(0, 24), max_size=3)) if fmt == "jsonl" else set(),
         "ensure_ascii": draw(st.booleans()),
     }
 
 
-def write_file(tmp_path, kind: str, fmt: str, spec: dict):
-    """Writes the file; returns (path, location of each row: line number (JSONL) or row index)."""
+def write_file(tmp_path, kind: str, fmt: str, spec: dict, hub: dict):
+    """Writes the file (or serves the rows as the hub dataset ``HUB_NAME``); returns (source,
+    location of each row: line number (JSONL) or row index)."""
     path = tmp_path / f"hostile_{kind}.{fmt}"
     rows = [obj for obj, _ in spec["rows"]]
+    if fmt == "hub":
+        hub[HUB_NAME] = rows
+        return HUB_NAME, list(range(len(rows)))
     if fmt == "parquet":
         pq.write_table(table_of(rows), path)
         return path, list(range(len(rows)))
@@ -365,59 +371,72 @@ def duplicates_in(row) -> int:
 def check_tokenized(kind: str, records: list[dict], toks, *, seed: int) -> None:
     """Tokenises the kept records; every example satisfies the invariants, nothing is lost."""
     rng = random.Random(seed)
-    tok = rng.choice(toks)
+    tok = toks[seed % len(toks)]
     vocab = len(tok)
     check_vocab(tok, vocab)
     eos, pad = tok.eos_token_id, tok.pad_token_id
+    # With the BPE tokenizer no data word is spelt like EOS, so in examples built from plain
+    # strings (not chat-template renderings) EOS appears exactly where it is required.
+    literal = tok is toks[2]
+    scale = 4 if literal else 1
+    seq_len, max_prompt, max_response = (scale * LIMITS[k] for k in ("seq_len", "max_prompt", "max_response"))
+    by_id = {r["example_id"]: r for r in records}
+
+    def plain(example_id) -> bool:
+        return literal and "messages" not in by_id[int(example_id)]
     if kind == "text":
         pack = rng.random() < 0.5
-        ds = tokenize_text(records, tok, seq_len=SEQ_LEN, pack=pack)
+        ds = tokenize_text(records, tok, seq_len=seq_len, pack=pack)
         ids, att = ds.arrays["input_ids"], ds.arrays["attention_mask"]
-        assert ids.shape[1:] == (SEQ_LEN,)
+        assert ids.shape[1:] == (seq_len,)
         if not pack:
             for row, mask in zip(ids, att):
                 n = int(mask.sum())
                 assert n >= 2 and mask[:n].all() and row[n - 1] == eos  # a text and its EOS, never cut
+                assert not literal or (row == eos).sum() == 1
         if pack:
             assert att.all()
     elif kind == "demonstrations":
-        ds = tokenize_demonstrations(records, tok, seq_len=SEQ_LEN)
+        ds = tokenize_demonstrations(records, tok, seq_len=seq_len)
         ids, att, loss = ds.arrays["input_ids"], ds.arrays["attention_mask"], ds.arrays["loss_mask"]
-        for row, mask, target in zip(ids, att, loss):
+        for row, mask, target, example_id in zip(ids, att, loss, ds.arrays["example_id"]):
             n = int(mask.sum())
-            assert mask[:n].all() and not mask[n:].any()  # right-padded, within SEQ_LEN
+            assert not plain(example_id) or (row == eos).sum() == 1
+            assert mask[:n].all() and not mask[n:].any()  # right-padded, within seq_len
             assert target.any() and not (target * (1 - mask)).any()  # targets exist, only on real tokens
             assert row[np.nonzero(target)[0][-1]] == eos  # the last target closes the reply
     elif kind == "rankings":
         max_k = rng.choice([None, 2, 4, 20])
-        ds = tokenize_rankings(records, tok, max_prompt_len=MAX_PROMPT, max_response_len=MAX_RESPONSE, max_k=max_k)
+        ds = tokenize_rankings(records, tok, max_prompt_len=max_prompt, max_response_len=max_response, max_k=max_k)
         a = ds.arrays
         ids = a["input_ids"]
-        assert ids.shape[2:] == (MAX_PROMPT + MAX_RESPONSE,)
+        assert ids.shape[2:] == (max_prompt + max_response,)
         if max_k is not None:
             assert ids.shape[1] == max_k
         for b in range(ids.shape[0]):
             p = int(a["prompt_len"][b])
             valid = np.nonzero(a["valid"][b])[0]
-            assert len(valid) >= 2 and p <= MAX_PROMPT
+            assert len(valid) >= 2 and p <= max_prompt
             ranks = a["ranks"][b, valid]
             assert len(set(ranks.tolist())) >= 2 and (ranks >= 0).all()
             responses = set()
             for k in valid:
                 end = int(a["end_index"][b, k])
                 assert ids[b, k, end] == eos and a["attention_mask"][b, k, : end + 1].all()
-                assert not a["attention_mask"][b, k, end + 1 :].any() and 0 < end + 1 - p <= MAX_RESPONSE
+                assert not a["attention_mask"][b, k, end + 1 :].any() and 0 < end + 1 - p <= max_response
+                assert not plain(a["example_id"][b]) or (ids[b, k] == eos).sum() == 1
                 responses.add(tuple(ids[b, k, p : end + 1].tolist()))
             assert len(responses) == len(valid)  # distinct responses
             empty = ~a["valid"][b]
             assert (ids[b, empty] == pad).all() and not a["attention_mask"][b, empty].any()
             assert (a["ranks"][b, empty] == -1).all()
     else:
-        ds = tokenize_prompts(records, tok, max_prompt_len=MAX_PROMPT)
-        for mask in ds.arrays["attention_mask"]:
-            n = int(mask.sum())
-            assert n >= 1 and mask[MAX_PROMPT - n :].all()  # left-padded, non-empty
+        ds = tokenize_prompts(records, tok, max_prompt_len=max_prompt)
         ids = ds.arrays["input_ids"]
+        for row, mask, example_id in zip(ids, ds.arrays["attention_mask"], ds.arrays["example_id"]):
+            n = int(mask.sum())
+            assert n >= 1 and mask[max_prompt - n :].all()  # left-padded, non-empty
+            assert not plain(example_id) or not (row == eos).any()
     assert ((ids >= 0) & (ids < vocab)).all()
     rep = ds.report
     assert rep.total_rows == len(records) and rep.kept + sum(skips(rep).values()) == len(records)
@@ -444,11 +463,16 @@ def check_hygiene(kind: str, records: list[dict]) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_hostile_files(tmp_path, toks, kind, fmt):
+def test_hostile_files(tmp_path, monkeypatch, toks, kind, fmt):
+    import datasets
+
+    hub: dict[str, list] = {}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: hub[name])
+
     @SETTINGS
     @given(spec=hostile_file(kind, fmt), ceiling=st.sampled_from([0.0, 0.1, 0.5, 1.0]))
     def check(spec, ceiling):
-        path, where = write_file(tmp_path, kind, fmt, spec)
+        path, where = write_file(tmp_path, kind, fmt, spec, hub)
         expected = [reason for _, reason in spec["rows"]]
         ROWS_FUZZED[kind] += len(expected)
         bad = [i for i, reason in enumerate(expected) if reason is not None]
@@ -458,7 +482,8 @@ def test_hostile_files(tmp_path, toks, kind, fmt):
             with pytest.raises(DataError) as e:
                 load_records(path, kind)
             first = bad[0]
-            place = f"{path}:{where[first]}: " if fmt == "jsonl" else f"{path}: row {where[first]}: "
+            name = f"{path}[train]" if fmt == "hub" else path
+            place = f"{name}:{where[first]}: " if fmt == "jsonl" else f"{name}: row {where[first]}: "
             assert str(e.value).startswith(place + expected[first] + ": "), (str(e.value)[:300], spec["rows"][first])
             assert e.value.reason == expected[first] and e.value.row == first
             assert e.value.line == (where[first] if fmt == "jsonl" else None)
@@ -482,7 +507,7 @@ def test_hostile_files(tmp_path, toks, kind, fmt):
             rep.check_ceiling(ceiling)
 
         check_hygiene(kind, records)
-        check_tokenized(kind, records, toks, seed=len(records))
+        check_tokenized(kind, records, toks, seed=len(records) + len(expected))
 
     check()
 
