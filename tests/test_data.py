@@ -604,6 +604,8 @@ def test_split_by_user_disjoint_and_deterministic():
     assert split_by_user(recs, fractions=(1.0, 0.0, 0.0))[0] == recs
     with pytest.raises(ValueError, match="fractions"):
         split_by_user(recs, fractions=(0.5, 0.2, 0.2))
+    with pytest.raises(ValueError, match="fractions"):  # regression: NaN passed the checks, all went to test
+        split_by_user(recs, fractions=(float("nan"), 0.5, 0.5))
 
 
 def test_dedup_by_prefix():
@@ -624,6 +626,11 @@ def test_cap_per_user():
     recs = [{"user_id": u, "example_id": i} for i, u in enumerate(["a", "a", "b", "a", None, None, None])]
     kept, dropped = cap_per_user(recs, max_per_user=2)
     assert [r["example_id"] for r in kept] == [0, 1, 2, 4, 5, 6] and dropped == 1
+    for bad in (0, 1.5, float("nan"), True):  # regression: NaN and floats were accepted (NaN: no cap)
+        with pytest.raises(ValueError, match="max_per_user must be a positive int"):
+            cap_per_user(recs, max_per_user=bad)
+        with pytest.raises(ValueError, match="prefix_chars must be a positive int"):
+            dedup_by_prefix(recs, prefix_chars=bad)
 
 
 # ============================================================================ iterator

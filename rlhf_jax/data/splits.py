@@ -17,6 +17,11 @@ def _unit_hash(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _group_key(rec: dict, index: int) -> str:
     user = rec.get("user_id")
     if user is not None:
@@ -51,8 +56,8 @@ def split_by_user(
     set()
     """
     fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+    if len(fractions) != 3 or not all(f >= 0 for f in fractions) or not abs(sum(fractions) - 1.0) <= 1e-6:
+        raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions}")  # NaN fails too
     groups: dict[str, list[int]] = {}
     for i, rec in enumerate(records):
         groups.setdefault(_group_key(rec, i), []).append(i)
@@ -102,8 +107,7 @@ def dedup_by_prefix(records: Sequence[dict], *, prefix_chars: int = 64, key: str
     >>> dropped
     1
     """
-    if prefix_chars <= 0:
-        raise ValueError(f"prefix_chars must be > 0, got {prefix_chars}")
+    _positive_int("prefix_chars", prefix_chars)
     seen: set[str] = set()
     kept = []
     for rec in records:
@@ -125,8 +129,7 @@ def cap_per_user(records: Sequence[dict], *, max_per_user: int = 200) -> tuple[l
     Returns:
       (kept records in input order, number dropped).
     """
-    if max_per_user <= 0:
-        raise ValueError(f"max_per_user must be > 0, got {max_per_user}")
+    _positive_int("max_per_user", max_per_user)
     counts: dict[str, int] = {}
     kept = []
     for rec in records:
