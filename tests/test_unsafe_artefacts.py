@@ -168,6 +168,66 @@ def test_run_dir_holding_pickles_is_refused(base, tmp_path):
     assert not marker.exists()
 
 
+# ============================================================================ malformed config.json
+
+HOSTILE_VALUES = ["DELETE", None, "x", -1, 0, 1.5, [1], True, float("nan"), float("inf"), {"a": 1}]
+
+
+def _family_configs():
+    from rlhf_jax.config import ModelConfig
+
+    common = dict(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=32)
+    return [
+        ModelConfig(family="gpt2", qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=True, **common),
+        ModelConfig(family="llama", activation="silu", num_kv_heads=1, intermediate_size=32, **common),
+        ModelConfig(family="neox", intermediate_size=32, rotary_pct=0.5, activation="gelu", **common),
+    ]
+
+
+def test_malformed_config_fields_are_checkpoint_errors():
+    """Every field of config.json deleted, nulled or given a hostile value: a ModelConfig or a
+    CheckpointError naming config.json, never a KeyError/TypeError/AttributeError."""
+    from rlhf_jax.models.hf import config_to_hf
+    from rlhf_jax.models.hf_config import config_from_hf
+
+    errors = 0
+    for cfg in _family_configs():
+        hf = config_to_hf(cfg).to_dict()
+        assert config_from_hf(hf).family == cfg.family
+        for key in hf:
+            for value in HOSTILE_VALUES:
+                bad = {k: v for k, v in hf.items() if k != key}
+                if value != "DELETE":
+                    bad[key] = value
+                try:
+                    config_from_hf(bad)
+                except CheckpointError as e:
+                    assert str(e).startswith("config.json: "), str(e)
+                    errors += 1
+    assert errors > 100
+    hf = config_to_hf(_family_configs()[1]).to_dict()
+    for key, value, message in [
+        ("hidden_size", None, "required field 'hidden_size' is missing"),
+        ("num_attention_heads", "2", "num_attention_heads='2' must be a positive int"),
+        ("rms_norm_eps", float("nan"), "rms_norm_eps=nan must be a positive number"),
+        ("tie_word_embeddings", "false", "tie_word_embeddings='false' must be true or false"),
+        ("rope_parameters", [1], "rope_parameters must be an object"),
+        ("hidden_act", ["silu"], "hidden_act=\\['silu'\\] is not supported"),
+    ]:
+        with pytest.raises(CheckpointError, match=f"config.json: {message}"):
+            config_from_hf({**hf, key: value})
+
+
+def test_unreadable_json_files_name_the_file(base, tmp_path):
+    d = copy_dir(base, tmp_path / "badjson")
+    (d / "config.json").write_bytes(b"\x80\x04 not json")
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot read JSON"):
+        from_pretrained(d)
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object, got list"):
+        from_pretrained(d)
+
+
 # ============================================================================ custom code
 
 

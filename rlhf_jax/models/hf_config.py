@@ -36,13 +36,60 @@ def _rope(hf: dict) -> tuple[float, float]:
 
 def _activation(hf: dict, key: str) -> str:
     act = hf.get(key)
-    if act not in _ACTIVATIONS:
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
         raise CheckpointError(f"config.json: {key}={act!r} is not supported (supported: {sorted(_ACTIVATIONS)})")
     return _ACTIVATIONS[act]
 
 
+# Fields read from config.json, by the type they must have when present (None = the default).
+_INT_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "hidden_size",
+               "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+               "max_position_embeddings", "sliding_window")  # fmt: skip
+_FLOAT_FIELDS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "rope_theta", "rotary_emb_base",
+                 "rotary_pct", "partial_rotary_factor")  # fmt: skip
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_parallel_residual", "scale_attn_weights",
+                "scale_attn_by_inverse_layer_idx", "use_sliding_window")  # fmt: skip
+
+
+def _check_field_types(hf: dict) -> None:
+    """Positive ints, positive finite numbers, booleans and objects where config.json must have them."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise CheckpointError(f"config.json: {key} must be an object, got {type(hf[key]).__name__}")
+    rope = hf.get("rope_parameters") or {}
+    for key in _BOOL_FIELDS:
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            raise CheckpointError(f"config.json: {key}={hf[key]!r} must be true or false")
+    for key in _INT_FIELDS:
+        v = hf.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise CheckpointError(f"config.json: {key}={v!r} must be a positive int")
+    for key in _FLOAT_FIELDS:
+        for v in (hf.get(key), rope.get(key)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+                raise CheckpointError(f"config.json: {key}={v!r} must be a positive number")
+
+
 def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
-    """A ModelConfig from a transformers config dict (the parsed config.json)."""
+    """A ModelConfig from a transformers config dict (the parsed config.json).
+
+    Raises:
+      CheckpointError: an unsupported model type or feature, or a missing, mistyped or
+        inconsistent field (the message names it).
+    """
+    _check_field_types(hf)
+    hf = {k: v for k, v in hf.items() if v is not None}  # null means absent: the default, or missing
+    try:
+        return _config_from_hf(hf, dtype)
+    except KeyError as e:
+        raise CheckpointError(f"config.json: required field {e.args[0]!r} is missing") from None
+    except ValueError as e:  # ModelConfig's own consistency checks
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"config.json: {e}") from None
+
+
+def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
