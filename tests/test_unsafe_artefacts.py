@@ -176,7 +176,7 @@ HOSTILE_VALUES = ["DELETE", None, "x", -1, 0, 1.5, [1], True, float("nan"), floa
 def _family_configs():
     from rlhf_jax.config import ModelConfig
 
-    common = dict(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=32)
+    common = {"vocab_size": 64, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 32}
     return [
         ModelConfig(family="gpt2", qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=True, **common),
         ModelConfig(family="llama", activation="silu", num_kv_heads=1, intermediate_size=32, **common),
