@@ -8,7 +8,6 @@ checkpoints are refused before a byte is read, and remote code is never executed
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import ModelConfig
-from rlhf_jax.models.hf_config import CheckpointError, config_from_hf, config_to_hf
+from rlhf_jax.models.hf_config import CheckpointError, config_from_hf, config_to_hf, read_config, read_json
 from rlhf_jax.models.transformer import CausalLM
 
 
@@ -253,27 +252,10 @@ def hf_shapes(cfg: ModelConfig, head: str = "lm") -> dict[str, tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------- files
-def _read_json(file: Path) -> dict:
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: cannot read JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _read_config(path: Path) -> dict:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    return _read_json(cfg_file)
-
-
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' object")
         names = sorted(set(map(str, weight_map.values())))
@@ -333,7 +315,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, *, head: 
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (hub downloads are not done here: pass a local directory)")
     dtype_name = jnp.dtype(dtype).name
-    cfg = config_from_hf(_read_config(path), dtype=dtype_name)
+    cfg = config_from_hf(read_config(path), dtype=dtype_name)
     params = params_from_hf(load_state_dict(path), cfg, head=head)
     model = CausalLM(cfg, head=head)
     if head == "scalar":
@@ -384,7 +366,7 @@ def load_tokenizer(path: str | os.PathLike, *, pad_token: str = "<|pad|>"):
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (tokenizers are loaded from local directories only)")
     for name in ("tokenizer_config.json", "config.json"):
-        auto_map = _read_json(path / name).get("auto_map") if (path / name).is_file() else None
+        auto_map = read_json(path / name).get("auto_map") if (path / name).is_file() else None
         if auto_map and (not isinstance(auto_map, dict) or "AutoTokenizer" in auto_map):
             raise CheckpointError(f"{path / name}: the tokenizer needs custom code (auto_map); custom code is refused")
     tok = AutoTokenizer.from_pretrained(str(path))

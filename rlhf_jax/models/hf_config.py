@@ -1,5 +1,8 @@
 """Hugging Face config.json <-> ModelConfig, for the three supported families.
 
+Reading a config.json (or any JSON file of a checkpoint directory) gives a CheckpointError
+naming the file when it is not a JSON object.
+
 transformers 4.x and 5.x spellings are both read (5.x moved the RoPE settings into
 ``rope_parameters``); anything that would change the computation and is not supported
 (RoPE scaling, Qwen2's sliding window, GPT-2's attention-scaling variants) is an error
@@ -8,6 +11,8 @@ naming the field.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from rlhf_jax.config import ModelConfig
@@ -15,6 +20,25 @@ from rlhf_jax.config import ModelConfig
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be imported (the message says which file/tensor and why)."""
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from ``file``; CheckpointError naming the file if it is not one."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_config(path: Path) -> dict:
+    """The parsed config.json of a Hugging Face model directory."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    return read_json(cfg_file)
 
 
 _LLAMA_TYPES = ("llama", "mistral", "qwen2")
