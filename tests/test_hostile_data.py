@@ -502,7 +502,8 @@ def test_hostile_files(tmp_path, monkeypatch, toks, kind, fmt):
         if rep.total_rows and rep.skipped / rep.total_rows > ceiling:
             with pytest.raises(DataError, match=r"skipped \d+/\d+ rows .* above the allowed") as e:
                 rep.check_ceiling(ceiling)
-            assert e.value.reason == "skip_ceiling"
+            assert e.value.reason == "skip_ceiling" and str(e.value).startswith(f"{rep.source}: skipped ")
+            assert str(path) in rep.source
         else:
             rep.check_ceiling(ceiling)
 

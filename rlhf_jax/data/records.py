@@ -54,7 +54,8 @@ class SkipReport:
     ``counts`` maps a reason to a count. Reasons in :data:`NOTE_REASONS` are notes (e.g.
     duplicate responses removed from a group that was kept, tokens lost at the end of
     packing); every other reason counts whole skipped rows, so
-    ``sum(skip counts) == total_rows - kept``.
+    ``sum(skip counts) == total_rows - kept``. ``source`` (the file or dataset the rows
+    came from, if known) names it in the ceiling's error.
 
     >>> r = SkipReport(total_rows=4, kept=3, counts={"invalid_json": 1})
     >>> r.summary()
@@ -64,6 +65,7 @@ class SkipReport:
     counts: dict[str, int] = field(default_factory=dict)
     total_rows: int = 0
     kept: int = 0
+    source: str | None = None
 
     @property
     def skipped(self) -> int:
@@ -95,10 +97,12 @@ class SkipReport:
         if not 0.0 <= max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         if self.total_rows and self.skipped / self.total_rows > max_skip_fraction:
+            where = f"{self.source}: " if self.source else ""
             raise DataError(
-                f"skipped {self.skipped}/{self.total_rows} rows "
+                f"{where}skipped {self.skipped}/{self.total_rows} rows "
                 f"({100.0 * self.skipped / self.total_rows:.1f}%), above the allowed "
                 f"{100.0 * max_skip_fraction:.1f}%: {self.summary()}",
+                source=self.source,
                 reason="skip_ceiling",
             )
 
@@ -264,7 +268,7 @@ def load_records(
         name = f"{name}[{split}]"
 
     records: list[dict] = []
-    report = SkipReport()
+    report = SkipReport(source=name)
     for line, row, obj in rows:
         report.total_rows += 1
         try:
