@@ -432,6 +432,23 @@ def test_special_token_spelling_in_data_is_plain_text():
     assert (ds.arrays["input_ids"] == eos).sum() == 1  # a chat template's own special tokens stay special
 
 
+@pytest.mark.parametrize("spelling", ["<|endoftext|>", "<|user|>", "x<pad>y"])
+def test_dialogue_spelling_a_special_token_is_dropped(spelling):
+    """regression: a special token spelt in a message became that control token inside the
+    rendered dialogue (an EOS mid-turn, a fake user turn); such dialogues are dropped and counted."""
+    bpe = make_bpe_tokenizer()
+    bad = [MSG_U, {"role": "assistant", "content": f"hi {spelling} there"}]
+    recs = [{"messages": bad, "example_id": 0}, {"messages": [MSG_U, MSG_A], "example_id": 1}]
+    ds = tokenize_demonstrations(recs, bpe, seq_len=64)
+    assert ds.arrays["example_id"].tolist() == [1] and ds.report.counts == {"special_token_in_text": 1}
+    prompt = [{"role": "system", "content": spelling}, MSG_U]
+    ds = tokenize_prompts([{"messages": prompt}, {"messages": [MSG_U]}], bpe, max_prompt_len=16)
+    assert len(ds) == 1 and ds.report.counts == {"special_token_in_text": 1}
+    ranked = {"messages": prompt, "responses": ["a", "b"], "ranks": [0, 1]}
+    ds = tokenize_rankings([ranked], bpe, max_prompt_len=16, max_response_len=4)
+    assert len(ds) == 0 and ds.report.counts == {"special_token_in_text": 1}
+
+
 def test_text_packing(tok):
     recs = [{"text": "a b c", "example_id": 10}, {"text": "d e", "example_id": 11}, {"text": "f", "example_id": 12}]
     ds = tokenize_text(recs, tok, seq_len=4)

@@ -375,15 +375,19 @@ def check_tokenized(kind: str, records: list[dict], toks, *, seed: int) -> None:
     vocab = len(tok)
     check_vocab(tok, vocab)
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    # With the BPE tokenizer no data word is spelt like EOS, so in examples built from plain
-    # strings (not chat-template renderings) EOS appears exactly where it is required.
+    # With the BPE tokenizer data text never encodes to EOS (plain strings are encoded
+    # literally, dialogues spelling a special token are dropped), so EOS appears exactly
+    # where it is required: after each assistant turn of a dialogue and closing each reply.
     literal = tok is toks[2]
     scale = 4 if literal else 1
     seq_len, max_prompt, max_response = (scale * LIMITS[k] for k in ("seq_len", "max_prompt", "max_response"))
     by_id = {r["example_id"]: r for r in records}
 
-    def plain(example_id) -> bool:
-        return literal and "messages" not in by_id[int(example_id)]
+    def eos_ok(row: np.ndarray, example_id, closing: int) -> bool:
+        """True unless the BPE tokenizer's row holds another number of EOS than required."""
+        turns = by_id[int(example_id)].get("messages") or []
+        return not literal or (row == eos).sum() == sum(m["role"] == "assistant" for m in turns) + closing
+
     if kind == "text":
         pack = rng.random() < 0.5
         ds = tokenize_text(records, tok, seq_len=seq_len, pack=pack)
@@ -401,7 +405,7 @@ def check_tokenized(kind: str, records: list[dict], toks, *, seed: int) -> None:
         ids, att, loss = ds.arrays["input_ids"], ds.arrays["attention_mask"], ds.arrays["loss_mask"]
         for row, mask, target, example_id in zip(ids, att, loss, ds.arrays["example_id"]):
             n = int(mask.sum())
-            assert not plain(example_id) or (row == eos).sum() == 1
+            assert eos_ok(row, example_id, closing=0 if "messages" in by_id[int(example_id)] else 1)
             assert mask[:n].all() and not mask[n:].any()  # right-padded, within seq_len
             assert target.any() and not (target * (1 - mask)).any()  # targets exist, only on real tokens
             assert row[np.nonzero(target)[0][-1]] == eos  # the last target closes the reply
@@ -424,7 +428,7 @@ def check_tokenized(kind: str, records: list[dict], toks, *, seed: int) -> None:
                 end = int(a["end_index"][b, k])
                 assert ids[b, k, end] == eos and a["attention_mask"][b, k, : end + 1].all()
                 assert not a["attention_mask"][b, k, end + 1 :].any() and 0 < end + 1 - p <= max_response
-                assert not plain(a["example_id"][b]) or (ids[b, k] == eos).sum() == 1
+                assert eos_ok(ids[b, k], a["example_id"][b], closing=1)
                 responses.add(tuple(ids[b, k, p : end + 1].tolist()))
             assert len(responses) == len(valid)  # distinct responses
             empty = ~a["valid"][b]
@@ -436,7 +440,7 @@ def check_tokenized(kind: str, records: list[dict], toks, *, seed: int) -> None:
         for row, mask, example_id in zip(ids, ds.arrays["attention_mask"], ds.arrays["example_id"]):
             n = int(mask.sum())
             assert n >= 1 and mask[max_prompt - n :].all()  # left-padded, non-empty
-            assert not plain(example_id) or not (row == eos).any()
+            assert eos_ok(row, example_id, closing=0)
     assert ((ids >= 0) & (ids < vocab)).all()
     rep = ds.report
     assert rep.total_rows == len(records) and rep.kept + sum(skips(rep).values()) == len(records)

@@ -5,7 +5,8 @@ BOS (if it prepends one by default) and are encoded without other special tokens
 spelling of a special token inside a plain text (a literal ``<|endoftext|>`` in a web
 page or a user's prompt) is encoded as ordinary text, never as the control token.
 Dialogues are rendered with the tokenizer's chat template, whose text carries its own
-special tokens.
+special tokens; a message whose content spells a special token cannot be told apart
+from them, so that dialogue is dropped (``special_token_in_text``).
 """
 
 from __future__ import annotations
@@ -92,11 +93,20 @@ class DropExample(Exception):
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool) -> str:
-    """The chat template's text for ``messages``; DropExample if the template rejects them."""
+    """The chat template's text for ``messages``.
+
+    Raises:
+      DropExample: ``special_token_in_text`` if a message's content spells one of the
+        tokenizer's special tokens (it would become that control token, e.g. an EOS in
+        the middle of a turn), ``chat_template_error`` if the template rejects them.
+    """
     from jinja2 import TemplateError
 
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("records use 'messages' but the tokenizer has no chat_template")
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    if any(t in m["content"] for m in messages for t in specials):
+        raise DropExample("special_token_in_text")
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except (TemplateError, ValueError):

@@ -3,7 +3,9 @@
 Every function takes the records of :func:`rlhf_jax.data.load_records`, a Hugging Face
 tokenizer (``PreTrainedTokenizerBase``) whose pad id differs from its EOS id, and returns
 a :class:`TokenizedDataset`. Examples that do not fit are dropped and counted by reason
-in the dataset's report, never truncated.
+in the dataset's report, never truncated. Plain strings are encoded literally; a dialogue
+whose content spells a special token is dropped (``special_token_in_text``, see
+:mod:`rlhf_jax.data.encoding`).
 """
 
 from __future__ import annotations
