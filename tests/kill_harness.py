@@ -51,7 +51,7 @@ def _config(stage: str, world: Path, out: Path, steps: int):
 
     files = {k: str(world / "data" / f"{k}.jsonl") for k in ("demonstrations", "prompts", "text")}
     run = F.run_config(save_every=1, keep_last=2, keep_best=0, split_fractions=(1.0, 0.0, 0.0),
-                       mesh=MeshConfig(data=8, fsdp=1, tensor=1))  # fmt: skip
+                       mesh=MeshConfig())  # fmt: skip
     if stage == "sft":
         w = SimpleNamespace(base=world / "base", files={"demonstrations": files["demonstrations"]})
         return F.sft_config(w, out, max_steps=steps, batch_size=8, dropout=0.1, run=run)

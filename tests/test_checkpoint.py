@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlhf_jax import checkpoint, sharding
+from rlhf_jax import checkpoint, sharding, train_loop
 from rlhf_jax.checkpoint import Checkpointer, CheckpointRestoreError, abstract_like
 from rlhf_jax.config import MeshConfig
 from rlhf_jax.sft import run_sft
@@ -88,26 +89,44 @@ def _damage(step_dir: str, how: str) -> None:
         for f in files:
             with open(f, "r+b") as fh:
                 fh.truncate(os.path.getsize(f) // 2)
+    elif how == "delete_data":
+        files = sorted(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True))
+        assert files
+        os.remove(files[0])
     elif how == "delete_metadata":
         os.remove(os.path.join(step_dir, "state", "_METADATA"))
     else:
         raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how", ["truncate_data", "delete_metadata"])
+def _within(seconds: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, failing the test if it takes longer than ``seconds`` (never a hang)."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(fn, *args, **kwargs).result(timeout=seconds)
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"{fn.__name__} still running after {seconds} s")
+    finally:
+        pool.shutdown(wait=False)
+
+
+@pytest.mark.parametrize("how", ["truncate_data", "delete_data", "delete_metadata"])
 def test_damaged_latest_fails_loudly_and_falls_back(tmp_path, how):
     with Checkpointer(tmp_path, keep_last=3) as ckpt:
         _save_steps(ckpt, [1, 2, 3])
     _damage(str(tmp_path / "3"), how)
     with Checkpointer(tmp_path, keep_last=3) as ckpt:
         with pytest.raises(CheckpointRestoreError, match=r"checkpoint at step 3 cannot be restored.*fallback=True"):
-            ckpt.restore(_abstract())
-        state, meta, step = ckpt.restore(_abstract(), fallback=True)
+            _within(60, ckpt.restore, _abstract())
+        state, meta, step = _within(60, ckpt.restore, _abstract(), fallback=True)
         assert step == 2
         assert meta["iterators"]["train"]["position"] == 2
         F.assert_trees_equal(state, jax.device_get(_state(2)))
-        # an explicitly requested damaged step never falls back silently to another one
-        with pytest.raises(CheckpointRestoreError, match="step 3"):
+        # the damaged step was moved aside (so training can save step 3 again), not deleted
+        assert ckpt.all_steps() == [1, 2] and (tmp_path / "damaged-step-3").is_dir()
+        with pytest.raises(CheckpointRestoreError, match="step 3"):  # an explicit step never falls back
             ckpt.restore(_abstract(), step=3, fallback=True)
 
 
@@ -205,12 +224,21 @@ def test_run_resume_from_damaged_latest_names_the_step(world, tmp_path):
     _damage(str(tmp_path / "run" / "checkpoints" / "3"), "truncate_data")
     bigger = F.sft_config(world, tmp_path / "run", max_steps=4, run=F.run_config(save_every=1, keep_last=3))
     with pytest.raises(CheckpointRestoreError, match="step 3"):
-        run_sft(bigger)
+        _within(120, run_sft, bigger)
+    assert not (tmp_path / "run" / "checkpoints" / "4").exists()  # never a silent restart from scratch
+    # configured to fall back: resumes from step 2 (not from scratch), trains steps 3 and 4 again
+    fallback = F.sft_config(world, tmp_path / "run", max_steps=4,
+                            run=F.run_config(save_every=1, keep_last=3, restore_fallback=True))  # fmt: skip
+    _within(120, run_sft, fallback)
+    with Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [2, 3, 4]
+    assert (tmp_path / "run" / "checkpoints" / "damaged-step-3").is_dir()
+    steps_logged = [m["step"] for m in train_loop.read_metrics(tmp_path / "run") if "train/loss" in m]
+    assert steps_logged == [1, 2, 3, 3, 4]
 
 
 def test_load_model_best_is_ranked_by_the_runs_own_metric(world, tmp_path):
     """train_loop.run records its ranking metric; load_model(which="best") uses it (not the latest)."""
-    from rlhf_jax import train_loop
 
     model, params, tok = checkpoint.load_model(world.base)
     params = jax.device_get(params)  # host copies: the run donates its state buffers
@@ -237,3 +265,52 @@ def test_load_model_best_is_ranked_by_the_runs_own_metric(world, tmp_path):
         _, loaded, _ = checkpoint.load_model(out, which=which)
         got, want = loaded["final_norm"]["scale"], params["final_norm"]["scale"] + 0.01 * step
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, err_msg=which)
+
+
+@pytest.fixture(scope="module")
+def fsdp8_checkpoint(world, tmp_path_factory):
+    """An SFT train state (one step taken, so Adam's moments are set) saved sharded over
+    8 devices (fsdp=8), and the loss of the next step on that mesh."""
+    from rlhf_jax.config import OptimConfig
+    from rlhf_jax.optim import make_optimizer
+    from rlhf_jax.sft import make_train_step
+
+    model, params, _ = checkpoint.load_model(world.base)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant"), 10)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, model.config.vocab_size, (8, 16)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    step = jax.jit(make_train_step(model, optimizer))
+    mesh8 = sharding.make_mesh(F.MESH_1x8x1)
+    state, _ = train_loop.sharded_train_state(model, jax.device_get(params), optimizer, 0, mesh8)
+    assert len(state.params["embed"]["embedding"].sharding.device_set) == 8
+    with sharding.use_mesh(mesh8):
+        state, _ = step(state, sharding.shard_batch(batch, mesh8))
+        _, metrics = step(state, sharding.shard_batch(batch, mesh8))
+    path = tmp_path_factory.mktemp("fsdp8") / "checkpoints"
+    with Checkpointer(path) as ckpt:
+        ckpt.save(1, state, {"note": "fsdp8"})
+    return SimpleNamespace(path=path, state=jax.device_get(state), loss=float(metrics["loss"]), model=model,
+                           params=params, optimizer=optimizer, step=step, batch=batch)  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 1), (1, 4, 2), "one_device"])
+def test_train_state_from_fsdp8_restores_onto_other_meshes(fsdp8_checkpoint, shape):
+    """Saved on (1, 8, 1); restored onto (2, 4, 1), (1, 4, 2) and one device with the model's
+    own shardings there: bitwise equal, and one training step gives the same loss to 1e-5."""
+
+    c = fsdp8_checkpoint
+    if shape == "one_device":
+        mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    else:
+        mesh = sharding.make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
+    target, target_shardings = train_loop.sharded_train_state(c.model, jax.device_get(c.params), c.optimizer, 0, mesh)
+    with Checkpointer(c.path) as ckpt:
+        restored, meta, step = ckpt.restore(abstract_like(target))
+    assert step == 1 and meta["note"] == "fsdp8"
+    for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target_shardings)):
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+    F.assert_trees_equal(jax.device_get(restored), c.state)
+    with sharding.use_mesh(mesh):
+        _, metrics = c.step(restored, sharding.shard_batch(c.batch, mesh))
+    assert abs(float(metrics["loss"]) - c.loss) < 1e-5
