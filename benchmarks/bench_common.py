@@ -99,10 +99,17 @@ def run_peer(python: str, *, sizes: str, only: str, repeats: int, warmup: int, w
     cmd = [python, str(PEER_SCRIPT), "--sizes", sizes, "--only", only, "--repeats", str(repeats),
            "--warmup", str(warmup), "--wait-quiet", str(wait_quiet_s)]  # fmt: skip
     print(f"[{time.strftime('%H:%M:%S')}] peer: {' '.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": ""})
-    lines = proc.stdout.strip().splitlines()
+    env = {**os.environ, "PYTHONPATH": ""}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        tail: list[str] = []
+        for line in proc.stderr:  # its progress lines, as they come; stdout is the one JSON line at the end
+            if line.startswith("[") or line.lstrip().startswith("done in"):
+                print(f"  peer| {line.rstrip()[:200]}", flush=True)
+            tail = (tail + [line])[-40:]
+        stdout = proc.stdout.read()
+    lines = stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}", "cmd": cmd}
+        return {"error": f"exit {proc.returncode}: {''.join(tail)[-2000:]}", "cmd": cmd}
     result = json.loads(lines[-1])
     result["cmd"] = cmd
     return result
