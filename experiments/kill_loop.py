@@ -1,7 +1,7 @@
 """Kill -9 loop: the long version of tests/test_kill.py (issue 8, item 1).
 
 Command:   python experiments/kill_loop.py --kills 200 [--stages sft ppo] [--out /tmp/kill_loop] [--seed 0]
-Hardware:  CPU (8 fake devices are set up for the children; the runs use one), 2+ cores.
+Hardware:  CPU (the children use one device), 2+ cores.
 Time:      about 8-15 s per kill on a 2-core machine (each kill restarts a Python process).
 Expected:  every kill leaves only complete checkpoints (each restores and is finite, no
            temporary directory is listed), every restart resumes from the latest one, and

@@ -129,10 +129,10 @@ class KillStats:
 
 
 def child_env(cache_dir: Path | None) -> dict:
-    """8 fake CPU devices, offline, and a persistent compilation cache shared by the children."""
+    """One CPU device, offline, and a persistent compilation cache shared by the children."""
     from tests import stage_fixtures as F
 
-    env = F.subprocess_env(8)
+    env = F.subprocess_env(1)
     if cache_dir is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip

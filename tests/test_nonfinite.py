@@ -10,7 +10,7 @@ through ``train_loop.run`` with a save every step, for SFT, the reward model and
   the quantity, and no checkpoint on disk is ever non-finite.
 
 Each stage's step is compiled once (every batch carries all of that stage's fault entries,
-zero when unused) on a one-device mesh, with tiny models.
+zero when unused) on a one-device mesh (the first of the 8 fake devices), with tiny models.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def setups():
 
 def _run(setup: SimpleNamespace, name: str, out: Path, poison: tuple[str, float, set[int]], **run_changes) -> None:
     """``train_loop.run`` of STEPS steps with a save every step; ``poison`` = (quantity, value, steps)."""
-    mesh = sharding.make_mesh(MeshConfig())
+    mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
     replicated = sharding.replicated(mesh)  # (host copies in: the run donates its state's buffers)
     batches = FaultyBatches(setup.base, FAULTS[name], setup.batch_size)
     batches.poison = poison
@@ -192,7 +192,7 @@ def test_skip_nonfinite_is_a_bitwise_select():
 
 def test_a_nonfinite_state_is_never_saved(tmp_path):
     """A step without the guard that makes the params NaN: the run refuses to save them."""
-    mesh = sharding.make_mesh(MeshConfig())
+    mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
     replicated = sharding.replicated(mesh)
     state = {"w": jnp.ones((4,)), "step": jnp.zeros((), jnp.int32)}
 
