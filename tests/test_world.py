@@ -169,6 +169,25 @@ def test_demonstration_error_rate_and_kinds(world):
     assert np.all(gold[[d["error"] != "none" for d in demos]] < 1.0)
 
 
+
+def test_verbose_labelers_wrap_correct_answers_in_filler():
+    base = WorldConfig(num_users=20, prompts_per_user=20, demo_error_rate=0.2)
+    plain = World(base).demonstrations(World(base).prompts())
+    verbose_world = World(WorldConfig(num_users=20, prompts_per_user=20, demo_error_rate=0.2, demo_filler_rate=0.5))
+    verbose = verbose_world.demonstrations(verbose_world.prompts())
+    # content errors are untouched (same rows, same errors); filler only wraps the error-free ones
+    assert all(v == p for p, v in zip(plain, verbose) if p["error"] != "none")
+    wrapped = [v for p, v in zip(plain, verbose) if p["error"] == "none" and v["error"] != "none"]
+    clean = [p for p in plain if p["error"] == "none"]
+    assert 0.4 <= len(wrapped) / len(clean) <= 0.6
+    for d in wrapped:
+        assert d["error"] in ("prefix", "suffix")
+        words = d["response"].split()
+        content = [w for w in words if w not in FILLER]
+        assert content == answer_words(d["prompt"]) and len(content) < len(words)
+        correctness, style = wl.gold_parts(d["prompt"], d["response"], verbose_world.config.gold_weights)
+        assert correctness == 1.0 and style < 0.0  # right answer, style the gold preference dislikes
+
 def test_users_differ_in_style_and_families(world):
     by_user: dict[str, list[dict]] = {}
     for p in world.prompts():

@@ -32,26 +32,54 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """The built-in InstructGPT study at small scale (``--quick``: the same pipeline, test-sized)."""
+    """The built-in InstructGPT study at small scale (``--quick``: the same pipeline, test-sized).
+
+    Attributes:
+      out: the directory of every run, the data and ``report.md``.
+      seed: the world's and every run's seed.
+      quick: shrink every stage to test size (see :meth:`scaled`).
+      hidden_size, num_layers: the aligned model; the "big" SFT model has 2x width and
+        2x depth (>= 4x the parameters).
+      num_users, prompts_per_user: the world's simulated users (80/10/10 split by user id:
+        train / validation / held-out evaluation users).
+      demo_filler_rate: how often a labeler's demonstration wraps a correct answer in
+        filler, a style the rankings dislike (``WorldConfig.demo_filler_rate``).
+      pretrain_steps, sft_steps, rm_steps, ppo_steps: optimizer steps (PPO: iterations).
+      big_step_fraction: the big model's pretraining and SFT steps, as a fraction of the
+        small one's (1.0: the same data; ``--quick`` shortens it, the slowest stage).
+      rm_learning_rate: the reward model's peak learning rate.
+      ranking_prompts: prompts of training users whose K = 4..9 SFT samples labelers rank.
+      eval_prompts: held-out users' prompts for the win rates and RM accuracy.
+      eval_temperature: sampling temperature of the evaluation responses (1.0: the policy's
+        own distribution, as in rollouts and the labelers' comparisons; 0: greedy).
+      max_new_tokens: response length limit everywhere.
+    """
 
     out: str = "runs/demo"
     seed: int = 0
     quick: bool = False
-    hidden_size: int = 64  # the aligned model; the "big" SFT model has 2x width and 2x depth (>= 4x params)
+    hidden_size: int = 64
     num_layers: int = 2
+    num_users: int = 120
+    prompts_per_user: int = 40
+    demo_filler_rate: float = 0.3
     pretrain_steps: int = 400
-    sft_steps: int = 300
-    rm_steps: int = 60  # about 2 epochs of the rankings: more overfits (InstructGPT: 1 epoch)
+    sft_steps: int = 600
+    big_step_fraction: float = 1.0
+    rm_steps: int = 120
+    rm_learning_rate: float = 1e-3
     ppo_steps: int = 60
-    ranking_prompts: int = 1000
-    eval_prompts: int = 256
+    ranking_prompts: int = 2000
+    eval_prompts: int = 480
+    eval_temperature: float = 1.0
     max_new_tokens: int = 16
 
     def scaled(self) -> "DemoConfig":
         if not self.quick:
             return self
-        return dataclasses.replace(self, pretrain_steps=30, sft_steps=30, rm_steps=20, ppo_steps=6,
-                                   ranking_prompts=64, eval_prompts=32, max_new_tokens=12)  # fmt: skip
+        return dataclasses.replace(self, num_users=40, prompts_per_user=40, pretrain_steps=150, sft_steps=250,
+                                   big_step_fraction=0.2, rm_steps=30, ppo_steps=12, ranking_prompts=600,
+                                   eval_prompts=160)  # fmt: skip
 
 
 def _run(**kw) -> RunConfig:
@@ -80,22 +108,23 @@ def run_demo(cfg: DemoConfig) -> Path:
         log.info("demo: %s done in %.1f s", name, timings[name])
         return result
 
-    world = World(WorldConfig(seed=cfg.seed))
+    world = World(WorldConfig(seed=cfg.seed, num_users=cfg.num_users, prompts_per_user=cfg.prompts_per_user,
+                              demo_filler_rate=cfg.demo_filler_rate))  # fmt: skip
     tok = world.build_tokenizer(root / "tokenizer")
     files = stage("world", lambda: world.write_files(root / "data"))
     vocab = len(tok)
 
-    def base(name: str, width: int, depth: int) -> Path:
+    def base(name: str, width: int, depth: int, steps: int) -> Path:
         init = tiny.make_model_dir(root / f"{name}_init", vocab_size=vocab, family="llama", hidden_size=width,
                                    num_layers=depth, num_heads=4, seed=cfg.seed, tokenizer=tok)  # fmt: skip
         return run_sft(SFTConfig(data=str(files["pretrain"]), init=str(init), out=str(root / name), mode="pretrain",
-                                 max_steps=cfg.pretrain_steps, batch_size=32, seq_len=64,
+                                 max_steps=steps, batch_size=32, seq_len=64,
                                  optim=OptimConfig(learning_rate=3e-3, warmup_steps=20),
                                  run=_run(seed=cfg.seed)))  # fmt: skip
 
-    def sft(name: str, init: Path) -> Path:
+    def sft(name: str, init: Path, steps: int) -> Path:
         return run_sft(SFTConfig(data=str(files["demonstrations"]), init=str(init), out=str(root / name),
-                                 max_steps=cfg.sft_steps, batch_size=32, seq_len=48, ptx_data=str(files["pretrain"]),
+                                 max_steps=steps, batch_size=32, seq_len=48, ptx_data=str(files["pretrain"]),
                                  ptx_fraction=0.1, optim=OptimConfig(learning_rate=1e-3),
                                  run=_run(seed=cfg.seed)))  # fmt: skip
 
@@ -107,10 +136,14 @@ def run_demo(cfg: DemoConfig) -> Path:
     files["demonstrations"] = root / "data" / "demonstrations_train.jsonl"
     files["demonstrations"].write_text("".join(json.dumps(r) + "\n" for r in demo_rows if r["user_id"] not in test_users))
 
-    base_dir = stage("pretrain", lambda: base("base", cfg.hidden_size, cfg.num_layers))
-    big_dir = stage("pretrain_big", lambda: base("base_big", 2 * cfg.hidden_size, 2 * cfg.num_layers))
-    sft_dir = stage("sft", lambda: sft("sft", base_dir))
-    sft_big_dir = stage("sft_big", lambda: sft("sft_big", big_dir))
+    def big(steps: int) -> int:
+        return max(1, round(cfg.big_step_fraction * steps))
+
+    base_dir = stage("pretrain", lambda: base("base", cfg.hidden_size, cfg.num_layers, cfg.pretrain_steps))
+    big_dir = stage("pretrain_big", lambda: base("base_big", 2 * cfg.hidden_size, 2 * cfg.num_layers,
+                                                  big(cfg.pretrain_steps)))  # fmt: skip
+    sft_dir = stage("sft", lambda: sft("sft", base_dir, cfg.sft_steps))
+    sft_big_dir = stage("sft_big", lambda: sft("sft_big", big_dir, big(cfg.sft_steps)))
 
     # ---- rankings of the SFT model's own samples (K = 4..9), by simulated labelers
     policy, policy_params, _ = checkpoint.load_model(sft_dir)
@@ -146,7 +179,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     rm_dir = stage("rm", lambda: run_rm(RewardConfig(
         data=str(rankings_path), init=str(sft_dir), out=str(root / "rm"), demonstrations=str(files["demonstrations"]),
         max_steps=cfg.rm_steps, batch_size=32, max_prompt_len=32, max_response_len=cfg.max_new_tokens + 1,
-        optim=OptimConfig(learning_rate=3e-4, warmup_steps=10), run=_run(seed=cfg.seed, eval_every=cfg.rm_steps),
+        optim=OptimConfig(learning_rate=cfg.rm_learning_rate, warmup_steps=10),
+        run=_run(seed=cfg.seed, eval_every=cfg.rm_steps),
     )))  # fmt: skip
 
     def ppo(name: str, *, ptx: bool, kl_coef: float = 0.1) -> Path:
@@ -173,7 +207,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         for name, run_dir in (("SFT", sft_dir), ("SFT big", sft_big_dir), ("PPO", ppo_dir), ("PPO-ptx", ppo_ptx_dir)):
             m, p, _ = checkpoint.load_model(run_dir, which="latest")
             outs = evaluate.sample_responses(m, p, tok, texts, key=jax.random.key(7), max_prompt_len=32,
-                                             max_new_tokens=cfg.max_new_tokens, temperature=0.0)  # fmt: skip
+                                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature)  # fmt: skip
             results["models"][name] = {
                 "gold": float(np.mean([world.gold_score(t, o) for t, o in zip(texts, outs)])),
                 "heldout_loss": evaluate.heldout_lm_loss(m, p, heldout),
@@ -219,6 +253,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     results |= {
         "seed": cfg.seed,
         "quick": cfg.quick,
+        "eval_temperature": cfg.eval_temperature,
         "rm_val_accuracy": rm_val[-1]["val/accuracy"] if rm_val else None,
         "timings_s": timings,
         "total_s": time.perf_counter() - t_start,

@@ -94,8 +94,8 @@ def results_table(results: dict) -> str:
          f"{100 * results['rm_accuracy']:.1f}% vs {100 * results['labeler_agreement']:.1f}%", "within 5 points",
          ok(gap <= 5)),
         ("ptx removes the alignment tax", "held-out pretraining loss: SFT / PPO / PPO-ptx",
-         f"{sft:.3f} / {ppo:.3f} / {ptx:.3f}", "PPO-ptx within 2% of SFT; PPO worse",
-         ok(abs(ptx - sft) / sft <= 0.02 and ppo > ptx)),
+         f"{sft:.3f} / {ppo:.3f} / {ptx:.3f}", "PPO-ptx within 2% of SFT; PPO >= 1% worse than SFT",
+         ok(abs(ptx - sft) / sft <= 0.02 and (ppo - sft) / sft >= 0.01 and ppo > ptx)),
         ("small aligned beats big unaligned", f"win rate of PPO-ptx over the {m['SFT big']['params'] / m['SFT']['params']:.1f}x larger SFT",
          f"{100 * w['PPO-ptx vs SFT big']:.0f}%", ">= 50%", ok(w["PPO-ptx vs SFT big"] >= 0.5)),
         ("KL penalty limits over-optimisation", "gold score vs KL without penalty (plot)",
@@ -109,6 +109,8 @@ def results_table(results: dict) -> str:
 def write_report(root: Path, results: dict) -> Path:
     plots = _plots(root, results)
     m = results["models"]
+    t = results.get("eval_temperature", 0.0)
+    decoding = "greedy" if t == 0 else f"sampled at temperature {t:g}"
     lines = [
         "# rlhf_jax demo: InstructGPT at small scale",
         "",
@@ -117,12 +119,12 @@ def write_report(root: Path, results: dict) -> Path:
         "",
         results_table(results),
         "",
-        "| model | params | mean gold score (held-out, greedy) | held-out pretraining loss |",
+        f"| model | params | mean gold score (held-out, {decoding}) | held-out pretraining loss |",
         "|---|---|---|---|",
     ]  # fmt: skip
     lines += [f"| {k} | {v['params']:,} | {v['gold']:.3f} | {v['heldout_loss']:.3f} |" for k, v in m.items()]
     lines += ["", f"![PPO curves]({plots['curves']})", "", f"![win rates]({plots['wins']})", "",
-              f"![over-optimisation]({plots['overopt']})", "", "## Samples (held-out prompts, greedy)", ""]  # fmt: skip
+              f"![over-optimisation]({plots['overopt']})", "", f"## Samples (held-out prompts, {decoding})", ""]  # fmt: skip
     for name, v in m.items():
         lines.append(f"**{name}**")
         lines += [f"- `{p}` -> `{r}`" for p, r in v["samples"]]

@@ -64,7 +64,7 @@ def make_model_dir(out_dir: str | Path, *, vocab_size: int, family: str = "gpt2"
     else:
         raise ValueError(f"make_model_dir: family {family!r} (use 'gpt2' or 'llama')")
     model = CausalLM(cfg)
-    params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))["params"])  # one compile
     return save_pretrained(model, params, out_dir, tokenizer=tokenizer)
 
 

@@ -73,6 +73,9 @@ class WorldConfig:
       list_len: inclusive (min, max) words in a prompt's list (replace caps at 4).
       demo_error_rate: fraction of demonstrations with one labeler error (a dropped,
         duplicated, swapped, wrong or cut-off word, or filler before / after the answer).
+      demo_filler_rate: fraction of the otherwise error-free demonstrations that the labeler
+        wraps in filler ("sure , here it is : ..." / "... hope this helps"): a verbose house
+        style that SFT imitates and the gold preference (and so the rankings) dislikes.
       pretrain_docs, heldout_docs: documents written to pretrain.jsonl / pretrain_heldout.jsonl.
       filler_penalty, filler_cap, bad_end_penalty, no_eos_penalty: the gold preference's
         style terms (see ``world_labels``).
@@ -93,6 +96,7 @@ class WorldConfig:
     family_concentration: float = 1.0
     list_len: tuple[int, int] = (3, 5)
     demo_error_rate: float = 0.2
+    demo_filler_rate: float = 0.0
     pretrain_docs: int = 20000
     heldout_docs: int = 1000
     filler_penalty: float = 0.1
@@ -114,6 +118,7 @@ class WorldConfig:
         check(self.family_concentration > 0, "family_concentration must be > 0")
         check(2 <= self.list_len[0] <= self.list_len[1] <= 5, "list_len must satisfy 2 <= min <= max <= 5")
         check(0.0 <= self.demo_error_rate <= 1.0, "demo_error_rate must be in [0, 1]")
+        check(0.0 <= self.demo_filler_rate <= 1.0, "demo_filler_rate must be in [0, 1]")
         check(self.pretrain_docs > 0 and self.heldout_docs > 0, "pretrain_docs and heldout_docs must be > 0")
         check(self.labeler_sigma >= 0 and self.labeler_spread >= 0, "labeler_sigma and labeler_spread must be >= 0")
         check(self.num_labelers >= 2, "num_labelers must be >= 2")
@@ -198,8 +203,9 @@ class World:
         """Labeler-written answers ``{"prompt", "response", "user_id", "error"}``.
 
         A fraction ``demo_error_rate`` (in expectation) has one error (``error`` names its
-        kind; ``"none"`` otherwise). Each prompt's demonstration depends only on the seed
-        and the prompt text, not on which other prompts are passed.
+        kind; ``"none"`` otherwise); of the rest, a fraction ``demo_filler_rate`` is wrapped
+        in filler (``error`` "prefix" or "suffix"). Each prompt's demonstration depends only
+        on the seed and the prompt text, not on which other prompts are passed.
         """
         out = []
         for p in prompts:
@@ -208,6 +214,9 @@ class World:
             words, kind = answer_words(rec["prompt"]), "none"
             if rng.random() < self.config.demo_error_rate:
                 words, kind = wl.with_error(words, rng)
+            elif self.config.demo_filler_rate > 0 and rng.random() < self.config.demo_filler_rate:
+                kind = "prefix" if rng.random() < 0.5 else "suffix"
+                words = wl.corrupt(words, kind, rng)
             out.append({"prompt": rec["prompt"], "response": " ".join(words), "user_id": rec.get("user_id"),
                         "error": kind})  # fmt: skip
         return out
