@@ -157,22 +157,63 @@ def build_rows(size: str, ours: dict, peer: dict, peer_ppo: dict, peak: float) -
     for name, impl, target in (("sft_torch", "plain torch loop", TARGETS["sft"]), ("sft_trl", "TRL SFTTrainer", None),
                                ("sft_hf", "transformers Trainer", None)):  # fmt: skip
         if name in p or (not p and name == "sft_torch" and "step_s" in sft):
-            add(f"SFT step 8 x 128 vs {impl}", "sft", _get(sft, "tokens_per_s"), _get(p, name, "tokens_per_s"),
-                "tokens/s", _get(sft, "step_s"), _get(p, name, "step_s"), sft_flops, target, p.get(name), sft)
+            add(
+                f"SFT step 8 x 128 vs {impl}",
+                "sft",
+                _get(sft, "tokens_per_s"),
+                _get(p, name, "tokens_per_s"),
+                "tokens/s",
+                _get(sft, "step_s"),
+                _get(p, name, "step_s"),
+                sft_flops,
+                target,
+                p.get(name),
+                sft,
+            )
     k4, k2 = ours.get("rm_k4", {}), ours.get("rm_k2", {})
     for name, impl in (("rm_trl", "TRL RewardTrainer"), ("rm_torch", "plain torch loop")):
         if name in p or (not p and name == "rm_trl" and "step_s" in k4):
-            add(f"RM step, 16 sequences x 128: K=4 (24 comparisons) vs {impl} (8 pairs)", "rm",
-                _get(k4, "comparisons_per_s"), _get(p, name, "pairs_per_s"), "comparisons/s", _get(k4, "step_s"),
-                _get(p, name, "step_s"), rm_flops, TARGETS["rm"] if name == "rm_trl" else None, p.get(name), k4)
-            add(f"RM step, 16 sequences x 128: K=2 (8 pairs) vs {impl} (8 pairs)", "rm_pairs",
-                _get(k2, "comparisons_per_s"), _get(p, name, "pairs_per_s"), "pairs/s", _get(k2, "step_s"),
-                _get(p, name, "step_s"), rm_flops, None, p.get(name), k2)
+            add(
+                f"RM step, 16 sequences x 128: K=4 (24 comparisons) vs {impl} (8 pairs)",
+                "rm",
+                _get(k4, "comparisons_per_s"),
+                _get(p, name, "pairs_per_s"),
+                "comparisons/s",
+                _get(k4, "step_s"),
+                _get(p, name, "step_s"),
+                rm_flops,
+                TARGETS["rm"] if name == "rm_trl" else None,
+                p.get(name),
+                k4,
+            )
+            add(
+                f"RM step, 16 sequences x 128: K=2 (8 pairs) vs {impl} (8 pairs)",
+                "rm_pairs",
+                _get(k2, "comparisons_per_s"),
+                _get(p, name, "pairs_per_s"),
+                "pairs/s",
+                _get(k2, "step_s"),
+                _get(p, name, "step_s"),
+                rm_flops,
+                None,
+                p.get(name),
+                k2,
+            )
     g = ours.get("gen", {})
     if "gen" in p or "call_s" in g:
-        add("generate 16 x 64 -> +64, sampling, KV cache vs transformers", "gen", _get(g, "new_tokens_per_s"),
-            _get(p, "gen", "new_tokens_per_s"), "new tokens/s", _get(g, "call_s"), _get(p, "gen", "call_s"), gen_flops,
-            TARGETS["gen"], p.get("gen"), g)
+        add(
+            "generate 16 x 64 -> +64, sampling, KV cache vs transformers",
+            "gen",
+            _get(g, "new_tokens_per_s"),
+            _get(p, "gen", "new_tokens_per_s"),
+            "new tokens/s",
+            _get(g, "call_s"),
+            _get(p, "gen", "call_s"),
+            gen_flops,
+            TARGETS["gen"],
+            p.get("gen"),
+            g,
+        )
 
     def split(e):
         ro = _get(e, "rollout_s") or _get(e, "rollout_and_scoring_s")
@@ -189,9 +230,21 @@ def build_rows(size: str, ours: dict, peer: dict, peer_ppo: dict, peak: float) -
                 continue
             if theirs is not None and theirs.get("available") is False:
                 theirs = None
-            add(f"PPO{'-ptx' if ptx else ''} iteration, 16 episodes vs {impl}", "ppo_ptx" if ptx else "ppo",
-                _get(mine, "episodes_per_s"), _get(theirs, "episodes_per_s"), "episodes/s", _get(mine, "iter_s"),
-                _get(theirs, "iter_s"), ppo_fl[ptx], target, theirs, mine, split(mine), split(theirs))
+            add(
+                f"PPO{'-ptx' if ptx else ''} iteration, 16 episodes vs {impl}",
+                "ppo_ptx" if ptx else "ppo",
+                _get(mine, "episodes_per_s"),
+                _get(theirs, "episodes_per_s"),
+                "episodes/s",
+                _get(mine, "iter_s"),
+                _get(theirs, "iter_s"),
+                ppo_fl[ptx],
+                target,
+                theirs,
+                mine,
+                split(mine),
+                split(theirs),
+            )
     return rows
 
 
@@ -227,14 +280,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="matmul,sft,rm,gen,ppo", help="comma-separated: matmul, sft, rm, gen, ppo")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--peer-python", default=default_python("/tmp/peer/bin/python", "/tmp/peer-ppo/bin/python"),
-                    help="python with torch 2.13 + trl (SFT, RM, generation, matmul)")
-    ap.add_argument("--peer-ppo-python", default=default_python("/tmp/peer-ppo/bin/python"),
-                    help="python with torch 2.13 + trl 1.12 (PPO)")
+    ap.add_argument(
+        "--peer-python",
+        default=default_python("/tmp/peer/bin/python", "/tmp/peer-ppo/bin/python"),
+        help="python with torch 2.13 + trl (SFT, RM, generation, matmul)",
+    )
+    ap.add_argument(
+        "--peer-ppo-python",
+        default=default_python("/tmp/peer-ppo/bin/python"),
+        help="python with torch 2.13 + trl 1.12 (PPO)",
+    )
     ap.add_argument("--no-peer", action="store_true", help="measure rlhf_jax only")
-    ap.add_argument("--wait-quiet", type=float, default=30.0,
-                    help="before each measurement wait up to this many seconds for other processes to go idle")
-    ap.add_argument("--out", default="benchmarks/side_by_side.json", help="JSON output (the table goes next to it as .md)")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30.0,
+        help="before each measurement wait up to this many seconds for other processes to go idle",
+    )
+    ap.add_argument(
+        "--out", default="benchmarks/side_by_side.json", help="JSON output (the table goes next to it as .md)"
+    )
     args = ap.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
     only = set(args.only.split(","))
@@ -242,9 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         ap.error(f"unknown size or benchmark: {unknown}")
     t_start = time.perf_counter()
+    if args.xla_flags is not None:  # read when jax's CPU backend starts, which is below
+        os.environ["XLA_FLAGS"] = args.xla_flags
 
     import jax
 
+    if args.compile_cache:  # compile time is never part of a timing; caching it only shortens the run
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     result: dict = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv if argv is None else argv,
         "env": {"python": platform.python_version(), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
