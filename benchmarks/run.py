@@ -11,7 +11,8 @@ with a PPO trainer; default ``/tmp/peer-ppo/bin/python``). It runs first, then r
 runs in this process on one CPU device. Both sides: GPT-2 configs with vocab 8192 and
 256 positions ("small": 4 layers d 256; "medium": 6 layers d 512), dropout 0, fp32,
 random weights and random full-length token ids, medians of ``--repeats`` after
-``--warmup`` (compilation excluded), min and max kept.
+``--warmup`` (PPO: ``--ppo-repeats`` after ``--ppo-warmup``; compilation excluded), min and
+max kept. A persistent XLA compilation cache (``--compile-cache``) makes a second run shorter.
 
 What is compared (same work on both sides):
 
@@ -60,7 +61,8 @@ def default_python(*candidates: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- rlhf_jax side
-def jax_side(size: str, only: set[str], *, warmup: int, repeats: int, wait_quiet_s: float) -> dict:
+def jax_side(size: str, only: set[str], *, warmup: int, repeats: int, ppo_warmup: int, ppo_repeats: int,
+             wait_quiet_s: float) -> dict:  # fmt: skip
     import generate as gen_bench
     import jax
     import numpy as np
@@ -97,7 +99,8 @@ def jax_side(size: str, only: set[str], *, warmup: int, repeats: int, wait_quiet
         for ptx in (False, True):
             cfg = bench.ppo_config(batch=16, minibatch=8, prompt_len=64, new_tokens=64, ptx=ptx)
             run("ppo_ptx" if ptx else "ppo",
-                lambda cfg=cfg: bench.measure_ppo(model_cfg, mesh, cfg, prompt_len=64, split=True, **kw))  # fmt: skip
+                lambda cfg=cfg: bench.measure_ppo(model_cfg, mesh, cfg, prompt_len=64, split=True,
+                                                  warmup=ppo_warmup, repeats=ppo_repeats))  # fmt: skip
     return out
 
 
@@ -328,12 +331,14 @@ def main(argv: list[str] | None = None) -> dict:
         result["peer"] = run_peer(args.peer_python, sizes=",".join(sizes), only=peer_only, repeats=args.repeats,
                                   warmup=args.warmup, wait_quiet_s=args.wait_quiet)  # fmt: skip
     if not args.no_peer and "ppo" in only and args.peer_ppo_python:
-        result["peer_ppo"] = run_peer(args.peer_ppo_python, sizes=",".join(sizes), only="ppo", repeats=args.repeats,
-                                      warmup=args.warmup, wait_quiet_s=args.wait_quiet)  # fmt: skip
+        result["peer_ppo"] = run_peer(args.peer_ppo_python, sizes=",".join(sizes), only="ppo",
+                                      repeats=args.ppo_repeats, warmup=args.ppo_warmup,
+                                      wait_quiet_s=args.wait_quiet)  # fmt: skip
     if "matmul" in only:
         result["rlhf_jax"]["matmul"] = jax_matmul(args.wait_quiet)
     for size in sizes:
         result["rlhf_jax"][size] = jax_side(size, only, warmup=args.warmup, repeats=args.repeats,
+                                            ppo_warmup=args.ppo_warmup, ppo_repeats=args.ppo_repeats,
                                             wait_quiet_s=args.wait_quiet)  # fmt: skip
 
     peaks = {"jax": _get(result["rlhf_jax"], "matmul", "flops_best"),

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import MeshConfig, ModelConfig, OptimConfig, PPOConfig
+from rlhf_jax.config import DType, MeshConfig, ModelConfig, OptimConfig, PPOConfig
 
 _GPT2 = dict(family="gpt2", qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=True)
 PRESETS: dict[str, ModelConfig] = {
@@ -92,9 +92,9 @@ class BenchArgs:
     presets: tuple[str, ...] = ("tiny", "small")  # from: tiny, small, medium, gpt2-124m, gpt2-355m, 1b
     meshes: tuple[str, ...] = ("1,-1,1",)  # data,fsdp,tensor; -1 = all remaining devices
     check_meshes: bool = False  # run one step of every stage on every mesh in CHECK_MESHES that fits
-    stages: tuple[str, ...] = ("sft", "rm", "ppo")
+    stages: tuple[Stage, ...] = ("sft", "rm", "ppo")
     out: str = "bench_out"  # directory for results.json, results.md, results.png
-    dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); parameters and losses stay float32
+    dtype: DType = "float32"  # compute dtype ("bfloat16" on accelerators); parameters and losses stay float32
     remat: bool = False  # rematerialise every block in the backward pass
     batch_size: int = 8  # SFT rows; RM prompts = batch_size // 2 (K responses each); PPO episodes = 2 x batch_size
     seq_len: int = 128  # SFT and RM sequence length; PPO prompt and response = seq_len // 2 each
@@ -112,7 +112,9 @@ def stats(xs: list[float]) -> dict:
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def forward_flops(cfg: ModelConfig, *, tokens: float, context: float, head_tokens: float, lm_head: bool = True) -> float:
+def forward_flops(
+    cfg: ModelConfig, *, tokens: float, context: float, head_tokens: float, lm_head: bool = True
+) -> float:
     """Model FLOPs of a forward pass: ``tokens`` positions through the blocks, each attending
     ``context`` keys on average, and the head at ``head_tokens`` positions."""
     body = cfg.num_params(with_embeddings=False)
@@ -321,8 +323,12 @@ def measure_ppo(model_cfg: ModelConfig, mesh: Any, ppo: PPOConfig, *, prompt_len
         return init_ppo_state(boxed_p, boxed_v, policy_opt, value_opt, kl_coef=ppo.kl_coef, seed=seed)
 
     state, state_sh = train_loop.shard_state(init, boxed, (policy_params, value_params), mesh)
-    ref_sh = sharding.param_shardings(lambda: policy.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], mesh)
-    rm_sh = sharding.param_shardings(lambda: scalar.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], mesh)
+    ref_sh = sharding.param_shardings(
+        lambda: policy.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], mesh
+    )
+    rm_sh = sharding.param_shardings(
+        lambda: scalar.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], mesh
+    )
     ref = jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), policy_params), ref_sh)
     rm = jax.device_put(rm_params, rm_sh)
 
@@ -349,7 +355,9 @@ def measure_ppo(model_cfg: ModelConfig, mesh: Any, ppo: PPOConfig, *, prompt_len
         return holder[0], metrics
 
     flops = ppo_flops(model_cfg, ppo, prompt_len=prompt_len)
-    out: dict[str, Any] = dict(episodes=b, prompt=prompt_len, new=ppo.max_new_tokens, ptx=ppo.gamma_ptx > 0, flops=flops)
+    out: dict[str, Any] = dict(
+        episodes=b, prompt=prompt_len, new=ppo.max_new_tokens, ptx=ppo.gamma_ptx > 0, flops=flops
+    )
     with sharding.use_mesh(mesh):
         timing, first = time_calls(call_iteration, warmup=warmup, repeats=repeats)
         out |= dict(iter_s=timing, first_call_s=first, episodes_per_s=b / timing["median"],
@@ -378,7 +386,7 @@ def ppo_config(*, batch: int, minibatch: int, prompt_len: int, new_tokens: int, 
 
 # ----------------------------------------------------------------------------- the command
 def parse_mesh(text: str) -> MeshConfig:
-    """"data,fsdp,tensor" (one of them may be -1) -> MeshConfig."""
+    """Parse "data,fsdp,tensor" (one of them may be -1) into a MeshConfig."""
     parts = [int(x) for x in text.replace("x", ",").split(",")]
     if len(parts) != 3:
         raise ValueError(f"a mesh is data,fsdp,tensor (e.g. 2,2,2 or 1,-1,1), got {text!r}")
@@ -463,9 +471,11 @@ def format_row(row: dict) -> str:
 def markdown_table(result: dict) -> str:
     """One row per (preset, mesh, stage)."""
     lines = [
-        (f"Device: {result['num_devices']} x {result['device']} ({result['platform']}), compute {result['dtype']}"
-         f"{', remat' if result['remat'] else ''}; peak {result['peak_flops'] / 1e12:.3g} TFLOP/s "
-         f"({result['peak_source']})."),
+        (
+            f"Device: {result['num_devices']} x {result['device']} ({result['platform']}), compute {result['dtype']}"
+            f"{', remat' if result['remat'] else ''}; peak {result['peak_flops'] / 1e12:.3g} TFLOP/s "
+            f"({result['peak_source']})."
+        ),
         "",
         "| model | params | mesh (data, fsdp, tensor) | step | time (median) | first call | tokens/s | extra | MFU | peak memory |",
         "|---|---|---|---|---|---|---|---|---|---|",
