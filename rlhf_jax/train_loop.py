@@ -257,12 +257,15 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
             skips.add(step - len(pending) + counted + i + 1, f)
         counted = len(pending)
 
+    saved_at = [start]  # the step of the last save this run started (a resume starts at a saved step)
+
     def save(st, **kw) -> None:  # a non-finite state is never saved
         count_skips()
         skips.check()
         if not bool(state_finite(st)):
             raise NonFiniteError(f"{stage.name}: step {step}: the train state is not finite; not saving it")
         ckpt.save(step, st, meta(), **kw)
+        saved_at[0] = step
 
     step = start
     bar = None
@@ -307,7 +310,7 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
                     ranked = eval_metrics if eval_metrics and stage.best_metric in eval_metrics else None
                     save(state, metrics=ranked)
                 if preempt.requested:
-                    if ckpt.latest_step() != step:
+                    if saved_at[0] != step:  # (a save of this step may still be in flight: wait() below)
                         save(state)
                     ckpt.wait()
                     log.warning("%s: SIGTERM received; saved step %d and stopping", stage.name, step)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import ppo, reward, sft, sharding, train_loop
+from rlhf_jax import reward, sft, sharding, train_loop
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config import MeshConfig, ModelConfig, OptimConfig
 from rlhf_jax.models import CausalLM
@@ -182,8 +182,8 @@ def test_skip_nonfinite_is_a_bitwise_select():
     new = {"w": jnp.asarray([0.0, 2.5, np.nan]), "count": jnp.asarray(8, jnp.int32), "key": jnp.asarray([3, 4], jnp.uint32)}
     state, metrics = jax.jit(skip_nonfinite)(new, old, {"finite/loss": jnp.asarray(True),
                                                         "finite/grads": jnp.asarray(False), "loss": 1.0})  # fmt: skip
-    for k in old:
-        assert np.asarray(state[k]).tobytes() == np.asarray(old[k]).tobytes(), k
+    for k, want in old.items():
+        assert np.asarray(state[k]).tobytes() == np.asarray(want).tobytes(), k
     assert float(metrics["nonfinite/skipped"]) == 1.0 and float(metrics["nonfinite/grads"]) == 1.0
     assert float(metrics["nonfinite/loss"]) == 0.0 and "finite/loss" not in metrics and metrics["loss"] == 1.0
     state, metrics = skip_nonfinite(new, old, {"finite/loss": jnp.asarray(True)})
