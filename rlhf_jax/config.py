@@ -210,7 +210,8 @@ class RunConfig:
     # A latest checkpoint that cannot be restored: False raises (naming the step); True falls back
     # to the newest one that restores and moves the damaged newer ones aside (logged).
     restore_fallback: bool = False
-    # Write <run>/data_trace.jsonl: the example ids of every step's batch, per data iterator.
+    # Write <run>/data_trace.jsonl: the example ids of every step's batch, per data iterator (a step
+    # trained again after a restart appears again; its last line is the one that counts).
     trace_data: bool = False
 
     def __post_init__(self) -> None:
