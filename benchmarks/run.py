@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sizes", default="small,medium", help="comma-separated: small, medium")
     ap.add_argument("--only", default="matmul,sft,rm,gen,ppo", help="comma-separated: matmul, sft, rm, gen, ppo")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ppo-repeats", type=int, default=3, help="PPO iterations are long: fewer repeats (both sides)")
+    ap.add_argument("--ppo-warmup", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument(
         "--peer-python",
@@ -299,6 +301,16 @@ def main(argv: list[str] | None = None) -> dict:
         type=float,
         default=30.0,
         help="before each measurement wait up to this many seconds for other processes to go idle",
+    )
+    ap.add_argument(
+        "--compile-cache",
+        default=str(Path.home() / ".cache" / "rlhf_jax_bench_xla"),
+        help="XLA persistent compilation cache of the rlhf_jax side ('' = off): a second run compiles less",
+    )
+    ap.add_argument(
+        "--xla-flags",
+        default=None,
+        help="XLA_FLAGS for the rlhf_jax side (default: the environment's); see benchmarks/xla_flags.py",
     )
     ap.add_argument(
         "--out", default="benchmarks/side_by_side.json", help="JSON output (the table goes next to it as .md)"
