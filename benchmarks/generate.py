@@ -32,7 +32,9 @@ SIZES = {
 }
 
 
-def measure_rlhf_jax(model, params, ids, mask, *, new: int, warmup: int, repeats: int, temperature: float = 1.0) -> dict:
+def measure_rlhf_jax(
+    model, params, ids, mask, *, new: int, warmup: int, repeats: int, temperature: float = 1.0
+) -> dict:
     """Timing of ``rlhf_jax.sampling.generate`` (exactly ``new`` tokens per row, no EOS stop)
     on prompts ids/mask [B, P]; adds new_tokens_per_s."""
     import jax

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows + peer_rows:
         ro = r.get("rollout_and_scoring_s", {}).get("median", float("nan"))
         up = r.get("update_s", {}).get("median", float("nan"))
-        print(f"{r.get('impl', '?')[:44]:<44} {r['episodes_per_s']:10.2f} {r['iter_s']['median']:8.3f} {ro:10.3f} {up:9.3f}")
+        print(
+            f"{r.get('impl', '?')[:44]:<44} {r['episodes_per_s']:10.2f} {r['iter_s']['median']:8.3f} {ro:10.3f} {up:9.3f}"
+        )
     print(json.dumps(results))
     return results
 

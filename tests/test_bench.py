@@ -16,7 +16,8 @@ def test_bench_tiny_on_several_meshes(tmp_path):
     out = tmp_path / "bench"
     common = ["--presets", "tiny", "--seq-len", "16", "--batch-size", "8", "--warmup", "1", "--repeats", "1"]
     cli.main(["bench", *common, "--meshes", "2,2,2", "4,1,2", "--stages", "sft", "rm", "--out", str(out)])
-    cli.main(["bench", *common, "--meshes", "1,4,2", "--stages", "ppo", "--no-ppo-ptx", "--peak-tflops", "0.1", "--out", str(out / "ppo")])
+    ppo_args = ["--meshes", "1,4,2", "--stages", "ppo", "--no-ppo-ptx", "--peak-tflops", "0.1"]
+    cli.main(["bench", *common, *ppo_args, "--out", str(out / "ppo")])
     result = json.loads((out / "results.json").read_text())
     ppo = json.loads((out / "ppo" / "results.json").read_text())
     assert [tuple(r["mesh"]) for r in result["rows"]] == [(2, 2, 2), (4, 1, 2)]
