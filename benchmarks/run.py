@@ -265,6 +265,8 @@ def render(rows: list[dict], peak: float, peak_source: str) -> str:
     body = []
     for r in rows:
         verdict = "no peer figure" if r["met"] is None else "met" if r["met"] else "missed"
+        if "NOISY" in r["load_rlhf_jax"] + r["load_peer"]:
+            verdict += "; busy machine, discard"
         target = "-" if r["target"] is None else f">= {r['target']}x ({verdict})"
         t_ours = fmt_stats(r["rlhf_jax_time"]) + (f"; {r['extra_rlhf_jax']}" if r["extra_rlhf_jax"] else "")
         t_peer = fmt_stats(r["peer_time"]) + (f"; {r['extra_peer']}" if r["extra_peer"] else "")
