@@ -175,9 +175,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args = tyro.cli(Union[tuple(subcommands.values())], args=argv, description=__doc__)  # type: ignore[arg-type]
     if _multihost_requested():  # before any other jax call: every host joins the one global mesh
-        from rlhf_jax.sharding import initialize_distributed
+        import jax
 
-        initialize_distributed()
+        # called directly (not sharding.initialize_distributed, which tolerates a missing cluster):
+        # a launch that asked for several hosts must fail loudly, not train alone on each host
+        jax.distributed.initialize()
     if isinstance(args, DemoConfig):
         from rlhf_jax.tasks.demo import run_demo
 
