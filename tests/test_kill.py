@@ -44,3 +44,24 @@ def test_kill_9_at_random_moments_then_resume_bitwise(world, tmp_path, stage):
     assert stats.sigterms == (1 if stage == "ppo" else 0)
     K.assert_same_run(tmp_path / "killed", tmp_path / "reference")
     print(f"{stage}: {stats}")
+
+
+def test_the_check_after_a_kill_catches_a_half_deleted_listed_checkpoint(tmp_path):
+    """What a kill during orbax's own in-place deletion would leave (the reason retention renames
+    into .deleted/ first): a listed checkpoint with half of its files gone. The check fails."""
+    import jax.numpy as jnp
+
+    from rlhf_jax.checkpoint import Checkpointer
+
+    with Checkpointer(tmp_path / "checkpoints", keep_last=3) as ckpt:
+        for s in (1, 2):
+            ckpt.save(s, {"w": jnp.full((64, 8), float(s)), "b": jnp.zeros(8)}, {"iterators": {}})
+        ckpt.wait()
+    stats = K.KillStats()
+    assert K.check_run_dir(tmp_path, stats) == 2 and stats.checkpoints_restored == 2
+    files = sorted(p for p in (tmp_path / "checkpoints" / "1").rglob("*") if p.is_file())
+    for p in files[: len(files) // 2]:
+        p.unlink()
+    with pytest.raises(AssertionError, match="listed checkpoint 1 does not restore after a kill"):
+        K.check_run_dir(tmp_path, stats)
+    assert stats.corrupt_restores == 1
