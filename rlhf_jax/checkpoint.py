@@ -85,10 +85,11 @@ class Checkpointer:
     def _purge_trash(self) -> None:
         """Remove the checkpoints retention has already unlisted (renamed into ``.deleted/``).
 
-        Called only when no save is in flight (orbax renames into it from its finalize thread).
+        Called only when no save is in flight (orbax renames into it from its finalize thread);
+        on several hosts only the primary one deletes, as orbax does.
         """
         trash = self.directory / TRASH
-        if trash.is_dir():
+        if jax.process_index() == 0 and trash.is_dir():
             for entry in trash.iterdir():
                 shutil.rmtree(entry, ignore_errors=True)
 

@@ -49,6 +49,9 @@ def test_latest_n_plus_best_n_retention(tmp_path):
     with Checkpointer(tmp_path, keep_last=2, keep_best=1, best_metric="val/loss", best_mode="min") as ckpt:
         _save_steps(ckpt, range(1, 7), losses)
         assert ckpt.all_steps() == [2, 5, 6]
+        # dropped checkpoints were renamed into .deleted/ (atomically unlisted), then removed
+        assert sorted(os.listdir(tmp_path)) == [checkpoint.TRASH, "2", "5", "6"]
+        assert os.listdir(tmp_path / checkpoint.TRASH) == []
         assert ckpt.best_step() == 2
         assert ckpt.latest_step() == 6
     # after a restart the persisted metrics still rank the checkpoints: best survives more saves
