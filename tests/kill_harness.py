@@ -238,6 +238,11 @@ def kill_cycle(stage: str, world: Path, out: Path, *, kills: int, seed: int, env
             rc = child.wait(timeout=30)
             assert rc == EXIT_PREEMPTED, f"{stage}: SIGTERM gave exit status {rc}; see {log}"
             assert time.monotonic() - t0 < 30
+            # it waited for its async save: committed (no temporary directory) at the last step it trained
+            from rlhf_jax.train_loop import read_metrics
+
+            assert not _tmp_dirs(ckpt_dir), f"{stage}: a save was still in flight at the exit"
+            assert max(_committed(ckpt_dir)) == max(m["step"] for m in read_metrics(out))
             stats.sigterms += 1
         else:
             child.send_signal(signal.SIGKILL)
