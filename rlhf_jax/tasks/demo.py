@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import OptimConfig, PPOConfig, RewardConfig, RunConfig, SFTConfig
+from rlhf_jax.tasks.world_lang import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,16 @@ class DemoConfig:
         2x depth (>= 4x the parameters).
       num_users, prompts_per_user: the world's simulated users (80/10/10 split by user id:
         train / validation / held-out evaluation users).
+      families: the instruction families asked (``--quick``: the three a few hundred steps learn).
       demo_filler_rate: how often a labeler's demonstration wraps a correct answer in
         filler, a style the rankings dislike (``WorldConfig.demo_filler_rate``).
       pretrain_steps, sft_steps, rm_steps, ppo_steps: optimizer steps (PPO: iterations).
       big_step_fraction: the big model's pretraining and SFT steps, as a fraction of the
         small one's (1.0: the same data; ``--quick`` shortens it, the slowest stage).
       rm_learning_rate: the reward model's peak learning rate.
+      ppo_learning_rate, ppo_ema_decay: PPO's constant learning rate and the decay of the
+        EMA policy that is evaluated and exported (0.992 as in the paper; ``--quick``'s 12
+        iterations need a shorter average).
       ranking_prompts: prompts of training users whose K = 4..9 SFT samples labelers rank.
       eval_prompts: held-out users' prompts for the win rates and RM accuracy.
       eval_temperature: sampling temperature of the evaluation responses (1.0: the policy's
@@ -62,6 +67,7 @@ class DemoConfig:
     num_layers: int = 2
     num_users: int = 120
     prompts_per_user: int = 40
+    families: tuple[str, ...] = FAMILIES
     demo_filler_rate: float = 0.3
     pretrain_steps: int = 400
     sft_steps: int = 600
@@ -69,6 +75,8 @@ class DemoConfig:
     rm_steps: int = 120
     rm_learning_rate: float = 1e-3
     ppo_steps: int = 60
+    ppo_learning_rate: float = 1e-4
+    ppo_ema_decay: float = 0.992
     ranking_prompts: int = 2000
     eval_prompts: int = 480
     eval_temperature: float = 1.0
@@ -77,9 +85,10 @@ class DemoConfig:
     def scaled(self) -> "DemoConfig":
         if not self.quick:
             return self
-        return dataclasses.replace(self, num_users=40, prompts_per_user=40, pretrain_steps=150, sft_steps=250,
-                                   big_step_fraction=0.2, rm_steps=30, ppo_steps=12, ranking_prompts=600,
-                                   eval_prompts=160)  # fmt: skip
+        return dataclasses.replace(self, num_users=40, prompts_per_user=40, families=("repeat", "count", "sort"),
+                                   demo_filler_rate=0.5, pretrain_steps=150, sft_steps=250, big_step_fraction=0.2,
+                                   rm_steps=30, ppo_steps=12, ppo_learning_rate=3e-4, ppo_ema_decay=0.9,
+                                   ranking_prompts=600, eval_prompts=160)  # fmt: skip
 
 
 def _run(**kw) -> RunConfig:
@@ -109,7 +118,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         return result
 
     world = World(WorldConfig(seed=cfg.seed, num_users=cfg.num_users, prompts_per_user=cfg.prompts_per_user,
-                              demo_filler_rate=cfg.demo_filler_rate))  # fmt: skip
+                              families=cfg.families, demo_filler_rate=cfg.demo_filler_rate))  # fmt: skip
     tok = world.build_tokenizer(root / "tokenizer")
     files = stage("world", lambda: world.write_files(root / "data"))
     vocab = len(tok)
@@ -188,8 +197,9 @@ def run_demo(cfg: DemoConfig) -> Path:
             prompts=str(files["prompts"]), policy=str(sft_dir), reward=str(rm_dir), out=str(root / name),
             ptx_data=str(files["pretrain"]) if ptx else None, max_steps=cfg.ppo_steps, batch_size=64,
             minibatch_size=16, ppo_epochs=1, max_prompt_len=32, max_new_tokens=cfg.max_new_tokens, kl_coef=kl_coef,
-            ptx_seq_len=64, ptx_rows=8, eval_prompts=64,
-            optim=OptimConfig(learning_rate=1e-4, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1),
+            ptx_seq_len=64, ptx_rows=8, eval_prompts=64, ema_decay=cfg.ppo_ema_decay,
+            optim=OptimConfig(learning_rate=cfg.ppo_learning_rate, schedule="constant", warmup_steps=2,
+                              warmup_init_fraction=0.1),
             run=_run(seed=cfg.seed, eval_every=max(1, cfg.ppo_steps // 6), log_every=1,
                      split_fractions=(0.8, 0.1, 0.1)),
         ), gold_fn=lambda ps, rs: [world.gold_score(p, r) for p, r in zip(ps, rs)])  # fmt: skip
