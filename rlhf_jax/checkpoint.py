@@ -242,6 +242,7 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
     import jax.numpy as jnp
 
     from rlhf_jax.config import ModelConfig
+    from rlhf_jax.data import check_vocab
     from rlhf_jax.models import CausalLM, from_pretrained, load_tokenizer
 
     source = Path(source)
@@ -257,6 +258,7 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
 
             log.warning("%s: embedding grown by one row for the added pad token", source)
             model, params = resize_vocab(model, params, len(tokenizer))
+        check_vocab(tokenizer, model.config.vocab_size)  # an id past the embedding would be NaN later
         return model, params, tokenizer
     info = read_model_info(source)
     cfg_dict = dict(info["model"])
@@ -291,4 +293,5 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
         fresh = nn.unbox(CausalLM(cfg, head="scalar").init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
         params["score"] = fresh["params"]["score"]
     tokenizer = load_tokenizer(source / "tokenizer")
+    check_vocab(tokenizer, cfg.vocab_size)
     return CausalLM(cfg, head=want), params, tokenizer

@@ -386,6 +386,7 @@ def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig, tokenize: Ca
             out.append(None)
             continue
         ds = tokenize(part)
+        ds.report.source = ds.report.source or str(source)  # the ceiling error names the file
         ds.report.check_ceiling(run_cfg.max_skip_fraction)
         if ds.report.skipped:
             log.warning("%s (tokenised): %s", source, ds.report.summary())

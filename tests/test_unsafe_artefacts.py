@@ -296,15 +296,12 @@ def test_tokenizer_larger_than_embedding_stops_the_stage(base, tmp_path, extra, 
     from rlhf_jax.sft import run_sft
 
     d = _grown_tokenizer_dir(base, tmp_path / "grown", extra, pad_is_eos=pad_is_eos)
-    model, _, tok = checkpoint.load_model(d)
-    assert len(tok) > model.config.vocab_size
     for name, cfg in _stage_configs(d, tmp_path):
-        with pytest.raises(ValueError, match=rf"has {len(tok)} tokens but the model's vocab_size is"):
+        with pytest.raises(ValueError, match=r"has \d+ tokens but the model's vocab_size is"):
             {"sft": run_sft, "rm": run_rm}[name](cfg)
         assert not (Path(cfg.out) / "checkpoints").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.load_model does not call data.check_vocab yet (checkpoint.py)")
 def test_load_model_rejects_tokenizer_larger_than_embedding(base, tmp_path):
     d = _grown_tokenizer_dir(base, tmp_path / "grown", 2)
     with pytest.raises(ValueError, match="tokens but the model's vocab_size is"):
