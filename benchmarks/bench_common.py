@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_jax.bench import stats
+from rlhf_jax.mfu import stats
 
 PEER_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "bench" / "trl_baseline.py"
 SIZES = ("small", "medium")  # the peer's two GPT-2 configs; rlhf_jax.bench.PRESETS has the same ones

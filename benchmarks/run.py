@@ -67,7 +67,7 @@ def jax_side(size: str, only: set[str], *, warmup: int, repeats: int, ppo_warmup
     import jax
     import numpy as np
 
-    from rlhf_jax import bench, sharding
+    from rlhf_jax import bench, mfu, sharding
     from rlhf_jax.config import MeshConfig, OptimConfig
     from rlhf_jax.models import CausalLM
 
@@ -92,7 +92,7 @@ def jax_side(size: str, only: set[str], *, warmup: int, repeats: int, ppo_warmup
             model = CausalLM(model_cfg)
             ids = np.random.default_rng(0).integers(3, model_cfg.vocab_size, (16, 64)).astype(np.int32)
             r = gen_bench.measure_rlhf_jax(model, bench.random_params(model), ids, np.ones_like(ids), new=64, **kw)
-            return r | {"flops": bench.generate_flops(model_cfg, batch=16, prompt_len=64, new_tokens=64)}
+            return r | {"flops": mfu.generate_flops(model_cfg, batch=16, prompt_len=64, new_tokens=64)}
 
         run("gen", gen)
     if "ppo" in only:
@@ -105,7 +105,7 @@ def jax_side(size: str, only: set[str], *, warmup: int, repeats: int, ppo_warmup
 
 
 def jax_matmul(wait_quiet_s: float) -> dict:
-    from rlhf_jax.bench import measure_matmul_peak
+    from rlhf_jax.mfu import measure_matmul_peak
 
     r = measured("matmul", measure_matmul_peak, wait_quiet_s=wait_quiet_s)
     if "flops_best" in r:
@@ -131,15 +131,15 @@ def _load(entry: dict | None) -> str:
 
 def build_rows(size: str, ours: dict, peer: dict, peer_ppo: dict, peak: float) -> list[dict]:
     """One dict per compared line: what, ours, theirs, ratio, target, MFU of each, load of each."""
-    from rlhf_jax import bench
+    from rlhf_jax import bench, mfu
 
     cfg = bench.PRESETS[size]
     p = _get(peer, "results", size, default={})
     pp = _get(peer_ppo, "results", size, default={})
-    sft_flops = bench.train_flops(cfg, sequences=8, seq_len=128)
-    rm_flops = bench.train_flops(cfg, sequences=16, seq_len=128, lm_head=False)
-    gen_flops = bench.generate_flops(cfg, batch=16, prompt_len=64, new_tokens=64)
-    ppo_fl = {ptx: bench.ppo_flops(cfg, bench.ppo_config(batch=16, minibatch=8, prompt_len=64, new_tokens=64, ptx=ptx),
+    sft_flops = mfu.train_flops(cfg, sequences=8, seq_len=128)
+    rm_flops = mfu.train_flops(cfg, sequences=16, seq_len=128, lm_head=False)
+    gen_flops = mfu.generate_flops(cfg, batch=16, prompt_len=64, new_tokens=64)
+    ppo_fl = {ptx: mfu.ppo_flops(cfg, bench.ppo_config(batch=16, minibatch=8, prompt_len=64, new_tokens=64, ptx=ptx),
                                    prompt_len=64)["total"] for ptx in (False, True)}  # fmt: skip
     rows = []
 
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = max((v, k) for k, v in peaks.items() if v) if any(peaks.values()) else (None, None)
     peak, peak_source = best[0], f"best 2048^3 fp32 matmul of this run ({best[1]})"
     if peak is None:  # matmul not measured: measure it now, quietly
-        from rlhf_jax.bench import measure_matmul_peak
+        from rlhf_jax.mfu import measure_matmul_peak
 
         peak, peak_source = measure_matmul_peak()["flops_best"], "2048^3 fp32 matmul (jax), measured at the end"
     result["peak_flops"], result["peak_source"], result["matmul_peaks"] = peak, peak_source, peaks

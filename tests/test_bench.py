@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from rlhf_jax import bench, cli
+from rlhf_jax import bench, cli, mfu
 from rlhf_jax.config import ModelConfig
 
 
@@ -46,10 +46,10 @@ def test_bench_tiny_on_several_meshes(tmp_path):
 def test_sft_flops_match_the_config_formula():
     cfg = bench.PRESETS["small"]
     per_token = cfg.flops_per_token(128)  # 6 N + 6 L H Dh T, the PaLM-style count with causal attention
-    assert bench.train_flops(cfg, sequences=8, seq_len=128) == pytest.approx(8 * 128 * per_token, rel=1e-12)
+    assert mfu.train_flops(cfg, sequences=8, seq_len=128) == pytest.approx(8 * 128 * per_token, rel=1e-12)
     # the RM's scalar head drops the 2 D V unembedding of every position, forward and backward
-    scalar = bench.train_flops(cfg, sequences=8, seq_len=128, lm_head=False)
-    assert bench.train_flops(cfg, sequences=8, seq_len=128) - scalar == pytest.approx(
+    scalar = mfu.train_flops(cfg, sequences=8, seq_len=128, lm_head=False)
+    assert mfu.train_flops(cfg, sequences=8, seq_len=128) - scalar == pytest.approx(
         3 * 8 * 128 * 2 * cfg.hidden_size * (cfg.vocab_size - 1)
     )
 
@@ -63,10 +63,10 @@ def test_presets_and_peaks():
         def __init__(self, kind):
             self.device_kind = kind
 
-    assert bench.device_peak_flops(Device("TPU v5 lite")) == 197e12
-    assert bench.device_peak_flops(Device("TPU v5")) == 459e12
-    assert bench.device_peak_flops(Device("NVIDIA H100 80GB HBM3")) == 989e12
-    assert bench.device_peak_flops(Device("cpu")) is None
+    assert mfu.device_peak_flops(Device("TPU v5 lite")) == 197e12
+    assert mfu.device_peak_flops(Device("TPU v5")) == 459e12
+    assert mfu.device_peak_flops(Device("NVIDIA H100 80GB HBM3")) == 989e12
+    assert mfu.device_peak_flops(Device("cpu")) is None
     tiny = ModelConfig(family="gpt2", vocab_size=64, hidden_size=32, num_layers=1, num_heads=2)
     assert (1, 1, 2) not in bench.meshes_that_fit(2, tiny.replace(num_heads=1), 2)
     assert (2, 1, 1) in bench.meshes_that_fit(2, tiny, 2)
