@@ -195,6 +195,14 @@ def assert_trees_equal(a, b, *, atol: float | None = None) -> None:
             np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=path)
 
 
+def write_good_then_bad(path, good: dict, bad_lines: list[str], *, n_good: int = 60):
+    """``n_good`` copies of the valid row ``good`` (4 users), then ``bad_lines`` verbatim: the
+    first bad line is line ``n_good + 1``. Returns ``path``."""
+    rows = [dict(good, user_id=f"u{i % 4}") for i in range(n_good)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(b + "\n" for b in bad_lines))
+    return path
+
+
 MESH_1x8x1 = MeshConfig(data=1, fsdp=8, tensor=1)
 MESH_2x2x2 = MeshConfig(data=2, fsdp=2, tensor=2)
 MESH_8x1x1 = MeshConfig(data=8, fsdp=1, tensor=1)

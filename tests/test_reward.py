@@ -270,15 +270,11 @@ BAD_ROWS = {
 }
 
 
-def _write_with(path, bad_lines, *, n_good=60):
-    good = [dict(GOOD, user_id=f"u{i % 4}") for i in range(n_good)]
-    path.write_text("".join(json.dumps(g) + "\n" for g in good) + "".join(b + "\n" for b in bad_lines))
-    return path
 
 
 @pytest.mark.parametrize("reason", sorted(BAD_ROWS))
 def test_bad_ranking_row_names_file_line_and_reason(world, tmp_path, reason):
-    path = _write_with(tmp_path / "rankings.jsonl", [BAD_ROWS[reason]])
+    path = F.write_good_then_bad(tmp_path / "rankings.jsonl", GOOD, [BAD_ROWS[reason]])
     with pytest.raises(data.DataError, match=rf"rankings.jsonl:61: {reason}") as e:
         run_rm(F.rm_config(world, tmp_path / "run", data=str(path)))
     assert e.value.line == 61 and e.value.reason == reason
@@ -289,7 +285,8 @@ def test_skip_mode_counts_every_bad_group(world, tmp_path, caplog):
     after_tokens = json.dumps({"prompt": "w2", "chosen": "w3  w4", "rejected": "w3 w4"})  # equal once tokenised
     long_response = json.dumps({"prompt": "w2", "responses": [" ".join(["w3"] * 20), "w4"], "ranks": [0, 1]})
     long_prompt = json.dumps({"prompt": " ".join(["w2"] * 20), "responses": ["w3", "w4"], "ranks": [0, 1]})
-    path = _write_with(tmp_path / "rankings.jsonl", [*BAD_ROWS.values(), after_tokens, long_response, long_prompt])
+    path = F.write_good_then_bad(tmp_path / "rankings.jsonl", GOOD,
+                                 [*BAD_ROWS.values(), after_tokens, long_response, long_prompt])
     caplog.set_level(logging.WARNING)
     run = F.run_config(on_error="skip", max_skip_fraction=0.2, split_fractions=(1.0, 0.0, 0.0))
     tokenize = lambda recs: data.tokenize_rankings(  # noqa: E731

@@ -220,15 +220,11 @@ BAD_ROWS = {
 }
 
 
-def _write_with(path, bad_lines, *, n_good=60):
-    good = [dict(GOOD, user_id=f"u{i % 4}") for i in range(n_good)]
-    path.write_text("".join(json.dumps(g) + "\n" for g in good) + "".join(b + "\n" for b in bad_lines))
-    return path
 
 
 @pytest.mark.parametrize("reason", sorted(BAD_ROWS))
 def test_bad_demonstration_row_names_file_line_and_reason(world, tmp_path, reason):
-    path = _write_with(tmp_path / "demos.jsonl", [BAD_ROWS[reason]])
+    path = F.write_good_then_bad(tmp_path / "demos.jsonl", GOOD, [BAD_ROWS[reason]])
     with pytest.raises(data.DataError, match=rf"demos.jsonl:61: {reason}") as e:
         run_sft(F.sft_config(world, tmp_path / "run", data=str(path)))
     assert e.value.line == 61 and e.value.reason == reason
@@ -238,7 +234,7 @@ def test_bad_demonstration_row_names_file_line_and_reason(world, tmp_path, reaso
 def test_skip_mode_counts_every_bad_row(world, tmp_path, caplog):
     """on_error="skip": every bad row is counted by reason (the loading step run_sft uses)."""
     too_long = json.dumps({"prompt": "w2 w3", "response": " ".join(["w4"] * 30), "user_id": "u0"})
-    path = _write_with(tmp_path / "demos.jsonl", [*BAD_ROWS.values(), too_long])
+    path = F.write_good_then_bad(tmp_path / "demos.jsonl", GOOD, [*BAD_ROWS.values(), too_long])
     caplog.set_level(logging.WARNING)
     run = F.run_config(on_error="skip", max_skip_fraction=0.1, split_fractions=(1.0, 0.0, 0.0))
     tokenize = lambda recs: data.tokenize_demonstrations(recs, world.tok, seq_len=F.SFT_SEQ_LEN)  # noqa: E731
@@ -254,12 +250,12 @@ def test_skip_mode_counts_every_bad_row(world, tmp_path, caplog):
 
 
 def test_skip_ceiling_and_over_length(world, tmp_path):
-    path = _write_with(tmp_path / "demos.jsonl", [*BAD_ROWS.values()], n_good=20)
+    path = F.write_good_then_bad(tmp_path / "demos.jsonl", GOOD, [*BAD_ROWS.values()], n_good=20)
     with pytest.raises(data.DataError, match=r"skipped 4/24 rows.*above the allowed 5.0%"):
         run_sft(F.sft_config(world, tmp_path / "a", data=str(path), run=F.run_config(on_error="skip")))
     # over-length examples are dropped (never truncated) and counted against the same ceiling
     long = json.dumps({"prompt": "w2 w3", "response": " ".join(["w4"] * 30), "user_id": "u0"})
-    path = _write_with(tmp_path / "long.jsonl", [long])
+    path = F.write_good_then_bad(tmp_path / "long.jsonl", GOOD, [long])
     with pytest.raises(data.DataError, match=r"too_long=1"):
         run_sft(F.sft_config(world, tmp_path / "b", data=str(path), run=F.run_config(max_skip_fraction=0.0)))
     all_long = tmp_path / "all_long.jsonl"
