@@ -66,7 +66,8 @@ def masked_lm_loss(
 
     Returns:
       ``(loss, metrics)``: float32 scalar loss; metrics ``loss``, ``accuracy`` (masked
-      argmax accuracy) and ``num_tokens``.
+      fraction of targets with the highest logit; a target tied for the highest counts as
+      correct) and ``num_tokens``.
 
     >>> logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1], [0.1, 0.9]]]))
     >>> loss, m = masked_lm_loss(logits, jnp.array([[0, 0, 0]]), jnp.array([[0, 1, 1]]))
@@ -75,9 +76,14 @@ def masked_lm_loss(
     """
     chex.assert_rank([logits, targets, loss_mask], [3, 2, 2])
     chex.assert_equal_shape([targets, loss_mask])
-    nll = token_cross_entropy(logits, targets)
+    chex.assert_equal_shape_prefix([logits, targets], 2)
+    logits = jnp.asarray(logits).astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B, T]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked  # [B, T]
     loss = ops.masked_mean(nll, loss_mask)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    # "the target has the highest logit": one max-reduction, where argmax costs a (value,
+    # index) pair reduction over [B, T, V] that is several times slower on CPU.
+    correct = (picked >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     metrics = {
         "loss": loss,
         "accuracy": ops.masked_mean(correct, loss_mask),

@@ -98,9 +98,10 @@ def gradient_step(state: TrainState, loss_fn, optimizer: optax.GradientTransform
     """
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = inject_fault("grads", grads, faults)
-    metrics = {**metrics, "finite/loss": all_finite(loss), "finite/grads": all_finite(grads)}
+    grad_norm = optax.tree.norm(grads)
+    metrics = {**metrics, "finite/loss": all_finite(loss), "finite/grads": norm_finite(grad_norm)}
     new_state, metrics = skip_nonfinite(apply_gradients(state, grads, optimizer), state, metrics)
-    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+    return new_state, {**metrics, "grad_norm": grad_norm}
 
 
 def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTransformation) -> TrainState:
@@ -122,6 +123,28 @@ def all_finite(tree: Any) -> jax.Array:
     if not leaves:
         return jnp.asarray(True)
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+
+
+def norm_finite(global_norm: jax.Array) -> jax.Array:
+    """bool scalar: a gradient tree is finite, judged from its global norm ``sqrt(sum g^2)``.
+
+    Any NaN or inf element makes the norm non-finite, and so does a finite tree whose sum of
+    squares overflows float32 (elements beyond ~1e19): a step no optimizer should take
+    either. The norm is computed for clipping and logging anyway, so the check is free; a
+    per-leaf ``isfinite`` pass reads every gradient again.
+    """
+    return jnp.isfinite(global_norm)
+
+
+def logits_finite(logits: jax.Array) -> jax.Array:
+    """bool scalar: ``logsumexp(logits)`` is finite at every position of ``logits`` [..., V].
+
+    A NaN or +inf anywhere, or a position whose logits are all -inf, makes it False; a -inf
+    logit among finite ones (a banned token) does not. The log-normaliser is what the
+    losses compute anyway (XLA shares the reduction), so this costs a check of [...]
+    values instead of a pass over the whole [..., V] array.
+    """
+    return jnp.all(jnp.isfinite(jax.nn.logsumexp(jnp.asarray(logits).astype(jnp.float32), axis=-1)))
 
 
 def skip_nonfinite(new_state: Any, old_state: Any, metrics: dict) -> tuple[Any, dict]:

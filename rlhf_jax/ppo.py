@@ -41,7 +41,7 @@ import optax
 from rlhf_jax import losses, ops, rl
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import TrainState, all_finite, apply_gradients, inject_fault, skip_nonfinite
+from rlhf_jax.optim import TrainState, all_finite, apply_gradients, inject_fault, norm_finite, skip_nonfinite
 from rlhf_jax.sampling import generate
 
 
@@ -212,8 +212,10 @@ def ppo_objective(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, poli
     }
     policy_total = pg_loss
     if ptx is not None and cfg.gamma_ptx > 0:
-        ptx_logits = policy.apply({"params": policy_params}, ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
-        ptx_loss, _ = losses.masked_lm_loss(ptx_logits[:, :-1], ptx["input_ids"][:, 1:], ptx["loss_mask"][:, 1:])
+        t_ptx = ptx["input_ids"].shape[1]
+        ptx_logits = policy.apply({"params": policy_params}, ptx["input_ids"], attention_mask=ptx["attention_mask"],
+                                  head_slice=(0, t_ptx - 1)).logits  # [B, T-1, V]  # fmt: skip
+        ptx_loss, _ = losses.masked_lm_loss(ptx_logits, ptx["input_ids"][:, 1:], ptx["loss_mask"][:, 1:])
         metrics["loss/ptx"] = ptx_loss
         policy_total = policy_total + cfg.gamma_ptx * ptx_loss
     value_total = cfg.vf_coef * vf_loss
@@ -244,7 +246,6 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
             )
             (_, (_, metrics)), p_grads = grad_fn(state.policy.params)
             p_grads = inject_fault("grads", p_grads, faults)
-            metrics["finite/grads"] = all_finite(p_grads)
             new_value = None
         else:
 
@@ -256,10 +257,10 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
                 state.policy.params, state.value.params
             )
             p_grads = inject_fault("grads", p_grads, faults)
-            metrics["finite/grads"] = all_finite((p_grads, v_grads))
             new_value = apply_gradients(state.value, v_grads, value_opt)
             metrics["val/grad_norm"] = optax.tree.norm(v_grads)
         metrics["ppo/grad_norm"] = optax.tree.norm(p_grads)
+        metrics["finite/grads"] = norm_finite(metrics["ppo/grad_norm"]) & norm_finite(metrics.get("val/grad_norm", 0.0))
         new_policy = apply_gradients(state.policy, p_grads, policy_opt)
         ema = jax.tree.map(lambda e, w: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * w,
                            state.ema_params, new_policy.params)  # fmt: skip

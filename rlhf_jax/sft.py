@@ -25,7 +25,7 @@ import optax
 from rlhf_jax import losses
 from rlhf_jax.config import SFTConfig
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import TrainState, all_finite, gradient_step, inject_fault, make_optimizer
+from rlhf_jax.optim import TrainState, gradient_step, inject_fault, logits_finite, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,14 @@ def lm_objective(model: CausalLM, params: Any, batch: dict, *, dropout_key: jax.
     ``finite/logits`` flag (see ``optim.skip_nonfinite``).
     """
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
+    t = batch["input_ids"].shape[1]
     out = model.apply(
         {"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-        deterministic=dropout_key is None, rngs=rngs,
+        deterministic=dropout_key is None, rngs=rngs, head_slice=(0, t - 1),
     )  # fmt: skip
-    logits = inject_fault("logits", out.logits[:, :-1], batch)  # [B, T-1, V]: position t predicts token t + 1
+    logits = inject_fault("logits", out.logits, batch)  # [B, T-1, V]: position t predicts token t + 1
     loss, metrics = losses.masked_lm_loss(logits, batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
-    return loss, {**metrics, "finite/logits": all_finite(logits)}
+    return loss, {**metrics, "finite/logits": logits_finite(logits)}
 
 
 def make_train_step(model: CausalLM, optimizer: optax.GradientTransformation) -> Callable:

@@ -54,8 +54,8 @@ def heldout_lm_loss(model: CausalLM, params: Any, dataset: Any, *, batch_size: i
 
     @jax.jit
     def batch_loss(p, ids, attn, loss_mask):
-        logits = model.apply({"params": p}, ids, attention_mask=attn).logits
-        loss, m = losses.masked_lm_loss(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:])
+        logits = model.apply({"params": p}, ids, attention_mask=attn, head_slice=(0, ids.shape[1] - 1)).logits
+        loss, m = losses.masked_lm_loss(logits, ids[:, 1:], loss_mask[:, 1:])
         return loss * m["num_tokens"], m["num_tokens"]
 
     a = dataset.arrays
