@@ -156,6 +156,13 @@ class LossesMatchLoopsTest(chex.TestCase):
         self.assertEqual(float(metrics["num_tokens"]), n)
 
     @chex.variants(with_jit=True, without_jit=True)
+    def test_lm_accuracy_counts_a_target_tied_for_the_top(self):
+        logits = jnp.asarray([[[1.0, 3.0, 3.0, 0.0], [2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+        # tied top (either tied id is correct), a miss, all equal (any id is correct)
+        _, m = self.variant(losses.masked_lm_loss)(logits, jnp.asarray([[2, 1, 3]]), jnp.ones((1, 3)))
+        np.testing.assert_allclose(m["accuracy"], 2 / 3, rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
     def test_pairwise_ranking_loss(self):
         rng = np.random.default_rng(1)
         chosen = (3 * rng.normal(size=7)).astype(np.float32)

@@ -27,7 +27,7 @@ from rlhf_jax import reward, sft, sharding, train_loop
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config import MeshConfig, ModelConfig, OptimConfig
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import init_train_state, make_optimizer, skip_nonfinite
+from rlhf_jax.optim import init_train_state, logits_finite, make_optimizer, norm_finite, skip_nonfinite
 from tests import stage_fixtures as F
 from tests import test_ppo as T
 
@@ -188,6 +188,26 @@ def test_skip_nonfinite_is_a_bitwise_select():
     assert float(metrics["nonfinite/loss"]) == 0.0 and "finite/loss" not in metrics and metrics["loss"] == 1.0
     state, metrics = skip_nonfinite(new, old, {"finite/loss": jnp.asarray(True)})
     assert np.asarray(state["count"]) == 8 and float(metrics["nonfinite/skipped"]) == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_cheap_finiteness_checks_agree_with_isfinite_where_it_matters(bad):
+    """``norm_finite`` (gradients, from their global norm) and ``logits_finite`` (from the
+    log-normaliser) flag what an elementwise ``isfinite`` flags, except a -inf logit among
+    finite ones: that is a banned token, and the softmax is still well defined."""
+    import optax
+
+    grads = {"a": jnp.ones((3, 4)), "b": jnp.arange(5.0)}
+    assert bool(norm_finite(optax.tree.norm(grads)))
+    poisoned = {"a": grads["a"].at[1, 2].set(bad), "b": grads["b"]}
+    assert not bool(norm_finite(optax.tree.norm(poisoned)))
+    assert not bool(norm_finite(optax.tree.norm({"a": jnp.full((2,), 3e19)})))  # overflowing norm: no step either
+
+    logits = jnp.zeros((2, 3, 5))
+    assert bool(logits_finite(logits))
+    one_bad = logits.at[1, 2, 3].set(bad)
+    assert bool(logits_finite(one_bad)) == (bad == -np.inf)
+    assert not bool(logits_finite(logits.at[0, 1].set(-np.inf)))  # a position with every token banned
 
 
 def test_a_nonfinite_state_is_never_saved(tmp_path):
