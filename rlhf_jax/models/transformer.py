@@ -252,6 +252,16 @@ class Block(nn.Module):
         return _constrain(x, ("batch", "length", "act_embed")), new_kv
 
 
+def _lookup(table: Array, ids: Array, table_axes: tuple[str | None, ...], dtype: str) -> Array:
+    """Rows ``table[ids]`` ([..., D]) of a table gathered along its model dim first.
+
+    The tables' model dim is fsdp-sharded at rest; a lookup straight from that layout gives
+    rows split along D, which the SPMD partitioner cannot turn into the batch-sharded
+    activations without an "involuntary full rematerialization" (seen on the (2, 2, 2) mesh).
+    """
+    return jnp.take(_constrain(table, table_axes), ids, axis=0).astype(to_dtype(dtype))
+
+
 def positions_from_mask(mask: Array) -> Array:
     """Position ids from an attention mask [B, T]: cumsum(mask) - 1, clipped at 0.
 
@@ -317,16 +327,17 @@ class CausalLM(nn.Module):
             embedding_init=_param(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="embed",
         )
-        x = embed(input_ids)  # [B, T, D]
+        x = _lookup(embed.embedding, input_ids, ("vocab", None), cfg.dtype)  # [B, T, D]
         if cfg.family == "gpt2":
-            x = x + nn.Embed(
+            pos_embed = nn.Embed(
                 cfg.max_position_embeddings,
                 cfg.hidden_size,
                 dtype=to_dtype(cfg.dtype),
                 param_dtype=to_dtype(cfg.param_dtype),
                 embedding_init=_param(nn.initializers.normal(0.01), (None, "embed")),
                 name="pos_embed",
-            )(position_ids)
+            )
+            x = x + _lookup(pos_embed.embedding, position_ids, (None, None), cfg.dtype)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
         x = _constrain(x, ("batch", "length", "act_embed"))
 
