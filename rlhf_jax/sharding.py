@@ -109,10 +109,13 @@ def initialize_distributed(**kwargs: Any) -> None:
 
     Call it first, before any other jax call. On TPU VMs and SLURM/GPU clusters the
     coordinator address and process ids are found from the environment; pass them
-    explicitly otherwise. On a single host without a cluster environment it is a no-op.
+    explicitly otherwise. On a single host without a cluster environment it is a no-op
+    (JAX finds no coordinator and raises ValueError). A cluster that is found but cannot be
+    joined (RuntimeError: coordinator unreachable, timeout) is an error, as is any failure
+    with explicit arguments: each host training alone would be silently wrong.
     """
     try:
         jax.distributed.initialize(**kwargs)
-    except (ValueError, RuntimeError):
-        if kwargs:  # the caller asked for a specific cluster: do not hide the failure
+    except ValueError:
+        if kwargs:  # the caller asked for a specific cluster
             raise

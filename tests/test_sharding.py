@@ -79,3 +79,22 @@ def test_shard_batch_places_rows_across_data_axes():
     batch = sharding.shard_batch({"ids": np.arange(32).reshape(8, 4)}, mesh)
     assert batch["ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
     np.testing.assert_array_equal(np.asarray(batch["ids"]), np.arange(32).reshape(8, 4))
+
+
+def test_initialize_distributed_only_tolerates_a_missing_cluster(monkeypatch):
+    """No coordinator configured (ValueError) is single-host; a cluster that cannot be joined
+    (RuntimeError), or any failure with explicit arguments, propagates."""
+
+    def raising(exc):
+        def initialize(**kwargs):
+            raise exc
+
+        return initialize
+
+    monkeypatch.setattr(jax.distributed, "initialize", raising(ValueError("coordinator_address should be defined.")))
+    assert sharding.initialize_distributed() is None
+    with pytest.raises(ValueError):
+        sharding.initialize_distributed(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0)
+    monkeypatch.setattr(jax.distributed, "initialize", raising(RuntimeError("coordinator unreachable")))
+    with pytest.raises(RuntimeError, match="unreachable"):
+        sharding.initialize_distributed()
