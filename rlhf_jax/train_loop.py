@@ -370,10 +370,11 @@ def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig, tokenize: Ca
     """Load a data set, split it by user id (train, val, test) and tokenise each part.
 
     Malformed rows raise (or are skipped and counted, ``on_error="skip"``); the skip
-    ceiling is checked on the rows and on the length drops. Returns the three
+    ceiling is checked on the rows, on each part's length drops, and on both together
+    against the file's row count (4% bad rows plus 4% too long is 8%). Returns the three
     TokenizedDatasets (val/test None when ``split`` is False) and the loaded records.
     """
-    from rlhf_jax.data import load_records, split_by_user
+    from rlhf_jax.data import SkipReport, load_records, split_by_user
 
     records, report = load_records(source, kind, on_error=run_cfg.on_error)
     report.check_ceiling(run_cfg.max_skip_fraction)
@@ -381,6 +382,9 @@ def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig, tokenize: Ca
         log.warning("%s: %s", source, report.summary())
     parts = split_by_user(records, fractions=run_cfg.split_fractions, seed=run_cfg.seed) if split else (records, [], [])
     out = []
+    whole = SkipReport(total_rows=report.total_rows, source=str(source))  # loading + tokenising, whole file
+    for reason, n in report.counts.items():
+        whole.add(reason, n)
     for part in parts:
         if not part:
             out.append(None)
@@ -390,7 +394,11 @@ def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig, tokenize: Ca
         ds.report.check_ceiling(run_cfg.max_skip_fraction)
         if ds.report.skipped:
             log.warning("%s (tokenised): %s", source, ds.report.summary())
+        whole.kept += ds.report.kept
+        for reason, n in ds.report.counts.items():
+            whole.add(reason, n)
         out.append(ds if len(ds) else None)
+    whole.check_ceiling(run_cfg.max_skip_fraction)
     if out[0] is None:
         raise ValueError(f"{source}: no training example left after loading, splitting and length filtering")
     return out[0], out[1], out[2], parts

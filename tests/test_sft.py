@@ -249,6 +249,20 @@ def test_skip_mode_counts_every_bad_row(world, tmp_path, caplog):
         run_sft(F.sft_config(world, tmp_path / "strict", data=str(path)))
 
 
+def test_skip_ceiling_counts_load_and_length_drops_together(world, tmp_path):
+    """2 bad rows of 50 (4%) and 2 too long of the 48 left (4.2%) each pass a 5% ceiling; together 8% do not."""
+    long = json.dumps({"prompt": "w2 w3", "response": " ".join(["w4"] * 30), "user_id": "u0"})
+    path = F.write_good_then_bad(tmp_path / "demos.jsonl", GOOD, [BAD_ROWS["invalid_json"]] * 2 + [long] * 2,
+                                 n_good=46)  # fmt: skip
+    run = F.run_config(on_error="skip", max_skip_fraction=0.05, split_fractions=(1.0, 0.0, 0.0))
+    tokenize = lambda recs: data.tokenize_demonstrations(recs, world.tok, seq_len=F.SFT_SEQ_LEN)  # noqa: E731
+    with pytest.raises(data.DataError, match=r"demos.jsonl: skipped 4/50 rows \(8.0%\).*invalid_json=2, too_long=2"):
+        train_loop.load_split_tokenize(str(path), "demonstrations", run, tokenize)
+    train, _, _, _ = train_loop.load_split_tokenize(str(path), "demonstrations", dataclasses.replace(run, max_skip_fraction=0.08),
+                                                    tokenize)  # fmt: skip
+    assert len(train) == 46
+
+
 def test_skip_ceiling_and_over_length(world, tmp_path):
     path = F.write_good_then_bad(tmp_path / "demos.jsonl", GOOD, [*BAD_ROWS.values()], n_good=20)
     with pytest.raises(data.DataError, match=r"skipped 4/24 rows.*above the allowed 5.0%"):
