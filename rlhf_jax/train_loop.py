@@ -369,10 +369,9 @@ def sharded_train_state(model, params: Any, optimizer, seed: int, mesh) -> tuple
 def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig, tokenize: Callable, *, split: bool = True):
     """Load a data set, split it by user id (train, val, test) and tokenise each part.
 
-    Malformed rows raise (or are skipped and counted, ``on_error="skip"``); the skip
-    ceiling is checked on the rows, on each part's length drops, and on both together
-    against the file's row count (4% bad rows plus 4% too long is 8%). Returns the three
-    TokenizedDatasets (val/test None when ``split`` is False) and the loaded records.
+    Malformed rows raise (or are skipped and counted, ``on_error="skip"``); the skip ceiling is
+    checked on the rows, each part's length drops, and both together against the file's rows.
+    Returns the three TokenizedDatasets (val/test None when ``split`` is False) and the records.
     """
     from rlhf_jax.data import SkipReport, load_records, split_by_user
 
@@ -382,9 +381,7 @@ def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig, tokenize: Ca
         log.warning("%s: %s", source, report.summary())
     parts = split_by_user(records, fractions=run_cfg.split_fractions, seed=run_cfg.seed) if split else (records, [], [])
     out = []
-    whole = SkipReport(total_rows=report.total_rows, source=str(source))  # loading + tokenising, whole file
-    for reason, n in report.counts.items():
-        whole.add(reason, n)
+    whole = SkipReport(dict(report.counts), total_rows=report.total_rows, source=str(source))  # + tokenising
     for part in parts:
         if not part:
             out.append(None)
@@ -394,9 +391,7 @@ def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig, tokenize: Ca
         ds.report.check_ceiling(run_cfg.max_skip_fraction)
         if ds.report.skipped:
             log.warning("%s (tokenised): %s", source, ds.report.summary())
-        whole.kept += ds.report.kept
-        for reason, n in ds.report.counts.items():
-            whole.add(reason, n)
+        whole.absorb(ds.report)
         out.append(ds if len(ds) else None)
     whole.check_ceiling(run_cfg.max_skip_fraction)
     if out[0] is None:

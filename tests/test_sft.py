@@ -258,8 +258,8 @@ def test_skip_ceiling_counts_load_and_length_drops_together(world, tmp_path):
     tokenize = lambda recs: data.tokenize_demonstrations(recs, world.tok, seq_len=F.SFT_SEQ_LEN)  # noqa: E731
     with pytest.raises(data.DataError, match=r"demos.jsonl: skipped 4/50 rows \(8.0%\).*invalid_json=2, too_long=2"):
         train_loop.load_split_tokenize(str(path), "demonstrations", run, tokenize)
-    train, _, _, _ = train_loop.load_split_tokenize(str(path), "demonstrations", dataclasses.replace(run, max_skip_fraction=0.08),
-                                                    tokenize)  # fmt: skip
+    run = dataclasses.replace(run, max_skip_fraction=0.08)
+    train, _, _, _ = train_loop.load_split_tokenize(str(path), "demonstrations", run, tokenize)
     assert len(train) == 46
 
 

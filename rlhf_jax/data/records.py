@@ -77,6 +77,12 @@ class SkipReport:
         if n:
             self.counts[reason] = self.counts.get(reason, 0) + n
 
+    def absorb(self, other: SkipReport) -> None:
+        """Adds the kept rows and the counts of ``other``, a later stage on part of these rows."""
+        self.kept += other.kept
+        for reason, n in other.counts.items():
+            self.add(reason, n)
+
     def summary(self) -> str:
         """One line: kept/total, skipped rows by reason, then notes."""
         skips = {k: v for k, v in sorted(self.counts.items()) if k not in NOTE_REASONS}
