@@ -8,6 +8,8 @@ unreduced so that the caller's mask decides the reduction. Masks are float or bo
 
 Equations follow InstructGPT (Ouyang et al. 2022, arXiv 2203.02155), PPO (Schulman et
 al. 2017, arXiv 1707.06347) and the clipping conventions of openai/lm-human-preferences.
+The preference-optimisation losses (``dpo_loss``, ``plackett_luce_dpo_loss``) live in
+``rlhf_jax.losses_preference`` and are re-exported here, their public home.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import ops
+from rlhf_jax.losses_preference import dpo_loss, plackett_luce_dpo_loss  # re-exports
 from rlhf_jax.ops import entropy_from_logits as entropy  # re-export: [B,T,V] -> [B,T]
 
 __all__ = [
@@ -28,9 +31,13 @@ __all__ = [
     "value_loss",
     "kl_penalty",
     "entropy",
+    "dpo_loss",
+    "plackett_luce_dpo_loss",
 ]
 
 Metrics = dict[str, jax.Array]
+
+_AGGREGATIONS = ("token_mean", "sequence_mean", "token_sum")
 
 
 def token_cross_entropy(logits: chex.Array, targets: chex.Array) -> jax.Array:
@@ -201,48 +208,80 @@ def ppo_policy_loss(
     mask: chex.Array,
     *,
     clip_eps: float,
+    aggregation: str = "token_mean",
 ) -> tuple[jax.Array, Metrics]:
-    """PPO's clipped surrogate policy loss, averaged over real tokens.
+    """PPO's clipped surrogate policy loss over real tokens.
 
     PPO (Schulman et al. 2017) eq. 7, negated for minimisation, per token t::
 
         rho_t = exp(logp_t - logp_old_t)
-        L = mean_m( max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps)) )
+        l_t   = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))
+
+    reduced over the real tokens by ``aggregation`` (m = mask, n_b = sum_t m_bt):
+
+    * ``"token_mean"`` (InstructGPT / TRL PPO): ``sum_bt m l / sum_bt m``, every real
+      token of the batch weighs the same.
+    * ``"sequence_mean"`` (GRPO, DeepSeekMath eq. 3): ``mean_b( sum_t m l / n_b )``, every
+      sequence weighs the same. A sequence with no real token contributes 0 and is not
+      counted in the mean over sequences (a batch of empty sequences gives 0).
+    * ``"token_sum"`` (Dr. GRPO, Liu et al. 2025): ``sum_bt m l / (B * T)``, a constant
+      normaliser, so that the per-token weight does not depend on response length.
 
     The gradient is exactly 0 where the clipped term is active (A > 0 and
-    rho > 1 + eps, or A < 0 and rho < 1 - eps) and ``-A_t rho_t / N`` elsewhere, with
-    N the number of real tokens. ``advantages`` are treated as data (no gradient is
-    meant to flow through them).
+    rho > 1 + eps, or A < 0 and rho < 1 - eps) and ``-A_t rho_t`` times the token's
+    weight elsewhere. ``advantages`` and ``old_logprobs`` are data: gradients are stopped
+    through them (rlax's ``use_stop_gradient``).
 
     Args:
       logprobs: ``[B, T]`` log-probs of the taken tokens under the current policy.
       old_logprobs: ``[B, T]`` log-probs under the rollout policy.
-      advantages: ``[B, T]`` advantage estimates (e.g. whitened GAE).
+      advantages: ``[B, T]`` advantage estimates (e.g. whitened GAE; a GRPO sequence
+        advantage broadcast over its tokens).
       mask: ``[B, T]``, 1 = response token.
       clip_eps: PPO clip range epsilon (0.2 in InstructGPT).
+      aggregation: ``"token_mean"``, ``"sequence_mean"`` or ``"token_sum"`` (static).
 
     Returns:
-      ``(loss, metrics)``: metrics ``policy_loss``, ``clipfrac`` (fraction of tokens
-      where the clipped term is the active max, as in lm-human-preferences / TRL) and
-      ``approx_kl`` (``mean_m(0.5 * (logp - logp_old)^2)``).
+      ``(loss, metrics)``: metrics ``policy_loss`` (the loss), ``clipfrac`` (fraction of
+      tokens where the clipped term is the active max, as in lm-human-preferences / TRL)
+      and ``approx_kl`` (``mean_m(0.5 * (logp - logp_old)^2)``); both are token means
+      whatever the aggregation.
+
+    Raises:
+      ValueError: unknown ``aggregation``.
 
     >>> lp = jnp.log(jnp.array([[1.5, 1.0, 0.5]]))  # ratios 1.5, 1.0, 0.5 vs old = 0
     >>> loss, m = ppo_policy_loss(lp, jnp.zeros((1, 3)), jnp.ones((1, 3)),
     ...                           jnp.ones((1, 3)), clip_eps=0.2)
     >>> print(round(float(loss), 4), round(float(m["clipfrac"]), 4))
     -0.9 0.3333
+    >>> mask = jnp.array([[1, 1, 0]])  # two real tokens out of B * T = 3
+    >>> loss, _ = ppo_policy_loss(lp, jnp.zeros((1, 3)), jnp.ones((1, 3)), mask,
+    ...                           clip_eps=0.2, aggregation="token_sum")
+    >>> print(round(float(loss), 4))  # (-1.2 - 1.0) / 3
+    -0.7333
     """
     chex.assert_rank([logprobs, old_logprobs, advantages, mask], 2)
     chex.assert_equal_shape([logprobs, old_logprobs, advantages, mask])
+    if aggregation not in _AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
     logprobs = jnp.asarray(logprobs).astype(jnp.float32)
-    log_ratio = logprobs - jnp.asarray(old_logprobs).astype(jnp.float32)
-    adv = jnp.asarray(advantages).astype(jnp.float32)
+    old = jax.lax.stop_gradient(jnp.asarray(old_logprobs).astype(jnp.float32))
+    adv = jax.lax.stop_gradient(jnp.asarray(advantages).astype(jnp.float32))
+    log_ratio = logprobs - old
     ratio = jnp.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     is_clipped = clipped > unclipped
     per_token = jnp.where(is_clipped, clipped, unclipped)  # = max(unclipped, clipped)
-    loss = ops.masked_mean(per_token, mask)
+    if aggregation == "token_mean":
+        loss = ops.masked_mean(per_token, mask)
+    elif aggregation == "sequence_mean":
+        per_seq = ops.masked_mean(per_token, mask, axis=1)  # [B], 0 for an empty row
+        has_tokens = (jnp.sum(jnp.asarray(mask) != 0, axis=1) > 0).astype(jnp.float32)  # [B]
+        loss = ops.masked_mean(per_seq, has_tokens)
+    else:  # "token_sum"
+        loss = ops.masked_sum(per_token, mask) / (per_token.shape[0] * per_token.shape[1])
     metrics = {
         "policy_loss": loss,
         "clipfrac": ops.masked_mean(is_clipped.astype(jnp.float32), mask),
@@ -264,6 +303,7 @@ def value_loss(
     ``v_clip = v_old + clip(v - v_old, -eps, eps)`` and
     ``L = 0.5 * mean_m( max((v - R)^2, (v_clip - R)^2) )``. Where the clipped error is the
     larger one the gradient is 0 (the update is already out of the trust region).
+``old_values`` and ``returns`` are data: gradients are stopped through them.
 
     Args:
       values: ``[B, T]`` current value predictions.
@@ -284,8 +324,8 @@ def value_loss(
     chex.assert_rank([values, old_values, returns, mask], 2)
     chex.assert_equal_shape([values, old_values, returns, mask])
     v = jnp.asarray(values).astype(jnp.float32)
-    v_old = jnp.asarray(old_values).astype(jnp.float32)
-    ret = jnp.asarray(returns).astype(jnp.float32)
+    v_old = jax.lax.stop_gradient(jnp.asarray(old_values).astype(jnp.float32))
+    ret = jax.lax.stop_gradient(jnp.asarray(returns).astype(jnp.float32))
     v_clipped = v_old + jnp.clip(v - v_old, -clip_eps, clip_eps)
     err = jnp.square(v - ret)
     err_clipped = jnp.square(v_clipped - ret)
@@ -316,10 +356,22 @@ def kl_penalty(logprobs: chex.Array, ref_logprobs: chex.Array, *, kind: str = "k
     Returns:
       float32 array of the input shape.
 
+    Raises:
+      ValueError: unknown ``kind``.
+
     >>> lp, ref = jnp.array([0.0, -1.0]), jnp.array([-1.0, 0.0])
     >>> print(kl_penalty(lp, ref), kl_penalty(lp, ref, kind="k2"))
     [ 1. -1.] [0.5 0.5]
     >>> print([round(float(k), 4) for k in kl_penalty(lp, ref, kind="k3")])
     [0.3679, 0.7183]
     """
-    return ops.kl_estimate(logprobs, ref_logprobs, kind=kind)
+    chex.assert_equal_shape([logprobs, ref_logprobs])
+    if kind not in ("k1", "k2", "k3"):
+        raise ValueError(f"KL estimator kind must be 'k1', 'k2' or 'k3', got {kind!r}")
+    d = jnp.asarray(logprobs).astype(jnp.float32) - jnp.asarray(ref_logprobs).astype(jnp.float32)
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * jnp.square(d)
+    # exp(-d) - 1 + d via expm1 (accurate near 0); the clamp guards rounding below 0.
+    return jnp.maximum(jnp.expm1(-d) + d, 0.0)

@@ -24,7 +24,6 @@ __all__ = [
     "gather_logprobs",
     "entropy_from_logits",
     "last_token_index",
-    "kl_estimate",
 ]
 
 # Floor of a mask's total weight; keeps ``sum / count`` at 0 (not NaN) for empty masks.
@@ -212,32 +211,3 @@ def last_token_index(mask: chex.Array) -> jax.Array:
     positions = jnp.arange(mask.shape[-1], dtype=jnp.int32)
     return jnp.max(jnp.where(jnp.asarray(mask) != 0, positions, 0), axis=-1)
 
-
-def kl_estimate(logprobs: chex.Array, ref_logprobs: chex.Array, *, kind: str = "k1") -> jax.Array:
-    """Per-sample estimators of ``KL(pi || pi_ref)``; ``losses.kl_penalty`` is the public name.
-
-    With ``d = logp - logp_ref``: ``"k1"`` is ``d``, ``"k2"`` is ``0.5 * d^2``, ``"k3"`` is
-    ``exp(-d) - 1 + d`` (Schulman, "Approximating KL divergence"). Shared here so that
-    ``rl`` and ``losses`` use one definition.
-
-    Args:
-      logprobs: log-probs of sampled tokens under the policy, any shape.
-      ref_logprobs: same shape, under the reference policy.
-      kind: ``"k1"``, ``"k2"`` or ``"k3"`` (static).
-
-    Returns:
-      float32 array of the input shape.
-
-    >>> print(kl_estimate(jnp.array([0.0]), jnp.array([-1.0]), kind="k2"))
-    [0.5]
-    """
-    chex.assert_equal_shape([logprobs, ref_logprobs])
-    d = jnp.asarray(logprobs).astype(jnp.float32) - jnp.asarray(ref_logprobs).astype(jnp.float32)
-    if kind == "k1":
-        return d
-    if kind == "k2":
-        return 0.5 * jnp.square(d)
-    if kind == "k3":
-        # exp(-d) - 1 + d via expm1 (accurate near 0); the clamp guards rounding below 0.
-        return jnp.maximum(jnp.expm1(-d) + d, 0.0)
-    raise ValueError(f"KL estimator kind must be 'k1', 'k2' or 'k3', got {kind!r}")

@@ -8,6 +8,10 @@ at the end, episode over. Each response token gets the per-token KL penalty
 
 Whitening (lm-human-preferences / TRL conventions) is ``ops.masked_whiten``: rewards
 with ``shift_mean=False`` (scale only), advantages with ``shift_mean=True``.
+
+Besides GAE (which needs a value function), the critic-free estimators: group baselines
+over G responses to one prompt (GRPO, Dr. GRPO, RLOO) and REINFORCE++'s batch-whitened
+reward-to-go. The per-token KL estimators are ``losses.kl_penalty``.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import ops
+from rlhf_jax import losses, ops
 
 __all__ = [
     "gae",
+    "group_advantages",
+    "reinforce_pp_advantages",
     "kl_shaped_rewards",
     "update_kl_coef",
     "reward_bias",
@@ -88,6 +94,97 @@ def gae(
     return adv, returns
 
 
+_GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+def group_advantages(rewards: chex.Array, *, estimator: str = "grpo", eps: float = 1e-6) -> jax.Array:
+    """Critic-free advantages from G sampled responses per prompt (a group baseline).
+
+    For the G scalar rewards ``r_1..r_G`` of one prompt:
+
+    * ``"grpo"`` (DeepSeekMath, Shao et al. 2024, sec. 4.1.2; TRL's GRPO):
+      ``(r_i - mean(r)) / (std(r) + eps)``, with the unbiased (G - 1) standard deviation.
+    * ``"dr_grpo"`` (Dr. GRPO, Liu et al. 2025): ``r_i - mean(r)``, no std scaling.
+    * ``"rloo"`` (REINFORCE leave-one-out, Ahmadian et al. 2024):
+      ``r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(r))``.
+
+    A group whose rewards are all equal gets advantage exactly 0. The result is one
+    advantage per sequence; broadcast it over the response tokens for
+    ``losses.ppo_policy_loss``.
+
+    Args:
+      rewards: ``[N, G]`` scalar rewards: N prompts x G sampled responses each (G >= 2).
+      estimator: ``"grpo"``, ``"dr_grpo"`` or ``"rloo"`` (static).
+      eps: added to the std for ``"grpo"``; may be traced.
+
+    Returns:
+      ``[N, G]`` float32 advantages.
+
+    Raises:
+      ValueError: unknown ``estimator``, or G < 2 (no baseline from the other samples).
+
+    >>> r = jnp.array([[1.0, 0.0, 0.0, 1.0]])
+    >>> print(group_advantages(r, estimator="dr_grpo"), group_advantages(r, estimator="rloo"))
+    [[ 0.5 -0.5 -0.5  0.5]] [[ 0.6666666 -0.6666666 -0.6666666  0.6666666]]
+    >>> print(jnp.round(group_advantages(r), 4))  # std = sqrt(1/3)
+    [[ 0.866 -0.866 -0.866  0.866]]
+    """
+    chex.assert_rank(rewards, 2)
+    if estimator not in _GROUP_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {_GROUP_ESTIMATORS}, got {estimator!r}")
+    group = rewards.shape[1]
+    if group < 2:
+        raise ValueError(f"group_advantages needs G >= 2 responses per prompt, got rewards of shape {rewards.shape}")
+    r = jnp.asarray(rewards).astype(jnp.float32)  # [N, G]
+    # Shift by each group's first reward (the result does not depend on it): a constant
+    # group is then exactly 0 before the mean, whose rounding error (up to ~1e-5 for
+    # rewards ~100) would otherwise be divided by std + eps ~ 1e-6 in "grpo".
+    x = r - jax.lax.stop_gradient(r[:, :1])  # [N, G]
+    if estimator == "rloo":
+        # minus the mean of the other G - 1 rewards: (sum - x_i) / (G - 1)
+        return x - (jnp.sum(x, axis=1, keepdims=True) - x) / (group - 1)
+    centred = x - jnp.mean(x, axis=1, keepdims=True)  # [N, G]
+    if estimator == "dr_grpo":
+        return centred
+    std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / (group - 1))  # [N, 1]
+    return centred / (std + eps)
+
+
+def reinforce_pp_advantages(rewards: chex.Array, mask: chex.Array) -> jax.Array:
+    """REINFORCE++ advantages: undiscounted reward-to-go, whitened over the batch.
+
+    REINFORCE++ (Hu 2025, arXiv 2501.03262) with discount 1, over the real tokens::
+
+        G_t = sum_{u >= t, m_u = 1} r_u
+        A_t = (G_t - mean_m(G)) / sqrt(var_m(G) + 1e-8)
+
+    with mean and population variance over all real tokens of the batch
+    (``ops.masked_whiten(G, mask, shift_mean=True)``). ``rewards`` are the per-token
+    KL-shaped rewards of ``kl_shaped_rewards`` (score at the last real token). Masked
+    positions are skipped (prompt prefix, padding, holes) and get 0; whatever sits there
+    is ignored. An all-zero mask gives zeros.
+
+    Args:
+      rewards: ``[B, T]`` per-token rewards.
+      mask: ``[B, T]`` float or bool, 1 = response token.
+
+    Returns:
+      ``[B, T]`` float32 advantages, 0 at masked positions.
+
+    >>> adv = reinforce_pp_advantages(jnp.array([[0.0, 1.0, 9.0], [0.0, -1.0, 0.0]]),
+    ...                               jnp.array([[1, 1, 0], [1, 1, 0]]))
+    >>> print(jnp.round(adv, 4))  # reward-to-go [[1, 1, -], [-1, -1, -]]
+    [[ 1.  1.  0.]
+     [-1. -1.  0.]]
+    """
+    chex.assert_rank([rewards, mask], 2)
+    chex.assert_equal_shape([rewards, mask])
+    real = jnp.asarray(mask) != 0
+    r = jnp.where(real, jnp.asarray(rewards).astype(jnp.float32), 0.0)  # [B, T]
+    to_go = jax.lax.cumsum(r, axis=1, reverse=True)  # [B, T]: sum_{u >= t} r_u over real u
+    return ops.masked_whiten(to_go, mask, shift_mean=True)
+
+
 def kl_shaped_rewards(
     scores: chex.Array,
     logprobs: chex.Array,
@@ -110,7 +207,7 @@ def kl_shaped_rewards(
       ref_logprobs: ``[B, T]`` reference (SFT) log-probs of the same tokens.
       mask: ``[B, T]``, 1 = response token.
       kl_coef: beta; a traced scalar (the adaptive controller's state) or a float.
-      kind: KL estimator, see ``ops.kl_estimate``: ``"k1"``, ``"k2"`` or ``"k3"``.
+      kind: KL estimator, see ``losses.kl_penalty``: ``"k1"``, ``"k2"`` or ``"k3"``.
 
     Returns:
       ``(rewards, kl)``: both ``[B, T]`` float32; ``kl`` is the masked per-token estimate.
@@ -125,7 +222,7 @@ def kl_shaped_rewards(
     chex.assert_equal_shape([logprobs, ref_logprobs, mask])
     chex.assert_equal_shape_prefix([scores, mask], 1)
     real = jnp.asarray(mask) != 0
-    kl = jnp.where(real, ops.kl_estimate(logprobs, ref_logprobs, kind=kind), 0.0)
+    kl = jnp.where(real, losses.kl_penalty(logprobs, ref_logprobs, kind=kind), 0.0)
     last = jax.nn.one_hot(ops.last_token_index(mask), real.shape[1], dtype=jnp.bool_)
     # An all-zero row has no last token (index 0 is not real), so its score is dropped.
     scores = jnp.asarray(scores).astype(jnp.float32)[:, None]  # [B, 1]

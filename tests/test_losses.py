@@ -80,6 +80,27 @@ def naive_ppo(lp, old, adv, mask, eps):
     return total / n, clipped / n, kl / n
 
 
+def naive_ppo_aggregated(lp, old, adv, mask, eps, aggregation):
+    """The clipped surrogate summed per sequence, then reduced the three ways."""
+    sums, counts = [], []
+    for b in range(lp.shape[0]):
+        total, n = 0.0, 0
+        for t in range(lp.shape[1]):
+            if mask[b, t]:
+                ratio = math.exp(float(lp[b, t]) - float(old[b, t]))
+                a = float(adv[b, t])
+                total += max(-a * ratio, -a * min(max(ratio, 1 - eps), 1 + eps))
+                n += 1
+        sums.append(total)
+        counts.append(n)
+    if aggregation == "token_mean":
+        return sum(sums) / max(sum(counts), 1)
+    if aggregation == "sequence_mean":
+        per_seq = [s / n for s, n in zip(sums, counts) if n > 0]
+        return sum(per_seq) / len(per_seq) if per_seq else 0.0
+    return sum(sums) / lp.size  # token_sum: B * T
+
+
 def naive_value_loss(v, old, ret, mask, eps):
     total, clipped, n = 0.0, 0.0, 0.0
     for b in range(v.shape[0]):
@@ -257,6 +278,78 @@ class LossesMatchLoopsTest(chex.TestCase):
 
     def test_entropy_is_reexported(self):
         np.testing.assert_allclose(losses.entropy(jnp.zeros((1, 1, 8))), [[math.log(8)]], rtol=1e-6)
+
+
+class PolicyAggregationTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_aggregations_match_loop(self):
+        rng = np.random.default_rng(8)
+        lp = (0.3 * rng.normal(size=(4, 7))).astype(np.float32)
+        old = (0.1 * rng.normal(size=(4, 7))).astype(np.float32)
+        adv = rng.normal(size=(4, 7)).astype(np.float32)
+        mask = np.zeros((4, 7), np.float32)
+        mask[0, :7] = 1
+        mask[1, 2:4] = 1  # a short response after a prompt prefix
+        mask[2] = rng.random(7) < 0.5  # holes
+        mask[2, 0] = 1
+        # row 3 is empty: no token, not counted by "sequence_mean"
+        want_tm, want_clip, want_kl = naive_ppo(lp, old, adv, mask, 0.2)
+        for aggregation in ("token_mean", "sequence_mean", "token_sum"):
+            fn = self.variant(functools.partial(losses.ppo_policy_loss, clip_eps=0.2, aggregation=aggregation))
+            loss, metrics = fn(lp, old, adv, mask)
+            want = naive_ppo_aggregated(lp, old, adv, mask, 0.2, aggregation)
+            np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6, err_msg=aggregation)
+            np.testing.assert_allclose(metrics["policy_loss"], want, rtol=1e-5, atol=1e-6, err_msg=aggregation)
+            np.testing.assert_allclose(metrics["clipfrac"], want_clip, rtol=1e-6, err_msg=aggregation)
+            np.testing.assert_allclose(metrics["approx_kl"], want_kl, rtol=1e-5, err_msg=aggregation)
+        default, _ = self.variant(functools.partial(losses.ppo_policy_loss, clip_eps=0.2))(lp, old, adv, mask)
+        np.testing.assert_allclose(default, want_tm, rtol=1e-5, atol=1e-6)
+
+    def test_aggregation_gradients_are_the_token_weights(self):
+        # ratios exp(+-0.5), exp(+-0.1), 1: all away from the clip edges 0.8 / 1.2
+        rng = np.random.default_rng(9)
+        lp = rng.choice(np.float32([-0.5, -0.1, 0.0, 0.1, 0.5]), size=(3, 5))
+        adv = rng.normal(size=(3, 5)).astype(np.float32)
+        mask = np.array([[1, 1, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], np.float32)
+        for aggregation in ("token_mean", "sequence_mean", "token_sum"):
+            grad = jax.jit(jax.grad(lambda x, agg=aggregation: losses.ppo_policy_loss(
+                x, jnp.zeros_like(x), adv, mask, clip_eps=0.2, aggregation=agg)[0]))(lp)
+            for b in range(3):
+                for t in range(5):
+                    r, a = math.exp(float(lp[b, t])), float(adv[b, t])
+                    weight = {"token_mean": 1 / mask.sum(), "sequence_mean": 1 / (2 * mask[b].sum() or 1),
+                              "token_sum": 1 / 15}[aggregation]
+                    clipped = (a > 0 and r > 1.2) or (a < 0 and r < 0.8)
+                    want = 0.0 if clipped or not mask[b, t] else -a * r * weight
+                    np.testing.assert_allclose(grad[b, t], want, rtol=1e-5, atol=1e-8, err_msg=aggregation)
+
+    def test_empty_masks_and_unknown_aggregation(self):
+        x = jnp.arange(6.0).reshape(2, 3) / 10
+        for aggregation in ("token_mean", "sequence_mean", "token_sum"):
+            fn = lambda v, agg=aggregation: losses.ppo_policy_loss(  # noqa: E731
+                v, jnp.zeros_like(v), jnp.ones_like(v), jnp.zeros((2, 3)), clip_eps=0.2, aggregation=agg)[0]
+            value, grad = jax.jit(jax.value_and_grad(fn))(x)
+            self.assertEqual(float(value), 0.0)
+            np.testing.assert_array_equal(grad, np.zeros((2, 3)))
+        with self.assertRaisesRegex(ValueError, "seq_mean"):
+            losses.ppo_policy_loss(x, x, x, jnp.ones((2, 3)), clip_eps=0.2, aggregation="seq_mean")
+
+    def test_no_gradient_through_advantages_returns_and_rollout_values(self):
+        rng = np.random.default_rng(10)
+        x, old, target = (rng.normal(size=(2, 4)).astype(np.float32) for _ in range(3))
+        mask = np.ones((2, 4), np.float32)
+        for aggregation in ("token_mean", "sequence_mean", "token_sum"):
+            grads = jax.grad(lambda lp, o, a, agg=aggregation: losses.ppo_policy_loss(
+                lp, o, a, mask, clip_eps=0.2, aggregation=agg)[0], argnums=(0, 1, 2))(x, old, target)
+            self.assertTrue(bool(jnp.any(grads[0] != 0.0)))
+            np.testing.assert_array_equal(grads[1], 0.0)  # old_logprobs
+            np.testing.assert_array_equal(grads[2], 0.0)  # advantages
+        grads = jax.grad(lambda v, o, r: losses.value_loss(v, o, r, mask, clip_eps=0.2)[0],
+                         argnums=(0, 1, 2))(x, old, target)
+        self.assertTrue(bool(jnp.any(grads[0] != 0.0)))
+        np.testing.assert_array_equal(grads[1], 0.0)  # old_values
+        np.testing.assert_array_equal(grads[2], 0.0)  # returns
 
 
 # ----------------------------------------------------------------------------- properties

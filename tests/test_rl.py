@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from rlhf_jax import rl
+from rlhf_jax import losses, ops, rl
 
 FEW = settings(max_examples=50, deadline=None)
 finite = functools.partial(st.floats, allow_nan=False, allow_infinity=False, width=32)
@@ -58,6 +58,54 @@ def naive_shaped(scores, lp, ref, mask, kl_coef, kind):
         if last is not None:
             rewards[b, last] += float(scores[b])
     return rewards, kl
+
+
+def naive_group(rewards, estimator, eps=1e-6):
+    """Group baselines one prompt at a time."""
+    out = np.zeros(rewards.shape)
+    for n in range(rewards.shape[0]):
+        row = [float(v) for v in rewards[n]]
+        g = len(row)
+        mean = sum(row) / g
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (g - 1))
+        for i, v in enumerate(row):
+            if estimator == "grpo":
+                out[n, i] = (v - mean) / (std + eps)
+            elif estimator == "dr_grpo":
+                out[n, i] = v - mean
+            else:
+                out[n, i] = v - sum(row[j] for j in range(g) if j != i) / (g - 1)
+    return out
+
+
+def naive_reinforce_pp(rewards, mask):
+    """Reward-to-go over each row's real tokens, then whitened over all real tokens."""
+    batch, length = rewards.shape
+    to_go = np.zeros((batch, length))
+    values = []
+    for b in range(batch):
+        running = 0.0
+        for t in reversed(range(length)):
+            if mask[b, t]:
+                running += float(rewards[b, t])
+                to_go[b, t] = running
+                values.append(running)
+    if not values:
+        return to_go
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values) + 1e-8)
+    return np.where(mask != 0, (to_go - mean) / std, 0.0)
+
+
+def central_difference(fn, x, step=1e-3):
+    x = np.asarray(x, np.float64)
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += step
+        down[idx] -= step
+        grad[idx] = (fn(up) - fn(down)) / (2 * step)
+    return grad
 
 
 def random_mask(rng, batch, length, kind):
@@ -144,6 +192,94 @@ class RLMatchesLoopsTest(chex.TestCase):
             self.assertAlmostEqual(std, target_std, places=4)
         gain, bias = rl.reward_gain_bias(jnp.full((4,), 2.0))
         self.assertEqual((float(gain), float(bias)), (1.0, -2.0))
+
+
+class CriticFreeAdvantagesTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_group_advantages_match_loop(self):
+        rng = np.random.default_rng(4)
+        for group in (2, 3, 7):
+            rewards = rng.normal(size=(4, group)).astype(np.float32)
+            rewards[0] = -123.456  # a constant group: advantage exactly 0 (not rounding / eps, not NaN)
+            for estimator in ("grpo", "dr_grpo", "rloo"):
+                got = self.variant(functools.partial(rl.group_advantages, estimator=estimator))(rewards)
+                self.assertEqual(got.dtype, jnp.float32)
+                np.testing.assert_allclose(got, naive_group(rewards, estimator), rtol=1e-5, atol=1e-5,
+                                           err_msg=f"{estimator} G={group}")
+                np.testing.assert_array_equal(got[0], 0.0)
+        got = self.variant(lambda r, e: rl.group_advantages(r, eps=e))(rewards, np.float32(0.5))  # traced eps
+        np.testing.assert_allclose(got, naive_group(rewards, "grpo", eps=0.5), rtol=1e-5, atol=1e-6)
+
+    def test_group_advantages_relations_and_errors(self):
+        rng = np.random.default_rng(5)
+        rewards = rng.normal(size=(3, 5)).astype(np.float32)
+        dr = rl.group_advantages(rewards, estimator="dr_grpo")
+        np.testing.assert_allclose(rl.group_advantages(rewards, estimator="rloo"), 5 / 4 * dr, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(jnp.sum(dr, axis=1), 0.0, atol=1e-5)
+        grpo = np.asarray(rl.group_advantages(rewards, eps=0.0), np.float64)
+        np.testing.assert_allclose(np.std(grpo, axis=1, ddof=1), 1.0, rtol=1e-5)
+        pair = rl.group_advantages(jnp.array([[2.0, -1.0]]), estimator="rloo")
+        np.testing.assert_allclose(pair, [[3.0, -3.0]])
+        with self.assertRaisesRegex(ValueError, "ppo"):
+            rl.group_advantages(rewards, estimator="ppo")
+        with self.assertRaisesRegex(ValueError, "G >= 2"):
+            rl.group_advantages(jnp.zeros((4, 1)))
+        with self.assertRaises(AssertionError):  # chex: [N, G]
+            rl.group_advantages(jnp.zeros(4))
+
+    def test_group_advantages_gradient_matches_finite_differences(self):
+        rng = np.random.default_rng(6)
+        rewards = rng.normal(size=(2, 4)).astype(np.float32)
+        weights = rng.normal(size=(2, 4))
+        for estimator in ("grpo", "dr_grpo", "rloo"):
+            grad = jax.jit(jax.grad(lambda r, e=estimator: jnp.sum(
+                jnp.asarray(weights, jnp.float32) * rl.group_advantages(r, estimator=e))))(rewards)
+            want = central_difference(lambda r, e=estimator: float(np.sum(weights * naive_group(r, e))), rewards)
+            np.testing.assert_allclose(grad, want, rtol=1e-3, atol=1e-4, err_msg=estimator)
+
+    def test_group_advantages_vmap(self):
+        rng = np.random.default_rng(7)
+        rewards = rng.normal(size=(2, 3, 4)).astype(np.float32)
+        got = jax.jit(jax.vmap(functools.partial(rl.group_advantages, estimator="rloo")))(rewards)
+        for m in range(2):
+            np.testing.assert_allclose(got[m], naive_group(rewards[m], "rloo"), rtol=1e-5, atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_reinforce_pp_matches_loop(self):
+        rng = np.random.default_rng(8)
+        fn = self.variant(rl.reinforce_pp_advantages)
+        for kind in ("right", "prefix", "holes"):
+            rewards = rng.normal(size=(5, 7)).astype(np.float32)
+            mask = random_mask(rng, 5, 7, kind)
+            got = fn(rewards, mask)
+            self.assertEqual(got.dtype, jnp.float32)
+            np.testing.assert_allclose(got, naive_reinforce_pp(rewards, mask), rtol=1e-5, atol=1e-5, err_msg=kind)
+            # the same as whitened GAE with gamma = lambda = 1 and no value function
+            adv, _ = rl.gae(rewards, np.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+            np.testing.assert_allclose(got, ops.masked_whiten(adv, mask), rtol=1e-5, atol=1e-5)
+
+    def test_reinforce_pp_masked_junk_empty_mask_and_bfloat16(self):
+        rewards = jnp.array([[jnp.nan, 0.0, 1.0, jnp.inf], [0.0, 2.0, 0.0, 0.0]])
+        mask = jnp.array([[0, 1, 1, 0], [1, 1, 0, 0]])
+        np.testing.assert_allclose(rl.reinforce_pp_advantages(rewards, mask),
+                                   naive_reinforce_pp(np.nan_to_num(np.asarray(rewards), posinf=0.0), mask),
+                                   rtol=1e-5, atol=1e-6)
+        fn = jax.jit(jax.value_and_grad(lambda r, m: jnp.sum(rl.reinforce_pp_advantages(r, m) ** 3)))
+        value, grad = fn(jnp.ones((2, 4)), jnp.zeros((2, 4)))
+        self.assertEqual(float(value), 0.0)
+        np.testing.assert_array_equal(grad, 0.0)
+        value, grad = fn(rewards.at[0, 0].set(0.0).at[0, 3].set(0.0).astype(jnp.bfloat16), mask)
+        self.assertTrue(bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(grad.astype(jnp.float32)))))
+
+    def test_kl_shaped_rewards_uses_losses_kl_penalty(self):
+        rng = np.random.default_rng(9)
+        lp, ref = rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)
+        for kind in ("k1", "k2", "k3"):
+            _, kl = rl.kl_shaped_rewards(np.zeros(2), lp, ref, np.ones((2, 3)), kl_coef=0.1, kind=kind)
+            np.testing.assert_allclose(kl, losses.kl_penalty(lp, ref, kind=kind), rtol=1e-6)
+        with self.assertRaisesRegex(ValueError, "k9"):
+            rl.kl_shaped_rewards(np.zeros(2), lp, ref, np.ones((2, 3)), kl_coef=0.1, kind="k9")
 
 
 # ----------------------------------------------------------------------------- properties
