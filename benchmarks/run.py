@@ -139,8 +139,9 @@ def build_rows(size: str, ours: dict, peer: dict, peer_ppo: dict, peak: float) -
     sft_flops = mfu.train_flops(cfg, sequences=8, seq_len=128)
     rm_flops = mfu.train_flops(cfg, sequences=16, seq_len=128, lm_head=False)
     gen_flops = mfu.generate_flops(cfg, batch=16, prompt_len=64, new_tokens=64)
-    ppo_fl = {ptx: mfu.ppo_flops(cfg, bench.ppo_config(batch=16, minibatch=8, prompt_len=64, new_tokens=64, ptx=ptx),
-                                   prompt_len=64)["total"] for ptx in (False, True)}  # fmt: skip
+    specs = {ptx: bench.ppo_config(batch=16, minibatch=8, prompt_len=64, new_tokens=64, ptx=ptx) for ptx in (False, True)}
+    ppo_fl = {ptx: mfu.ppo_flops(cfg, s.hparams, prompt_len=64, ptx_seq_len=s.ptx_seq_len)["total"]
+              for ptx, s in specs.items()}  # fmt: skip
     rows = []
 
     def add(what, key, mine, theirs, unit, ours_s, theirs_s, flops, target=None, peer_entry=None, ours_entry=None,

@@ -16,7 +16,7 @@ within a few percent of SFT's.
 
 from __future__ import annotations
 
-from rlhf_jax.config import MeshConfig, OptimConfig, PPOConfig, RewardConfig, RunConfig, SFTConfig
+from rlhf_jax.config import MeshConfig, OptimConfig, PPOConfig, PPOHyperparams, RewardConfig, RunConfig, SFTConfig
 
 DATA, MODEL, RUNS = "data/hh", "models/pythia-1b", "runs/pythia1b_hh"
 RUN = RunConfig(dtype="bfloat16", remat=True, mesh=MeshConfig(data=1, fsdp=-1, tensor=1), eval_every=500,
@@ -29,8 +29,8 @@ RM = RewardConfig(data=f"{DATA}/rankings.jsonl", init=f"{RUNS}/sft", out=f"{RUNS
                   max_response_len=256, optim=OptimConfig(learning_rate=9e-6), run=RUN)  # fmt: skip
 PPO = PPOConfig(prompts=f"{DATA}/prompts.jsonl", policy=f"{RUNS}/sft", reward=f"{RUNS}/rm", out=f"{RUNS}/ppo",
                 ptx_data=None,  # PPO-ptx: point at pretraining text, e.g. a Pile shard as {"text"} JSONL
-                max_steps=500, batch_size=256,
-                minibatch_size=64, max_prompt_len=768, max_new_tokens=128, kl_coef=0.02,
+                max_steps=500, max_prompt_len=768,
+                hparams=PPOHyperparams(batch_size=256, minibatch_size=64, max_new_tokens=128, kl_coef=0.02),
                 run=RunConfig(dtype="bfloat16", remat=True, eval_every=25, save_every=25))  # fmt: skip
 
 

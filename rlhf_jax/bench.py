@@ -21,12 +21,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import reward, sft, sharding
 from rlhf_jax.bench_report import format_row, write_outputs
-from rlhf_jax.config import DType, MeshConfig, ModelConfig, OptimConfig, PPOConfig
+from rlhf_jax.config import DType, MeshConfig, ModelConfig, OptimConfig, PPOHyperparams
+from rlhf_jax.drivers.common import sharded_train_state
 from rlhf_jax.mfu import peak_flops, ppo_flops, stats, train_flops
+from rlhf_jax.models import CausalLM
+from rlhf_jax.models.params import init_params
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.ppo import init_ppo_state, make_iteration, make_rollout, make_update
 
 _GPT2 = dict(family="gpt2", qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=True)
 PRESETS: dict[str, ModelConfig] = {
@@ -106,22 +111,14 @@ def time_calls(call: Callable[[], Any], *, warmup: int, repeats: int) -> tuple[d
     return stats(times), times[0] if first is None else first
 
 
-def random_params(model: Any) -> Any:
-    """Unboxed random parameters of a CausalLM (float32 master weights)."""
-    from flax import linen as nn
-
-    return nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+random_params = init_params  # unboxed random parameters of a CausalLM (float32 master weights)
 
 
 def _sharded_step(model_cfg: ModelConfig, head: str, mesh: Any, optim: OptimConfig, make_step: Callable, batch: dict):
     """(jitted step, state placement thunk, batch) for a TrainState stage (SFT, RM)."""
-    from rlhf_jax import sharding, train_loop
-    from rlhf_jax.models import CausalLM
-    from rlhf_jax.optim import make_optimizer
-
     model = CausalLM(model_cfg, head=head)
     optimizer = make_optimizer(optim, 10_000)
-    state, shardings = train_loop.sharded_train_state(model, random_params(model), optimizer, 0, mesh)
+    state, shardings = sharded_train_state(model, random_params(model), optimizer, 0, mesh)
     batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
     step = jax.jit(make_step(model, optimizer), in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))  # fmt: skip
@@ -129,8 +126,6 @@ def _sharded_step(model_cfg: ModelConfig, head: str, mesh: Any, optim: OptimConf
 
 
 def _run_state_step(step: Callable, state: Any, batch: Any, mesh: Any, *, warmup: int, repeats: int):
-    from rlhf_jax import sharding
-
     holder = [state]
 
     def call():
@@ -146,12 +141,10 @@ def _run_state_step(step: Callable, state: Any, batch: Any, mesh: Any, *, warmup
 def measure_sft(model_cfg: ModelConfig, mesh: Any, *, batch_size: int, seq_len: int, optim: OptimConfig,
                 warmup: int, repeats: int, seed: int = 0) -> dict:  # fmt: skip
     """One SFT step (causal LM loss on every token of ``batch_size x seq_len``)."""
-    from rlhf_jax.sft import make_train_step
-
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, model_cfg.vocab_size, (batch_size, seq_len)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, np.float32)}
-    step, state, dev_batch = _sharded_step(model_cfg, "lm", mesh, optim, make_train_step, batch)
+    step, state, dev_batch = _sharded_step(model_cfg, "lm", mesh, optim, sft.make_train_step, batch)
     timing, first, metrics = _run_state_step(step, state, dev_batch, mesh, warmup=warmup, repeats=repeats)
     flops = train_flops(model_cfg, sequences=batch_size, seq_len=seq_len)
     return dict(step_s=timing, first_call_s=first, tokens_per_s=batch_size * seq_len / timing["median"],
@@ -169,11 +162,9 @@ def ranking_batch(rng: np.random.Generator, *, prompts: int, k: int, seq_len: in
 def measure_rm(model_cfg: ModelConfig, mesh: Any, *, prompts: int, k: int, seq_len: int, optim: OptimConfig,
                warmup: int, repeats: int, seed: int = 0) -> dict:  # fmt: skip
     """One reward-model step on ``prompts`` groups of ``k`` ranked responses (InstructGPT eq. 1)."""
-    from rlhf_jax.reward import make_train_step
-
     batch = ranking_batch(np.random.default_rng(seed), prompts=prompts, k=k, seq_len=seq_len,
                           vocab=model_cfg.vocab_size)  # fmt: skip
-    step, state, dev_batch = _sharded_step(model_cfg, "scalar", mesh, optim, make_train_step, batch)
+    step, state, dev_batch = _sharded_step(model_cfg, "scalar", mesh, optim, reward.make_train_step, batch)
     timing, first, metrics = _run_state_step(step, state, dev_batch, mesh, warmup=warmup, repeats=repeats)
     comparisons = prompts * k * (k - 1) // 2
     med = timing["median"]
@@ -183,39 +174,38 @@ def measure_rm(model_cfg: ModelConfig, mesh: Any, *, prompts: int, k: int, seq_l
                 flops=train_flops(model_cfg, sequences=prompts * k, seq_len=seq_len, lm_head=False))  # fmt: skip
 
 
-def measure_ppo(model_cfg: ModelConfig, mesh: Any, ppo: PPOConfig, *, prompt_len: int, warmup: int, repeats: int,
-                split: bool = True, seed: int = 0) -> dict:  # fmt: skip
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOBenchSpec:
+    """One measured PPO setting: the algorithm, its optimizer, and the ptx rows' length (None: plain PPO)."""
+
+    hparams: PPOHyperparams
+    optim: OptimConfig
+    ptx_seq_len: int | None = None
+
+
+def measure_ppo(model_cfg: ModelConfig, mesh: Any, spec: PPOBenchSpec, *, prompt_len: int, warmup: int,
+                repeats: int, split: bool = True, seed: int = 0) -> dict:  # fmt: skip
     """One PPO(-ptx) iteration (rollout + update), and with ``split`` the rollout and the update timed apart.
 
     Policy, separate value network, frozen reference and reward model all of ``model_cfg``'s
     shape; prompts are full ``prompt_len`` rows; EOS is the last vocabulary id (rarely sampled,
     so responses run to ``max_new_tokens``, the same work as a fixed-length peer).
     """
-    from rlhf_jax import sharding, train_loop
-    from rlhf_jax.models import CausalLM
-    from rlhf_jax.optim import make_optimizer
-    from rlhf_jax.ppo import init_ppo_state, make_iteration, make_rollout, make_update
-
+    ppo = spec.hparams
     policy, scalar = CausalLM(model_cfg), CausalLM(model_cfg, head="scalar")
-    steps = ppo.ppo_epochs * ppo.num_minibatches
-    policy_opt, value_opt = make_optimizer(ppo.optim, 10_000 * steps), make_optimizer(ppo.optim, 10_000 * steps)
+    steps = ppo.updates_per_iteration
+    policy_opt, value_opt = make_optimizer(spec.optim, 10_000 * steps), make_optimizer(spec.optim, 10_000 * steps)
     policy_params, value_params, rm_params = random_params(policy), random_params(scalar), random_params(scalar)
 
     def init(pv):
         return init_ppo_state(pv[0], pv[1], policy_opt, value_opt, kl_coef=ppo.kl_coef, seed=seed)
 
     def boxed():
-        boxed_p = policy.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
-        boxed_v = scalar.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
-        return init_ppo_state(boxed_p, boxed_v, policy_opt, value_opt, kl_coef=ppo.kl_coef, seed=seed)
+        return init((init_params(policy, boxed=True), init_params(scalar, boxed=True)))
 
-    state, state_sh = train_loop.shard_state(init, boxed, (policy_params, value_params), mesh)
-    ref_sh = sharding.param_shardings(
-        lambda: policy.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], mesh
-    )
-    rm_sh = sharding.param_shardings(
-        lambda: scalar.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], mesh
-    )
+    state, state_sh = sharding.shard_state(init, boxed, (policy_params, value_params), mesh)
+    ref_sh = sharding.param_shardings(lambda: init_params(policy, boxed=True), mesh)
+    rm_sh = sharding.param_shardings(lambda: init_params(scalar, boxed=True), mesh)
     ref = jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), policy_params), ref_sh)
     rm = jax.device_put(rm_params, rm_sh)
 
@@ -223,9 +213,9 @@ def measure_ppo(model_cfg: ModelConfig, mesh: Any, ppo: PPOConfig, *, prompt_len
     vocab, b = model_cfg.vocab_size, ppo.batch_size
     host = {"prompt_ids": rng.integers(3, vocab - 1, (b, prompt_len)).astype(np.int32),
             "prompt_mask": np.ones((b, prompt_len), np.int32)}  # fmt: skip
-    if ppo.gamma_ptx > 0:
-        rows = ppo.ppo_epochs * ppo.num_minibatches * ppo.rows_per_ptx_minibatch
-        ids = rng.integers(3, vocab - 1, (rows, ppo.ptx_seq_len)).astype(np.int32)
+    if spec.ptx_seq_len is not None:
+        rows = ppo.updates_per_iteration * ppo.rows_per_ptx_minibatch
+        ids = rng.integers(3, vocab - 1, (rows, spec.ptx_seq_len)).astype(np.int32)
         host |= {"ptx_input_ids": ids, "ptx_attention_mask": np.ones_like(ids),
                  "ptx_loss_mask": np.ones(ids.shape, np.float32)}  # fmt: skip
     batch = sharding.shard_batch(host, mesh)
@@ -241,9 +231,9 @@ def measure_ppo(model_cfg: ModelConfig, mesh: Any, ppo: PPOConfig, *, prompt_len
         holder[0], metrics = iteration(holder[0], batch, ref, rm)
         return holder[0], metrics
 
-    flops = ppo_flops(model_cfg, ppo, prompt_len=prompt_len)
+    flops = ppo_flops(model_cfg, ppo, prompt_len=prompt_len, ptx_seq_len=spec.ptx_seq_len)
     out: dict[str, Any] = dict(
-        episodes=b, prompt=prompt_len, new=ppo.max_new_tokens, ptx=ppo.gamma_ptx > 0, flops=flops
+        episodes=b, prompt=prompt_len, new=ppo.max_new_tokens, ptx=spec.ptx_seq_len is not None, flops=flops
     )
     with sharding.use_mesh(mesh):
         timing, first = time_calls(call_iteration, warmup=warmup, repeats=repeats)
@@ -268,14 +258,13 @@ def measure_ppo(model_cfg: ModelConfig, mesh: Any, ppo: PPOConfig, *, prompt_len
 
 
 def ppo_config(*, batch: int, minibatch: int, prompt_len: int, new_tokens: int, ptx: bool,
-               ptx_seq_len: int | None = None) -> PPOConfig:  # fmt: skip
+               ptx_seq_len: int | None = None) -> PPOBenchSpec:  # fmt: skip
     """The peer baseline's PPO settings: 1 epoch, T 0.7, beta 0.05, lr 1e-5 constant, no clipping,
     ptx = ``minibatch`` rows of ``prompt_len + new_tokens`` per minibatch with coefficient 27.8."""
-    return PPOConfig(prompts="-", policy="-", reward="-", out="-", ptx_data="-" if ptx else None, batch_size=batch,
-                     minibatch_size=minibatch, ppo_epochs=1, max_prompt_len=prompt_len, max_new_tokens=new_tokens,
-                     temperature=0.7, kl_coef=0.05, ptx_rows=minibatch,
-                     ptx_seq_len=ptx_seq_len or prompt_len + new_tokens,
-                     optim=OptimConfig(learning_rate=1e-5, schedule="constant", max_grad_norm=None))  # fmt: skip
+    hparams = PPOHyperparams(batch_size=batch, minibatch_size=minibatch, ppo_epochs=1, max_new_tokens=new_tokens,
+                             temperature=0.7, kl_coef=0.05, ptx_coef=27.8, ptx_rows=minibatch)  # fmt: skip
+    return PPOBenchSpec(hparams=hparams, optim=OptimConfig(learning_rate=1e-5, schedule="constant", max_grad_norm=None),
+                        ptx_seq_len=(ptx_seq_len or prompt_len + new_tokens) if ptx else None)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the command
@@ -299,8 +288,6 @@ def meshes_that_fit(num_devices: int, model_cfg: ModelConfig, batch_rows: int) -
 
 def run_bench(args: BenchArgs) -> dict:
     """Measure every (preset, mesh, stage); write results.json, results.md and results.png to ``args.out``."""
-    from rlhf_jax import sharding
-
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
         raise ValueError(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")

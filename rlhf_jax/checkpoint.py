@@ -15,6 +15,7 @@ restores onto another.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,8 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from rlhf_jax.config import ModelConfig
+from rlhf_jax.data import check_vocab
+from rlhf_jax.models import CausalLM, from_pretrained, load_tokenizer, resize_vocab
+from rlhf_jax.models.params import init_params
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +196,7 @@ class Checkpointer:
         self.wait()
         self._manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -212,8 +219,6 @@ def write_model_info(run_dir: str | os.PathLike, model: Any, tokenizer: Any = No
     ``params_path`` is the key path of the deployable params inside the saved state
     (``("params",)`` for SFT/RM, ``("policy", "ema_params")`` for PPO).
     """
-    import dataclasses
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = {"model": dataclasses.asdict(model.config), "head": model.head, "params_path": list(params_path), **(extra or {})}
@@ -239,12 +244,6 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
       dtype: compute dtype override ("float32", "bfloat16").
       which: "best" (by the run's validation metric, falling back to latest) or "latest".
     """
-    import jax.numpy as jnp
-
-    from rlhf_jax.config import ModelConfig
-    from rlhf_jax.data import check_vocab
-    from rlhf_jax.models import CausalLM, from_pretrained, load_tokenizer
-
     source = Path(source)
     if not (source / MODEL_INFO).is_file():
         want = head or "lm"
@@ -254,8 +253,6 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
         tokenizer = load_tokenizer(source)
         if len(tokenizer) == model.config.vocab_size + 1 and tokenizer.pad_token_id == model.config.vocab_size:
             # load_tokenizer added the pad token the checkpoint lacked (GPT-2): make room for it
-            from rlhf_jax.models import resize_vocab
-
             log.warning("%s: embedding grown by one row for the added pad token", source)
             model, params = resize_vocab(model, params, len(tokenizer))
         check_vocab(tokenizer, model.config.vocab_size)  # an id past the embedding would be NaN later
@@ -287,11 +284,8 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
     if want != src_head:
         if (src_head, want) != ("lm", "scalar"):
             raise ValueError(f"{source}: cannot turn a {src_head!r}-head model into a {want!r}-head model")
-        import flax.linen as nn
-
         params = {k: v for k, v in params.items() if k != "lm_head"}
-        fresh = nn.unbox(CausalLM(cfg, head="scalar").init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-        params["score"] = fresh["params"]["score"]
+        params["score"] = init_params(CausalLM(cfg, head="scalar"))["score"]
     tokenizer = load_tokenizer(source / "tokenizer")
     check_vocab(tokenizer, cfg.vocab_size)
     return CausalLM(cfg, head=want), params, tokenizer

@@ -17,14 +17,24 @@ import logging
 import os
 import sys
 import tempfile
+import typing
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Union
 
+import jax
+import jax.numpy as jnp
 import tyro
 
-from rlhf_jax.bench import BenchArgs
-from rlhf_jax.config import PPOConfig, RewardConfig, RunConfig, SFTConfig
-from rlhf_jax.tasks.demo import DemoConfig
+from rlhf_jax import checkpoint
+from rlhf_jax.bench import BenchArgs, run_bench
+from rlhf_jax.config import PPOConfig, PPOHyperparams, RewardConfig, RunConfig, SFTConfig
+from rlhf_jax.drivers import run_ppo, run_rm, run_sft
+from rlhf_jax.models import save_pretrained
+from rlhf_jax.pipeline import PipelineConfig, run_pipeline
+from rlhf_jax.sampling import generate
+from rlhf_jax.tasks import tiny
+from rlhf_jax.tasks.demo import DemoConfig, run_demo
+from rlhf_jax.train_loop import read_metrics
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,9 +68,7 @@ class PipelineArgs:
     max_response_len: int = 64
     seed: int = 0
 
-    def config(self):
-        from rlhf_jax.pipeline import PipelineConfig
-
+    def config(self) -> PipelineConfig:
         run = RunConfig(seed=self.seed)
         return PipelineConfig(
             out=self.out, rounds=self.rounds, labeler=self.labeler, samples_per_prompt=self.samples_per_prompt,
@@ -71,7 +79,7 @@ class PipelineArgs:
                             max_prompt_len=self.max_prompt_len, max_response_len=self.max_response_len, run=run),
             ppo=PPOConfig(prompts=self.prompts, policy="", reward="", out="", ptx_data=self.ptx_data,
                           max_steps=self.ppo_steps, max_prompt_len=self.max_prompt_len,
-                          max_new_tokens=self.max_response_len),
+                          hparams=PPOHyperparams(max_new_tokens=self.max_response_len)),
         )  # fmt: skip
 
 
@@ -85,25 +93,12 @@ class SmokeArgs:
 
 
 def _export(args: ExportArgs) -> None:
-    from rlhf_jax.checkpoint import load_model
-    from rlhf_jax.models import save_pretrained
-
-    model, params, tokenizer = load_model(args.run, which=args.which)
+    model, params, tokenizer = checkpoint.load_model(args.run, which=args.which)
     path = save_pretrained(model, params, args.out, tokenizer=tokenizer)
     print(f"exported {args.run} -> {path}")
 
 
 def _smoke(args: SmokeArgs) -> None:
-    import jax
-    import jax.numpy as jnp
-
-    from rlhf_jax import checkpoint
-    from rlhf_jax.ppo_run import run_ppo
-    from rlhf_jax.reward import run_rm
-    from rlhf_jax.sampling import generate
-    from rlhf_jax.sft import run_sft
-    from rlhf_jax.tasks import tiny
-
     root = Path(args.out or tempfile.mkdtemp(prefix="rlhf_jax_smoke_"))
     tok = tiny.make_tokenizer(root / "tokenizer")
     base = tiny.make_model_dir(root / "base", vocab_size=len(tok), tokenizer=tok, seed=args.seed)
@@ -118,15 +113,13 @@ def _smoke(args: SmokeArgs) -> None:
                                  optim=dataclasses.replace(RewardConfig.optim, learning_rate=1e-3)))  # fmt: skip
     ppo_dir = run_ppo(PPOConfig(prompts=str(files["prompts"]), policy=str(sft_dir), reward=str(rm_dir),
                                 out=str(root / "ppo"), ptx_data=str(files["text"]), max_steps=max(2, args.steps // 5),
-                                batch_size=16, minibatch_size=8, max_prompt_len=8, max_new_tokens=8,
-                                ptx_seq_len=24, run=dataclasses.replace(run, eval_every=3, save_every=3)))  # fmt: skip
+                                max_prompt_len=8, ptx_seq_len=24, run=dataclasses.replace(run, eval_every=3, save_every=3),
+                                hparams=PPOHyperparams(batch_size=16, minibatch_size=8, max_new_tokens=8)))  # fmt: skip
     model, params, tok = checkpoint.load_model(sft_dir)
     enc = tok(["w5 w6 w7", "w9 w3"], padding=True, return_tensors="np", padding_side="left")
     out = generate(model, params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]),
                    jax.random.key(args.seed), max_new_tokens=8, temperature=0.0,
                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    from rlhf_jax.train_loop import read_metrics
-
     sft_metrics = [m for m in read_metrics(sft_dir) if "train/loss" in m]
     rm_metrics = [m for m in read_metrics(rm_dir) if "val/accuracy" in m]
     print(f"SFT loss {sft_metrics[0]['train/loss']:.3f} -> {sft_metrics[-1]['train/loss']:.3f}")
@@ -151,6 +144,30 @@ COMMANDS = {
     "bench": (BenchArgs, BenchArgs.__doc__ + " --check-meshes: compile and run every mesh shape that fits (CPU: fake devices)."),
 }
 
+# Run configs whose algorithm hyperparameters (a nested ``hparams`` dataclass: what the pure
+# functions take) are set with flat flags, ``--clip-eps`` rather than ``--hparams.clip-eps``.
+FLAT_HPARAMS = (PPOConfig, RewardConfig)
+
+
+def _flat_hparams(cls: type) -> type:
+    """A subclass of ``cls`` whose ``hparams`` field tyro parses without the ``hparams.`` prefix."""
+    hparams = next(f for f in dataclasses.fields(cls) if f.name == "hparams")
+    namespace = {
+        "__annotations__": {"hparams": Annotated[typing.get_type_hints(cls)["hparams"], tyro.conf.OmitArgPrefixes]},
+        "hparams": dataclasses.field(default=hparams.default),
+        "__doc__": cls.__doc__,
+        "__module__": cls.__module__,
+    }
+    return dataclasses.dataclass(frozen=True, kw_only=True)(type(cls.__name__, (cls,), namespace))
+
+
+def _as_base(args: object) -> object:
+    """The parsed config as its own class again (the CLI subclass only changes how flags are spelt)."""
+    for cls in FLAT_HPARAMS:
+        if isinstance(args, cls) and type(args) is not cls:
+            return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    return args
+
 
 def _multihost_requested() -> bool:
     """A multi-process launch: tpu_setup.sh sets RLHF_JAX_DISTRIBUTED=1 on every worker of a pod;
@@ -168,45 +185,30 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax"):  # Orbax logs every save and restore at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    subcommands = {
-        name: Annotated[cls, tyro.conf.subcommand(name=name, description=desc)] for name, (cls, desc) in COMMANDS.items()
-    }
-    from typing import Union
-
-    args = tyro.cli(Union[tuple(subcommands.values())], args=argv, description=__doc__)  # type: ignore[arg-type]
+    subcommands = [
+        Annotated[_flat_hparams(cls) if cls in FLAT_HPARAMS else cls, tyro.conf.subcommand(name=name, description=desc)]
+        for name, (cls, desc) in COMMANDS.items()
+    ]
+    args = _as_base(tyro.cli(Union[tuple(subcommands)], args=argv, description=__doc__))  # type: ignore[arg-type]  # noqa: UP007
     if _multihost_requested():  # before any other jax call: every host joins the one global mesh
-        import jax
-
         # called directly (not sharding.initialize_distributed, which tolerates a missing cluster):
         # a launch that asked for several hosts must fail loudly, not train alone on each host
         jax.distributed.initialize()
     if isinstance(args, DemoConfig):
-        from rlhf_jax.tasks.demo import run_demo
-
         print(f"report: {run_demo(args)}")
     elif isinstance(args, SFTConfig):
-        from rlhf_jax.sft import run_sft
-
         print(run_sft(args))
     elif isinstance(args, RewardConfig):
-        from rlhf_jax.reward import run_rm
-
         print(run_rm(args))
     elif isinstance(args, PPOConfig):
-        from rlhf_jax.ppo_run import run_ppo
-
         print(run_ppo(args))
     elif isinstance(args, PipelineArgs):
-        from rlhf_jax.pipeline import run_pipeline
-
         print(run_pipeline(args.config()))
     elif isinstance(args, ExportArgs):
         _export(args)
     elif isinstance(args, SmokeArgs):
         _smoke(args)
     elif isinstance(args, BenchArgs):
-        from rlhf_jax.bench import run_bench
-
         run_bench(args)
 
 

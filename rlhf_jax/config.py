@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 Family = Literal["gpt2", "llama", "neox"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -22,7 +22,7 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A decoder-only transformer; one class covers three families by its switches.
+    """A decoder-only transformer; one class covers four families by its switches.
 
     ``family`` picks the defaults and the Hugging Face weight layout:
       * ``gpt2``: learned positions, LayerNorm, GELU(tanh), biases, tied embeddings.
@@ -30,9 +30,19 @@ class ModelConfig:
         attention, optional QKV bias (Qwen2), tied or untied embeddings.
       * ``neox`` (GPT-NeoX, Pythia): partial rotary, LayerNorm, GELU, parallel or
         sequential residual, untied embeddings.
+      * ``gemma3`` (Gemma 3 text): RMSNorm with a (1 + w) scale, norms before and after
+        attention and MLP, q/k RMSNorm over head_dim, gated GELU(tanh), embeddings scaled
+        by sqrt(hidden_size), tied embeddings, local/global layers with their own RoPE bases.
+
+    The attention pattern is per layer: ``layer_types`` names each layer "full_attention"
+    (dense causal) or "sliding_attention" (keys at most ``sliding_window`` positions back:
+    Mistral's window, Gemma 3's local layers, GPT-3's locally banded layers). A shorter
+    tuple is a pattern repeated over the layers: GPT-3 style alternating layers are
+    ``layer_types=("full_attention", "sliding_attention"), sliding_window=256``. With
+    ``layer_types=None`` every layer is sliding when ``sliding_window`` is set (Mistral).
     """
 
-    family: Family
+    family: Literal["gpt2", "llama", "neox", "gemma3"]
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -50,7 +60,13 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     parallel_residual: bool = False  # NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-    sliding_window: int | None = None  # Mistral: keys at most this many slots back
+    sliding_window: int | None = None  # keys at most this many positions back, on sliding layers
+    layer_types: tuple[str, ...] | None = None  # per layer (or a repeated pattern), see the class docstring
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3: 10k); None = rope_theta
+    rope_scaling_factor: float = 1.0  # linear RoPE scaling (positions / factor) of full-attention layers
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power; None = head_dim
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma)
     dropout: float = 0.0  # residual and embedding dropout; off by default
     dtype: DType = "float32"  # compute dtype of matmuls and activations
     param_dtype: DType = "float32"
@@ -60,7 +76,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
             _check(getattr(self, name) > 0, f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
-        _check(self.family in ("gpt2", "llama", "neox"), f"ModelConfig.family: unknown family {self.family!r}")
+        _check(self.family in ("gpt2", "llama", "neox", "gemma3"), f"ModelConfig.family: unknown family {self.family!r}")
         _check(
             self.num_heads % self.kv_heads == 0,
             f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})",
@@ -76,6 +92,19 @@ class ModelConfig:
         _check(self.activation in ("gelu_tanh", "gelu", "silu"), f"ModelConfig.activation: unknown {self.activation!r}")
         if self.sliding_window is not None:
             _check(self.sliding_window > 0, "ModelConfig.sliding_window must be > 0 or None")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))  # a JSON list: hashable again
+            _check(0 < len(self.layer_types) <= self.num_layers, "ModelConfig.layer_types: 1..num_layers entries")
+            bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            _check(not bad, f"ModelConfig.layer_types: unknown {bad} (use 'full_attention' / 'sliding_attention')")
+            _check(
+                self.sliding_window is not None or "sliding_attention" not in self.layer_types,
+                "ModelConfig: 'sliding_attention' layers need sliding_window",
+            )
+        _check(self.rope_scaling_factor > 0, f"ModelConfig.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}")
+        for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"ModelConfig.{name} must be > 0 or None, got {value}")
 
     @property
     def kv_heads(self) -> int:
@@ -91,7 +120,34 @@ class ModelConfig:
 
     @property
     def uses_rope(self) -> bool:
-        return self.family in ("llama", "neox")
+        return self.family in ("llama", "neox", "gemma3")
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The attention kind of every layer ("full_attention" / "sliding_attention")."""
+        if self.layer_types is None:
+            return ("sliding_attention" if self.sliding_window else "full_attention",) * self.num_layers
+        return tuple(self.layer_types[i % len(self.layer_types)] for i in range(self.num_layers))
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per layer: the sliding window in positions, 0 = dense causal attention."""
+        return tuple(self.sliding_window if k == "sliding_attention" else 0 for k in self.layer_kinds)
+
+    @property
+    def layer_rope(self) -> tuple[tuple[float, float], ...]:
+        """Per layer: (RoPE base, linear scaling factor that divides the inverse frequencies)."""
+        local = self.rope_theta if self.rope_local_theta is None else self.rope_local_theta
+        full = (self.rope_theta, self.rope_scaling_factor)
+        return tuple((local, 1.0) if k == "sliding_attention" else full for k in self.layer_kinds)
+
+    @property
+    def qk_norm(self) -> bool:  # Gemma 3: RMSNorm of queries and keys over head_dim
+        return self.family == "gemma3"
+
+    @property
+    def sandwich_norm(self) -> bool:  # Gemma 3: norms after attention and MLP too
+        return self.family == "gemma3"
 
     @property
     def rotary_dim(self) -> int:
@@ -99,11 +155,11 @@ class ModelConfig:
 
     @property
     def gated_mlp(self) -> bool:
-        return self.family == "llama"
+        return self.family in ("llama", "gemma3")
 
     @property
     def norm(self) -> Literal["layernorm", "rmsnorm"]:
-        return "rmsnorm" if self.family == "llama" else "layernorm"
+        return "rmsnorm" if self.family in ("llama", "gemma3") else "layernorm"
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -114,9 +170,9 @@ class ModelConfig:
         hd, h, kv = self.dim_per_head, self.num_heads, self.kv_heads
         norm = 2 * d if self.norm == "layernorm" else d
         attn = d * hd * (h + 2 * kv) + h * hd * d
-        attn += (h + 2 * kv) * hd * self.qkv_bias + d * self.out_bias
+        attn += (h + 2 * kv) * hd * self.qkv_bias + d * self.out_bias + 2 * hd * self.qk_norm
         mlp = (3 if self.gated_mlp else 2) * d * f + (f + d) * self.mlp_bias
-        total = self.num_layers * (attn + mlp + 2 * norm) + norm
+        total = self.num_layers * (attn + mlp + (4 if self.sandwich_norm else 2) * norm) + norm
         if with_embeddings:
             total += v * d + (0 if self.tie_word_embeddings else v * d)
             if self.family == "gpt2":
@@ -197,7 +253,12 @@ class RunConfig:
     on_error: Literal["raise", "skip"] = "raise"  # malformed data rows
     max_skip_fraction: float = 0.05  # abort if more rows than this are skipped
     split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)  # train/val/test by user id
+    dedup_prefix_chars: int | None = None  # drop a row whose prompt starts like an earlier row's (this many chars)
+    max_prompts_per_user: int | None = None  # keep at most this many rows per user id (InstructGPT: 200)
     dtype: DType = "float32"  # compute dtype (params stay float32)
+    # "bucket": each batch is cut to the next bucket length above its longest row (16, 32, ... 512,
+    # then multiples of 256; the configured lengths are caps); "max": every batch at the configured length
+    pad_to: Literal["bucket", "max"] = "bucket"
     remat: bool = False
     progress: bool = True
     # End this invocation once the step counter reaches this value (a checkpoint is saved there);
@@ -222,6 +283,8 @@ class RunConfig:
         _check(self.keep_last >= 1 and self.keep_best >= 0, "RunConfig: keep_last >= 1 and keep_best >= 0")
         _check(abs(sum(self.split_fractions) - 1.0) < 1e-6, "RunConfig.split_fractions must sum to 1")
         _check(0 <= self.max_skip_fraction <= 1, "RunConfig.max_skip_fraction must be in [0, 1]")
+        for name in ("dedup_prefix_chars", "max_prompts_per_user"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, f"RunConfig.{name} must be > 0 or None")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,8 +326,22 @@ class SFTConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RewardHyperparams:
+    """What the pure reward-model step takes (``reward.make_train_step``): the loss's knobs.
+
+    InstructGPT's loss has none; both are extensions, off by default.
+    """
+
+    margin: float = 0.0  # a constant margin inside the pairwise sigmoid
+    center_coef: float = 0.0  # penalty on the mean squared reward (keeps scores near 0)
+
+    def __post_init__(self) -> None:
+        _check(self.center_coef >= 0, "RewardHyperparams.center_coef must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RewardConfig:
-    """Reward model on K-way rankings (InstructGPT: 1 epoch, lr 9e-6 cosine to 10%, batch 64 prompts)."""
+    """Reward model run on K-way rankings (InstructGPT: 1 epoch, lr 9e-6 cosine to 10%, batch 64 prompts)."""
 
     data: str  # rankings file or hub name
     init: str  # an SFT run directory or an HF model directory
@@ -277,8 +354,7 @@ class RewardConfig:
     max_prompt_len: int = 256
     max_response_len: int = 256
     max_k: int | None = None  # None: the largest K in the data
-    margin: float = 0.0  # extension: margin inside the pairwise sigmoid
-    center_coef: float = 0.0  # extension: penalty on mean squared reward
+    hparams: RewardHyperparams = RewardHyperparams()
     optim: OptimConfig = OptimConfig(learning_rate=9e-6)
 
     def __post_init__(self) -> None:
@@ -289,19 +365,71 @@ class RewardConfig:
         _check(self.epochs > 0, "RewardConfig.epochs must be > 0")
 
 
-def to_dict(config: Any) -> dict:
-    """A JSON-ready dict of a (nested) config dataclass."""
-    return dataclasses.asdict(config)
+@dataclass(frozen=True, kw_only=True)
+class PPOHyperparams:
+    """The PPO-ptx algorithm: everything the pure functions in ``rlhf_jax.ppo`` take.
+
+    Paper values (InstructGPT): beta (``kl_coef``) 0.02, gamma (``ptx_coef``) 27.8, batch 512,
+    minibatch 64, 1 PPO epoch, clip 0.2, GAE discount 1 (lambda 0.95 in Ziegler et al.),
+    temperature 1, EMA of policy weights with decay 0.992.
+    """
+
+    batch_size: int = 64  # episodes per iteration (paper: 512)
+    minibatch_size: int = 16  # paper: 64
+    ppo_epochs: int = 1  # paper: 1 (Ziegler: 4)
+    max_new_tokens: int = 64  # sampling: response tokens at most
+    temperature: float = 1.0  # sampling; the log-probs for the ratio and the KL use the same value
+    top_k: int = 0
+    top_p: float = 1.0
+    clip_eps: float = 0.2
+    vf_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    kl_coef: float = 0.02  # beta (the initial value when adaptive)
+    kl_kind: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False  # Ziegler's controller
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    ptx_coef: float = 27.8  # gamma of PPO-ptx; applies when the run has pretraining data (0: plain PPO with it)
+    ptx_rows: int | None = None  # pretraining rows per minibatch (None: = minibatch_size)
+    no_eos_penalty: float | None = -1.0  # score of a response that never emits EOS (None: keep the RM score)
+    whiten_rewards: bool = False  # whiten the per-token rewards (no mean shift) before GAE
+    ema_decay: float = 0.992
+    exact_ratio: bool = True  # recompute the policy forward in the update so the first ratio is exactly 1
+    # (False: ~1e-7 rounding differences on RoPE models, one policy forward per minibatch cheaper)
+
+    def __post_init__(self) -> None:
+        _check(self.minibatch_size > 0 and self.ppo_epochs > 0, "PPOHyperparams: minibatch_size, ppo_epochs must be > 0")
+        _check(self.batch_size % self.minibatch_size == 0, "PPOHyperparams: batch_size must be a multiple of minibatch_size")
+        _check(self.max_new_tokens > 0, "PPOHyperparams.max_new_tokens must be > 0")
+        _check(self.temperature > 0, "PPOHyperparams.temperature must be > 0 (sampling; log-probs use the same value)")
+        _check(0 <= self.ema_decay < 1, "PPOHyperparams.ema_decay must be in [0, 1)")
+        _check(self.kl_coef >= 0 and self.kl_target > 0 and self.kl_horizon > 0, "PPOHyperparams: KL settings must be > 0")
+        _check(self.ptx_coef >= 0, "PPOHyperparams.ptx_coef must be >= 0")
+        _check(self.ptx_rows is None or self.ptx_rows > 0, "PPOHyperparams.ptx_rows must be > 0 or None")
+
+    @property
+    def num_minibatches(self) -> int:
+        return self.batch_size // self.minibatch_size
+
+    @property
+    def rows_per_ptx_minibatch(self) -> int:
+        return self.ptx_rows or self.minibatch_size
+
+    @property
+    def updates_per_iteration(self) -> int:
+        """Optimizer steps in one PPO iteration: epochs x minibatches."""
+        return self.ppo_epochs * self.num_minibatches
 
 
 @dataclass(frozen=True, kw_only=True)
 class PPOConfig:
-    """PPO-ptx (InstructGPT): per-token KL penalty against the SFT policy, pretraining-mix term.
+    """A PPO / PPO-ptx run: data, models, cadence, optimizer, and the algorithm's ``hparams``.
 
-    Paper values: beta (kl_coef) 0.02, gamma (ptx_coef) 27.8, batch 512, minibatch 64,
-    1 PPO epoch, clip 0.2, GAE discount 1 (lambda 0.95 in Ziegler et al.), temperature 1,
-    constant lr with 10-iteration warmup from 1/10, EMA of policy weights with decay 0.992,
-    value function initialised from the reward model.
+    The policy and the KL reference both start from ``policy``; the value network from
+    ``reward`` (InstructGPT). With ``ptx_data`` the objective adds ``hparams.ptx_coef`` x
+    the pretraining LM loss (PPO-ptx); without it, plain PPO.
     """
 
     prompts: str  # prompts file or hub name
@@ -311,61 +439,24 @@ class PPOConfig:
     ptx_data: str | None = None  # pretraining text; None = plain PPO
     max_steps: int = 100  # PPO iterations
     run: RunConfig = RunConfig(eval_every=10, save_every=10, log_every=1)
-    batch_size: int = 64  # episodes per iteration (paper: 512)
-    minibatch_size: int = 16  # paper: 64
-    ppo_epochs: int = 1  # paper: 1 (Ziegler: 4)
     max_prompt_len: int = 64
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    clip_eps: float = 0.2
-    vf_clip_eps: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.02  # beta (initial value when adaptive)
-    kl_kind: Literal["k1", "k2", "k3"] = "k1"
-    adaptive_kl: bool = False  # Ziegler's controller
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    ptx_coef: float | None = None  # gamma; None: 27.8 with ptx_data, 0 without
-    ptx_rows: int | None = None  # pretraining rows per minibatch (None: = minibatch_size)
     ptx_seq_len: int = 128
-    no_eos_penalty: float | None = -1.0  # score of a response that never emits EOS (None: keep RM score)
-    whiten_rewards: bool = False  # whiten the per-token rewards (no mean shift) before GAE
-    ema_decay: float = 0.992
     value_head: Literal["separate", "shared"] = "separate"  # shared: value head on the policy backbone
     eval_prompts: int = 32  # validation prompts sampled (greedy, EMA policy) at each evaluation
-    exact_ratio: bool = True  # recompute the policy forward in the update so the first ratio is exactly 1
-    # (False: ~1e-7 rounding differences on RoPE models, one policy forward per minibatch cheaper)
+    # Ziegler et al.'s reward normalisation: before training, scale and shift the RM so that the
+    # initial policy's samples on the first training prompts score mean 0, std 1 (InstructGPT sets
+    # only the bias, on demonstrations: `rlhf-jax rm --demonstrations`)
+    normalize_reward: bool = False
+    hparams: PPOHyperparams = PPOHyperparams()
     optim: OptimConfig = OptimConfig(
         learning_rate=1e-5, schedule="constant", warmup_steps=10, warmup_init_fraction=0.1
     )
 
     def __post_init__(self) -> None:
-        _check(self.batch_size % self.minibatch_size == 0, "PPOConfig: batch_size must be a multiple of minibatch_size")
-        _check(self.minibatch_size > 0 and self.ppo_epochs > 0, "PPOConfig: minibatch_size, ppo_epochs must be > 0")
         _check(self.max_steps > 0, "PPOConfig.max_steps must be > 0")
-        _check(self.temperature > 0, "PPOConfig.temperature must be > 0 (sampling; log-probs use the same value)")
-        _check(0 <= self.ema_decay < 1, "PPOConfig.ema_decay must be in [0, 1)")
-        _check(self.kl_coef >= 0 and self.kl_target > 0 and self.kl_horizon > 0, "PPOConfig: KL settings must be > 0")
-        _check(self.ptx_coef is None or self.ptx_coef >= 0, "PPOConfig.ptx_coef must be >= 0")
-        _check(
-            not (self.ptx_coef and self.ptx_data is None),
-            "PPOConfig: ptx_coef > 0 needs ptx_data (pretraining text)",
-        )
+        _check(self.max_prompt_len > 0 and self.ptx_seq_len > 1, "PPOConfig: max_prompt_len > 0, ptx_seq_len > 1")
 
     @property
-    def gamma_ptx(self) -> float:
-        if self.ptx_coef is not None:
-            return self.ptx_coef if self.ptx_data is not None else 0.0
-        return 27.8 if self.ptx_data is not None else 0.0
-
-    @property
-    def num_minibatches(self) -> int:
-        return self.batch_size // self.minibatch_size
-
-    @property
-    def rows_per_ptx_minibatch(self) -> int:
-        return self.ptx_rows or self.minibatch_size
+    def uses_ptx(self) -> bool:
+        """PPO-ptx: pretraining data is given and its coefficient is not 0."""
+        return self.ptx_data is not None and self.hparams.ptx_coef > 0

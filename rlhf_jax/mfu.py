@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.config import ModelConfig, PPOConfig
+from rlhf_jax.config import ModelConfig, PPOHyperparams
 
 # Dense bf16 peak FLOP/s per chip (vendor figures), matched as substrings of
 # ``jax.Device.device_kind`` in this order (so "TPU v5 lite" wins over "TPU v5").
@@ -77,8 +77,10 @@ def generate_flops(cfg: ModelConfig, *, batch: int, prompt_len: int, new_tokens:
     return prefill + forward_flops(cfg, tokens=steps, context=prompt_len + new_tokens / 2, head_tokens=steps)
 
 
-def ppo_flops(cfg: ModelConfig, ppo: PPOConfig, *, prompt_len: int) -> dict[str, float]:
-    """Rollout, update and total model FLOPs of one PPO(-ptx) iteration (separate value network)."""
+def ppo_flops(cfg: ModelConfig, ppo: PPOHyperparams, *, prompt_len: int,
+              ptx_seq_len: int | None = None) -> dict[str, float]:  # fmt: skip
+    """Rollout, update and total model FLOPs of one PPO iteration (separate value network);
+    with ``ptx_seq_len``, PPO-ptx's pretraining rows of that length too."""
     b, r = ppo.batch_size, ppo.max_new_tokens
     t = prompt_len + r
     gen = generate_flops(cfg, batch=b, prompt_len=prompt_len, new_tokens=r)
@@ -86,9 +88,9 @@ def ppo_flops(cfg: ModelConfig, ppo: PPOConfig, *, prompt_len: int) -> dict[str,
     scalar_pass = forward_flops(cfg, tokens=b * t, context=t / 2, head_tokens=b * r, lm_head=False)
     rollout = gen + 2 * lm_pass + 2 * scalar_pass  # policy, reference; value, reward model
     update = ppo.ppo_epochs * 3 * (lm_pass + scalar_pass)
-    if ppo.gamma_ptx > 0:
-        rows = ppo.ppo_epochs * ppo.num_minibatches * ppo.rows_per_ptx_minibatch
-        update += train_flops(cfg, sequences=rows, seq_len=ppo.ptx_seq_len)
+    if ptx_seq_len is not None:
+        rows = ppo.updates_per_iteration * ppo.rows_per_ptx_minibatch
+        update += train_flops(cfg, sequences=rows, seq_len=ptx_seq_len)
     return dict(rollout=rollout, update=update, total=rollout + update)
 
 

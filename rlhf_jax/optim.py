@@ -6,8 +6,11 @@ is finite (``finite/<name>`` boolean scalars in its metrics; names from
 when any is not: the step is skipped as a whole (params, optimizer state and its count,
 the step counter, RNG, and for PPO the KL coefficient, EMA params and iteration all stay
 as they were; the batch is consumed). ``train_loop.run`` counts consecutive skips and
-stops the run after ``RunConfig.max_consecutive_skips``. :func:`inject_fault` is the hook
-tests use to put NaN or Inf into a named quantity.
+stops the run after ``RunConfig.max_consecutive_skips``. When checks run in sequence (PPO's
+rollout then its minibatches), :func:`blame_first_nonfinite` keeps only the first failure:
+a NaN reward also makes the advantages, the loss and the gradients NaN, and the error
+should name the reward. Tests poison quantities from outside the library (a model that
+returns NaN, NaN parameters, a gradient-poisoning wrapper: ``tests/poison.py``).
 """
 
 from __future__ import annotations
@@ -61,8 +64,16 @@ def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Sched
     return optax.join_schedules([optax.linear_schedule(start, lr, warm), main], [warm])
 
 
+def decay_mask(params: Any) -> Any:
+    """True for the leaves weight decay applies to: matrices (ndim >= 2), not biases, norms or scales.
+
+    nanoGPT's ``configure_optimizers`` rule; embeddings are matrices and are decayed, as there.
+    """
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW (+ global-norm clipping) on the schedule above."""
+    """AdamW (+ global-norm clipping) on the schedule above; weight decay on matrices only (:func:`decay_mask`)."""
     parts = []
     if config.max_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
@@ -73,6 +84,7 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
             b2=config.b2,
             eps=config.eps,
             weight_decay=config.weight_decay,
+            mask=decay_mask if config.weight_decay > 0 else None,  # (no mask state without decay)
         )
     )
     return optax.chain(*parts)
@@ -87,17 +99,15 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed:
     )
 
 
-def gradient_step(state: TrainState, loss_fn, optimizer: optax.GradientTransformation, *,
-                  faults: dict | None = None) -> tuple[TrainState, dict]:  # fmt: skip
+def gradient_step(state: TrainState, loss_fn, optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
     """One optimizer step on ``loss_fn(params) -> (loss, metrics)``, skipped when non-finite.
 
     ``loss_fn``'s metrics may hold ``finite/<name>`` flags of its intermediates (e.g.
     ``finite/logits``); the loss and the gradients are checked here. Returns the new state
     (the old one, bitwise, if anything was non-finite) and the metrics plus ``grad_norm``
-    and the guard's ``nonfinite/*`` metrics. ``faults``: the batch, read by :func:`inject_fault`.
+    and the guard's ``nonfinite/*`` metrics.
     """
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = inject_fault("grads", grads, faults)
     grad_norm = optax.tree.norm(grads)
     metrics = {**metrics, "finite/loss": all_finite(loss), "finite/grads": norm_finite(grad_norm)}
     new_state, metrics = skip_nonfinite(apply_gradients(state, grads, optimizer), state, metrics)
@@ -147,6 +157,30 @@ def logits_finite(logits: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(jax.nn.logsumexp(jnp.asarray(logits).astype(jnp.float32), axis=-1)))
 
 
+def blame_first_nonfinite(flags: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Reduce checks that ran in sequence to one flag per quantity, blaming only the first failure.
+
+    Once a quantity is non-finite, everything computed from it is too (a NaN reward makes the
+    advantages, the loss and the gradients NaN; a NaN update makes the next minibatch's
+    logits NaN), so only the first group with a failed check says what went wrong.
+
+    Args:
+      flags: ``name -> bool [N]``: the checks of N groups in the order they ran (pipeline
+        stages, minibatches); a group that does not compute a quantity passes True for it.
+
+    Returns:
+      ``name -> bool`` scalar: False only for the quantities that failed in the first group
+      with any failure; all True when every group was finite.
+
+    >>> f = {"finite/reward": jnp.array([False, True]), "finite/loss": jnp.array([True, False])}
+    >>> {k: bool(v) for k, v in blame_first_nonfinite(f).items()}
+    {'finite/reward': False, 'finite/loss': True}
+    """
+    group_ok = jnp.stack([jnp.asarray(v, bool) for v in flags.values()]).all(axis=0)  # [N]
+    earlier_ok = jnp.concatenate([jnp.ones(1, bool), jnp.cumprod(group_ok.astype(jnp.int32))[:-1] > 0])  # [N]
+    return {k: jnp.all(jnp.asarray(v, bool) | ~earlier_ok) for k, v in flags.items()}
+
+
 def skip_nonfinite(new_state: Any, old_state: Any, metrics: dict) -> tuple[Any, dict]:
     """``new_state`` if every ``finite/<name>`` flag in ``metrics`` is True, else ``old_state``.
 
@@ -168,19 +202,3 @@ def skip_nonfinite(new_state: Any, old_state: Any, metrics: dict) -> tuple[Any, 
         out[f"nonfinite/{name}"] = 1.0 - jnp.asarray(ok, jnp.float32)
     out["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
     return state, out
-
-
-def inject_fault(name: str, value: Any, faults: dict | None) -> Any:
-    """Fault injection for tests: ``value`` with every element replaced when asked.
-
-    ``faults`` is a batch (or None); a ``"fault/<name>"`` entry ([B] float, as every batch
-    array has a leading batch axis) asks for ``name`` to be poisoned: when its element 0 is
-    non-zero (NaN, Inf, ...), every floating element of ``value`` (an array or a pytree)
-    becomes that number; when it is 0, ``value`` passes through bitwise. Batches without
-    the entry (every real batch) are not touched: nothing is traced.
-    """
-    key = f"fault/{name}"
-    if faults is None or key not in faults:
-        return value
-    poison = faults[key][0]
-    return jax.tree.map(lambda x: jnp.where(poison != 0, poison.astype(x.dtype), x), value)

@@ -21,7 +21,11 @@ from typing import Literal
 
 import jax
 
+from rlhf_jax import checkpoint, data
 from rlhf_jax.config import PPOConfig, RewardConfig, SFTConfig
+from rlhf_jax.drivers import run_ppo, run_rm, run_sft
+from rlhf_jax.tasks.evaluate import sample_responses, strip_eos
+from rlhf_jax.tasks.world import World, WorldConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +66,6 @@ def collect_comparisons(cfg: PipelineConfig, round_dir: Path, policy_dir: Path) 
 
     Returns the rankings file, or None when a person still has to rank ``to_rank.jsonl``.
     """
-    from rlhf_jax import checkpoint, data
-    from rlhf_jax.tasks.evaluate import sample_responses, strip_eos
-
     ranked = round_dir / "rankings.jsonl"
     if ranked.exists():
         return ranked
@@ -77,8 +78,8 @@ def collect_comparisons(cfg: PipelineConfig, round_dir: Path, policy_dir: Path) 
         groups: list[list[tuple[str, bool]]] = [[] for _ in texts]
         for k in range(cfg.samples_per_prompt):
             outs = sample_responses(model, params, tok, texts, key=jax.random.key(1000 + k),
-                                    max_prompt_len=cfg.ppo.max_prompt_len, max_new_tokens=cfg.ppo.max_new_tokens,
-                                    temperature=cfg.ppo.temperature)  # fmt: skip
+                                    max_prompt_len=cfg.ppo.max_prompt_len,
+                                    max_new_tokens=cfg.ppo.hparams.max_new_tokens, temperature=cfg.ppo.hparams.temperature)  # fmt: skip
             for g, o in zip(groups, outs):
                 g.append(strip_eos(o, tok.eos_token))
         rows = [{"prompt": t, "responses": [r for r, _ in g], "ended": [e for _, e in g], "user_id": p.get("user_id")}
@@ -87,8 +88,6 @@ def collect_comparisons(cfg: PipelineConfig, round_dir: Path, policy_dir: Path) 
     if cfg.labeler == "file":
         log.warning("pipeline: rank %s and write %s (add \"ranks\", 0 = best), then run again", to_rank, ranked)
         return None
-    from rlhf_jax.tasks.world import World, WorldConfig
-
     world = World(WorldConfig(seed=cfg.world_seed))
     rows = _read_jsonl(to_rank)
     usable = [r for r in rows if len(set(r["responses"])) >= 2 and all(r["responses"])]
@@ -100,10 +99,6 @@ def collect_comparisons(cfg: PipelineConfig, round_dir: Path, policy_dir: Path) 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run (or resume) every round; returns the last round's policy run directory."""
-    from rlhf_jax.ppo_run import run_ppo
-    from rlhf_jax.reward import run_rm
-    from rlhf_jax.sft import run_sft
-
     root = Path(cfg.out)
     sft_dir = run_sft(dataclasses.replace(cfg.sft, out=str(root / "sft")))
     comparisons = [Path(cfg.rm.data)]

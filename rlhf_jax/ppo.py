@@ -30,8 +30,8 @@ advantages or returns, losses or gradients are not all finite is skipped as a wh
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -39,10 +39,20 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses, ops, rl
-from rlhf_jax.config import PPOConfig
+from rlhf_jax.config import PPOHyperparams
 from rlhf_jax.models import CausalLM
-from rlhf_jax.optim import TrainState, all_finite, apply_gradients, inject_fault, norm_finite, skip_nonfinite
+from rlhf_jax.optim import (
+    TrainState,
+    all_finite,
+    apply_gradients,
+    blame_first_nonfinite,
+    init_train_state,
+    norm_finite,
+    skip_nonfinite,
+)
+from rlhf_jax.reward import score_sequences
 from rlhf_jax.sampling import generate
+from rlhf_jax.sft import lm_objective
 
 
 @flax.struct.dataclass
@@ -105,25 +115,16 @@ def response_logprobs(logits: jax.Array, sequences: jax.Array, prompt_len: int, 
     return ops.gather_logprobs(logits, sequences[:, prompt_len:], temperature=temperature)
 
 
-def score_responses(rm: CausalLM, rm_params: Any, sequences: jax.Array, mask: jax.Array) -> jax.Array:
-    """RM score read at each sequence's last real token (the EOS when there is one) -> [B]."""
-    values = rm.apply({"params": rm_params}, sequences, attention_mask=mask).values  # [B, T]
-    return jnp.take_along_axis(values, ops.last_token_index(mask)[:, None], axis=1)[:, 0]
-
-
-def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: CausalLM, *, eos_token_id: int,
+def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, rm: CausalLM, *, eos_token_id: int,
                  pad_token_id: int) -> Callable:  # fmt: skip
-    """``rollout(state, prompt_ids [B,P], prompt_mask [B,P], ref_params, rm_params, faults=None) -> Rollout``.
+    """``rollout(state, prompt_ids [B,P], prompt_mask [B,P], ref_params, rm_params) -> Rollout``."""
 
-    ``faults``: a batch read by ``optim.inject_fault`` (tests poison ``reward`` and ``advantages`` here).
-    """
-
-    def rollout(state: PPOState, prompt_ids, prompt_mask, ref_params, rm_params, faults: dict | None = None) -> Rollout:
+    def rollout(state: PPOState, prompt_ids, prompt_mask, ref_params, rm_params) -> Rollout:
         p = prompt_ids.shape[1]
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration)
         gen = generate(policy, state.policy.params, prompt_ids, prompt_mask, key, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, with_logprobs=False)  # fmt: skip
         seq = jnp.concatenate([prompt_ids, gen.tokens], axis=1)  # [B, P+R]
         seq_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), gen.mask], axis=1)
         resp_mask = gen.mask.astype(jnp.float32)  # [B, R]
@@ -138,7 +139,7 @@ def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: C
                 _, vals = response_forward(value, state.value.params, s, m, p)
             else:
                 vals = shared_values
-            return old_lp, ref_lp, vals, score_responses(rm, rm_params, s, m)
+            return old_lp, ref_lp, vals, score_sequences(rm, rm_params, s, m)
 
         # Scored minibatch by minibatch, with the update's minibatch shape: XLA's rounding can
         # depend on the batch dimension, and the ratio must be exactly 1 on the first minibatch.
@@ -158,13 +159,12 @@ def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: C
         has_eos = jnp.any((gen.tokens == eos_token_id) & (gen.mask > 0), axis=1)  # [B]
         if cfg.no_eos_penalty is not None:
             scores = jnp.where(has_eos, scores, cfg.no_eos_penalty)
-        scores = inject_fault("reward", scores, faults)  # the reward as used (a penalised row's RM score is not)
         rewards, kl = rl.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, resp_mask, kl_coef=state.kl_coef,
                                            kind=cfg.kl_kind)  # fmt: skip
         if cfg.whiten_rewards:
             rewards = ops.masked_whiten(rewards, resp_mask, shift_mean=False)
         advantages, returns = rl.gae(rewards, values * resp_mask, resp_mask, gamma=cfg.gamma, lam=cfg.lam)
-        advantages = inject_fault("advantages", ops.masked_whiten(advantages, resp_mask, shift_mean=True), faults)
+        advantages = ops.masked_whiten(advantages, resp_mask, shift_mean=True)
         return Rollout(
             sequences=seq, sequence_mask=seq_mask, response_mask=resp_mask, old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs, values=values, rewards=rewards, advantages=advantages, returns=returns,
@@ -174,8 +174,8 @@ def make_rollout(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: C
     return rollout
 
 
-def ppo_objective(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy_params, value_params, mb: dict,
-                  ptx: dict | None, prompt_len: int, faults: dict | None = None):  # fmt: skip
+def ppo_objective(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, policy_params, value_params,
+                  mb: dict, ptx: dict | None, prompt_len: int):  # fmt: skip
     """policy loss + vf_coef * value loss + ptx_coef * ptx loss (value term only with a shared head).
 
     Returns (policy_total, (value_total, metrics)) so the two networks can take separate
@@ -189,7 +189,6 @@ def ppo_objective(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, poli
     if cfg.exact_ratio:
         forward = jax.checkpoint(forward)
     logits, shared_values = forward(policy_params)
-    logits = inject_fault("logits", logits, faults)
     logprobs = response_logprobs(logits, mb["sequences"], prompt_len, cfg.temperature)
     mask = mb["response_mask"]
     pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
@@ -211,24 +210,23 @@ def ppo_objective(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, poli
         "objective/entropy": ops.masked_mean(ops.entropy_from_logits(logits / cfg.temperature), mask),
     }
     policy_total = pg_loss
-    if ptx is not None and cfg.gamma_ptx > 0:
-        t_ptx = ptx["input_ids"].shape[1]
-        ptx_logits = policy.apply({"params": policy_params}, ptx["input_ids"], attention_mask=ptx["attention_mask"],
-                                  head_slice=(0, t_ptx - 1)).logits  # [B, T-1, V]  # fmt: skip
-        ptx_loss, _ = losses.masked_lm_loss(ptx_logits, ptx["input_ids"][:, 1:], ptx["loss_mask"][:, 1:])
+    logits_ok = all_finite(logprobs)
+    if ptx is not None and cfg.ptx_coef > 0:
+        ptx_loss, ptx_metrics = lm_objective(policy, policy_params, ptx)
         metrics["loss/ptx"] = ptx_loss
-        policy_total = policy_total + cfg.gamma_ptx * ptx_loss
+        logits_ok &= ptx_metrics["finite/logits"]
+        policy_total = policy_total + cfg.ptx_coef * ptx_loss
     value_total = cfg.vf_coef * vf_loss
     if value is None:
         policy_total = policy_total + value_total
-    metrics["finite/logits"] = all_finite(logprobs)
+    metrics["finite/logits"] = logits_ok
     metrics["finite/loss"] = all_finite((policy_total, value_total))
     return policy_total, (value_total, metrics)
 
 
-def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy_opt: optax.GradientTransformation,
-                value_opt: optax.GradientTransformation | None) -> Callable:  # fmt: skip
-    """``update(state, rollout, ptx_batch | None, faults=None) -> (state, metrics)``: epochs x minibatches scans.
+def make_update(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
+                policy_opt: optax.GradientTransformation, value_opt: optax.GradientTransformation | None) -> Callable:  # fmt: skip
+    """``update(state, rollout, ptx_batch | None) -> (state, metrics)``: epochs x minibatches scans.
 
     Metrics are means over the minibatches, except the ``finite/*`` flags: those of the first
     minibatch with a non-finite quantity (later minibatches inherit its NaNs through the params,
@@ -236,27 +234,25 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
     """
     n_mb, mb_size = cfg.num_minibatches, cfg.minibatch_size
 
-    def minibatch_step(state: PPOState, xs, faults: dict | None = None):
+    def minibatch_step(state: PPOState, xs):
         mb, ptx = xs
         p = mb["sequences"].shape[1] - cfg.max_new_tokens
 
         if value is None:
             grad_fn = jax.value_and_grad(
-                lambda pp: ppo_objective(cfg, policy, None, pp, None, mb, ptx, p, faults), has_aux=True
+                lambda pp: ppo_objective(cfg, policy, None, pp, None, mb, ptx, p), has_aux=True
             )
             (_, (_, metrics)), p_grads = grad_fn(state.policy.params)
-            p_grads = inject_fault("grads", p_grads, faults)
             new_value = None
         else:
 
             def joint(pp, vp):
-                pol, (val, metrics) = ppo_objective(cfg, policy, value, pp, vp, mb, ptx, p, faults)
+                pol, (val, metrics) = ppo_objective(cfg, policy, value, pp, vp, mb, ptx, p)
                 return pol + val, metrics  # disjoint params: d/dpp sees pol, d/dvp sees val
 
             (_, metrics), (p_grads, v_grads) = jax.value_and_grad(joint, argnums=(0, 1), has_aux=True)(
                 state.policy.params, state.value.params
             )
-            p_grads = inject_fault("grads", p_grads, faults)
             new_value = apply_gradients(state.value, v_grads, value_opt)
             metrics["val/grad_norm"] = optax.tree.norm(v_grads)
         metrics["ppo/grad_norm"] = optax.tree.norm(p_grads)
@@ -266,7 +262,7 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
                            state.ema_params, new_policy.params)  # fmt: skip
         return state.replace(policy=new_policy, value=new_value, ema_params=ema), metrics
 
-    def update(state: PPOState, ro: Rollout, ptx_batch: dict | None, faults: dict | None = None):
+    def update(state: PPOState, ro: Rollout, ptx_batch: dict | None):
         fields = ("sequences", "sequence_mask", "response_mask", "old_logprobs", "values", "advantages", "returns")
         data = {k: getattr(ro, k) for k in fields}
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration + (1 << 30))
@@ -279,38 +275,35 @@ def make_update(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, policy
                 ptx = jax.tree.map(
                     lambda x: x.reshape(cfg.ppo_epochs, n_mb, -1, *x.shape[1:])[epoch_idx], ptx_batch
                 )
-            return jax.lax.scan(functools.partial(minibatch_step, faults=faults), state, (shuffled, ptx))
+            return jax.lax.scan(minibatch_step, state, (shuffled, ptx))
 
         state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.ppo_epochs))
         flags = {k: v.reshape(-1) for k, v in metrics.items() if k.startswith("finite/")}  # [E * n_mb] each
-        ok = jnp.stack(list(flags.values())).all(axis=0)
-        earlier_ok = jnp.concatenate([jnp.ones(1, bool), jnp.cumprod(ok.astype(jnp.int32))[:-1] > 0])
         out = {k: jnp.mean(v) for k, v in metrics.items() if not k.startswith("finite/")}
-        return state, out | {k: jnp.all(v | ~earlier_ok) for k, v in flags.items()}
+        return state, out | blame_first_nonfinite(flags)
 
     return update
 
 
-def make_iteration(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm: CausalLM,
+def make_iteration(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, rm: CausalLM,
                    policy_opt: optax.GradientTransformation, value_opt: optax.GradientTransformation | None, *,
                    eos_token_id: int, pad_token_id: int) -> Callable:  # fmt: skip
     """``iteration(state, batch, ref_params, rm_params) -> (state, metrics)``: rollout + update + KL control.
 
     ``batch``: ``prompt_ids``/``prompt_mask`` [B, P]; with ptx also ``ptx_input_ids``,
-    ``ptx_attention_mask``, ``ptx_loss_mask`` [E * n_minibatches * rows, T]; tests may add
-    ``fault/<name>`` entries (``optim.inject_fault``). An iteration with a non-finite score,
-    log-prob, advantage, loss or gradient returns ``state`` bitwise (``optim.skip_nonfinite``).
+    ``ptx_attention_mask``, ``ptx_loss_mask`` [E * n_minibatches * rows, T]. An iteration with
+    a non-finite score, log-prob, advantage, loss or gradient returns ``state`` bitwise
+    (``optim.skip_nonfinite``); the metrics name the first quantity that was not finite.
     """
     rollout_fn = make_rollout(cfg, policy, value, rm, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     update_fn = make_update(cfg, policy, value, policy_opt, value_opt)
 
     def iteration(state: PPOState, batch: dict, ref_params: Any, rm_params: Any):
-        faults = {k: v for k, v in batch.items() if k.startswith("fault/")} or None
-        ro = rollout_fn(state, batch["prompt_ids"], batch["prompt_mask"], ref_params, rm_params, faults)
+        ro = rollout_fn(state, batch["prompt_ids"], batch["prompt_mask"], ref_params, rm_params)
         ptx = None
         if "ptx_input_ids" in batch:
             ptx = {k[len("ptx_") :]: v for k, v in batch.items() if k.startswith("ptx_")}
-        new_state, metrics = update_fn(state, ro, ptx, faults)
+        new_state, metrics = update_fn(state, ro, ptx)
 
         mask = ro.response_mask
         seq_kl = jnp.sum(ro.kl * mask, axis=1)  # [B] KL(pi || pi_ref) of each episode (k-estimator sums)
@@ -331,23 +324,21 @@ def make_iteration(cfg: PPOConfig, policy: CausalLM, value: CausalLM | None, rm:
             "kl_coef": state.kl_coef,
         })  # fmt: skip
         new_state = new_state.replace(kl_coef=kl_coef, iteration=state.iteration + 1)
-        # The rollout's quantities come first; the update's are blamed only when the rollout was finite.
+        # The rollout's checks come first; the update's are blamed only when the rollout was finite.
         rollout = {"reward": all_finite(ro.scores), "logits": all_finite((ro.old_logprobs, ro.ref_logprobs)),
                    "advantages": all_finite((ro.advantages, ro.returns))}  # fmt: skip
-        rollout_ok = rollout["reward"] & rollout["logits"] & rollout["advantages"]
-        for name in ("logits", "loss", "grads"):
-            metrics[f"finite/{name}"] = metrics[f"finite/{name}"] | ~rollout_ok
-        for name, ok in rollout.items():
-            metrics[f"finite/{name}"] = ok & metrics.get(f"finite/{name}", True)
-        return skip_nonfinite(new_state, state, metrics)
+        update = {k[len("finite/") :]: metrics.pop(k) for k in list(metrics) if k.startswith("finite/")}
+        names = list(dict.fromkeys([*rollout, *update]))
+        true = jnp.asarray(True)
+        in_order = {f"finite/{n}": jnp.stack([rollout.get(n, true), update.get(n, true)]) for n in names}  # [2] each
+        return skip_nonfinite(new_state, state, metrics | blame_first_nonfinite(in_order))
 
     return iteration
 
 
 def init_ppo_state(policy_params: Any, value_params: Any | None, policy_opt, value_opt, *, kl_coef: float,
                    seed: int) -> PPOState:  # fmt: skip
-    from rlhf_jax.optim import init_train_state
-
+    """The state before the first iteration; the reference policy and the RM are not part of it."""
     return PPOState(
         policy=init_train_state(policy_params, policy_opt, seed),
         value=None if value_params is None else init_train_state(value_params, value_opt, seed + 1),

@@ -16,16 +16,18 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.transformer import CausalLM, init_cache
+from rlhf_jax.ops import last_token_index
 
 
 @flax.struct.dataclass
 class GenerationOutput:
     """tokens [B, R] int32 (pad after EOS); mask [B, R] int32 (1 up to and including EOS);
-    logprobs [B, R] float32 (log-prob of each sampled token under softmax(logits / T); 0 where mask is 0)."""
+    logprobs [B, R] float32 (log-prob of each sampled token under softmax(logits / T); 0 where mask
+    is 0), or None when ``generate(..., with_logprobs=False)``."""
 
     tokens: jax.Array
     mask: jax.Array
-    logprobs: jax.Array
+    logprobs: jax.Array | None
 
 
 def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -81,16 +83,10 @@ def sample_categorical(key: jax.Array, logits: jax.Array, *, block: int = 128) -
     return (bi * block + j).astype(jnp.int32)
 
 
-def _last_real(mask: jax.Array) -> jax.Array:
-    """Index of the last 1 in each row of mask [B, T] (0 for an empty row)."""
-    t = mask.shape[-1]
-    idx = jnp.where(mask > 0, jnp.arange(t)[None, :], -1)
-    return jnp.maximum(jnp.max(idx, axis=-1), 0)
-
-
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id"),
+    static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
+                     "with_logprobs"),
 )
 def generate(
     model: CausalLM,
@@ -105,6 +101,7 @@ def generate(
     top_p: float = 1.0,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
+    with_logprobs: bool = True,
 ) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` tokens after each prompt.
 
@@ -120,15 +117,17 @@ def generate(
       top_p: nucleus sampling mass (1.0 = off).
       eos_token_id: a row stops after emitting it; None never stops early.
       pad_token_id: written after a row's EOS.
+      with_logprobs: also return each sampled token's log-prob (a log-normaliser over the
+        vocabulary per step; the PPO rollout recomputes log-probs in its scoring pass instead).
 
     Returns:
-      GenerationOutput with tokens, mask and logprobs, each [B, R].
+      GenerationOutput with tokens, mask and (with_logprobs) logprobs, each [B, R].
     """
     b, p = prompt_ids.shape
     r = max_new_tokens
     variables = {"params": params}
     cache = init_cache(model.config, batch_size=b, max_length=p + r)
-    last = _last_real(prompt_mask)  # [B]: the next token follows each row's last real prompt token
+    last = last_token_index(prompt_mask)  # [B]: the next token follows each row's last real prompt token
     out = model.apply(variables, prompt_ids, attention_mask=prompt_mask, cache=cache, head_index=last)
     first_logits = out.logits[:, 0]  # [B, V]
     scale = 1.0 if temperature == 0 else temperature
@@ -139,6 +138,8 @@ def generate(
             token = first_argmax(logits)
         else:
             token = sample_categorical(step_key, filter_logits(logits, top_k=top_k, top_p=top_p))
+        if not with_logprobs:
+            return token, jnp.zeros(token.shape, jnp.float32)
         picked = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
         logprob = picked - jax.nn.logsumexp(logits, axis=-1)  # log softmax(logits / T)[token], unfiltered
         return token, logprob
@@ -172,4 +173,4 @@ def generate(
         key,
     )
     _, _, _, _, tokens, mask, logprobs, _ = jax.lax.while_loop(cond, body, state)
-    return GenerationOutput(tokens=tokens, mask=mask, logprobs=logprobs)
+    return GenerationOutput(tokens=tokens, mask=mask, logprobs=logprobs if with_logprobs else None)

@@ -34,6 +34,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
+    ("layers", None),  # the stacked (scanned) layer axis of block parameters: never sharded
 )
 
 
@@ -119,3 +120,23 @@ def initialize_distributed(**kwargs: Any) -> None:
     except ValueError:
         if kwargs:  # the caller asked for a specific cluster
             raise
+
+
+def shard_state(init_fn: Callable[[Any], Any], boxed_init_fn: Callable[[], Any], params: Any, mesh: Mesh) -> tuple[Any, Any]:
+    """Build a state from ``params`` directly into its shardings.
+
+    Args:
+      init_fn: ``params -> state`` (pure; e.g. ``optim.init_train_state`` with an optimizer).
+      boxed_init_fn: ``() -> state`` built from the model's *boxed* (logically annotated)
+        init; traced with ``jax.eval_shape`` only, to derive the shardings of every leaf,
+        optimizer moments included.
+      params: the starting parameters (host or device arrays).
+      mesh: the device mesh.
+
+    Returns:
+      (state, state_shardings).
+    """
+    shardings = param_shardings(boxed_init_fn, mesh)
+    with use_mesh(mesh):
+        state = jax.jit(init_fn, out_shardings=shardings)(params)
+    return state, shardings

@@ -1,4 +1,4 @@
-"""The only impure place: mesh, jit with shardings and donation, the loop, logging, checkpoints.
+"""The training loop: jit with shardings and donation, logging, evaluation, checkpoints, preemption.
 
 A stage (SFT, reward model, PPO) describes itself as a :class:`Stage`: its initial state
 and that state's shardings, a pure ``train_step(state, batch, *frozen) -> (state,
@@ -6,7 +6,8 @@ metrics)``, a host-side ``next_batch()``, the data iterators whose positions are
 checkpointed, and an optional evaluation. :func:`run` does the rest: resume from the
 latest checkpoint, jit the step once with in/out shardings and state donation, loop with
 a progress bar, write ``metrics.jsonl``, evaluate, save (latest-N + best-N), and on
-SIGTERM save at the next step boundary and exit with status ``EXIT_PREEMPTED``.
+SIGTERM save at the next step boundary and exit with status ``EXIT_PREEMPTED``. The stage
+drivers that build a :class:`Stage` from a config live in ``rlhf_jax.drivers``.
 
 Non-finite values: each stage's step skips itself when a checked quantity is not finite
 (``optim.skip_nonfinite``: the state comes back bitwise, its step counter included, so a
@@ -25,12 +26,14 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from rlhf_jax import sharding
 from rlhf_jax.checkpoint import Checkpointer, abstract_like
@@ -131,7 +134,7 @@ class _Preemption:
         self.requested = False
         self._previous = None
 
-    def __enter__(self) -> "_Preemption":
+    def __enter__(self) -> _Preemption:
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler
@@ -192,33 +195,95 @@ def _batch_shardings(batch: dict, mesh) -> dict:
     return {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
 
+def _compile_step(stage: Stage, first_batch: dict, mesh) -> Callable:
+    """The stage's step under ``jax.jit``: state in and out with its shardings (donated), the
+    batch sharded along data x fsdp, frozen arrays where they are, metrics replicated."""
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, stage.frozen)
+    return jax.jit(
+        stage.train_step,
+        in_shardings=(stage.state_shardings, _batch_shardings(first_batch, mesh), *frozen_shardings),
+        out_shardings=(stage.state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def _resume(stage: Stage, ckpt: Checkpointer, skips: SkipCounter, run_cfg: RunConfig) -> tuple[Any, int]:
+    """(state, step) of the latest checkpoint, with the iterators, skip counts and extras restored;
+    ``(stage.state, 0)`` for a new run."""
+    if ckpt.latest_step() is None:
+        return stage.state, 0
+    state, meta, start = ckpt.restore(abstract_like(stage.state), fallback=run_cfg.restore_fallback)
+    for name, it in stage.iterators.items():
+        it.restore(meta["iterators"][name])
+    if "nonfinite" in meta:
+        skips.restore(meta["nonfinite"])
+    stage.restore_extra(meta)
+    log.info("%s: resumed from step %d", stage.name, start)
+    return state, start
+
+
+class _MetricsLog:
+    """The device metrics of the steps since the last log row: averaged and written every
+    ``log_every`` steps, their non-finite flags counted by the :class:`SkipCounter` (a host
+    read only when a row is written or a checkpoint saved, never once per step)."""
+
+    def __init__(self, stage: Stage, writer: MetricsWriter, skips: SkipCounter) -> None:
+        self.stage, self.writer, self.skips = stage, writer, skips
+        self.pending: list[dict] = []
+        self.counted = 0  # how many of ``pending`` the skip counter has seen
+        self.t_last = time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        self.pending.append(metrics)
+
+    def count_skips(self, step: int) -> None:
+        """Host-read the guard's flags of the steps not counted yet (``step`` is the latest)."""
+        flags = jax.device_get([{k: v for k, v in m.items() if k.startswith("nonfinite/")}
+                                for m in self.pending[self.counted :]])  # fmt: skip
+        first = step - len(self.pending) + self.counted + 1
+        for i, f in enumerate(flags):
+            self.skips.add(first + i, f)
+        self.counted = len(self.pending)
+
+    def write_row(self, step: int) -> dict:
+        """Average the pending steps into one ``metrics.jsonl`` row (with throughput); returns it."""
+        self.count_skips(step)
+        host = jax.device_get(self.pending)
+        avg = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+        avg |= {f"nonfinite/{k}": float(v) for k, v in self.skips.state().items()}
+        dt = time.perf_counter() - self.t_last
+        avg["perf/steps_per_s"] = len(host) / dt
+        if self.stage.tokens_per_batch:
+            avg["perf/tokens_per_s"] = self.stage.tokens_per_batch * len(host) / dt
+        self.writer.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in avg.items()})
+        self.pending, self.counted, self.t_last = [], 0, time.perf_counter()
+        return avg
+
+
+def _progress_bar(stage: Stage, start: int, enabled: bool):
+    if not enabled:
+        return None
+    return tqdm(total=stage.total_steps, initial=start, desc=stage.name, dynamic_ncols=True, file=sys.stderr)
+
+
 def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_json: dict | None = None) -> Any:
     """Train ``stage`` to ``stage.total_steps`` (or only to ``run_cfg.stop_at_step``, saving
     there) in ``run_dir``, resuming from its latest checkpoint if it has one; returns the final state."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(
-        run_dir / "checkpoints",
-        keep_last=run_cfg.keep_last,
-        keep_best=run_cfg.keep_best,
-        best_metric=stage.best_metric,
-        best_mode=stage.best_mode,
-    )
-    state = stage.state
-    start = 0
+    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=run_cfg.keep_last, keep_best=run_cfg.keep_best,
+                        best_metric=stage.best_metric, best_mode=stage.best_mode)  # fmt: skip
     skips = SkipCounter(stage.name, run_cfg.max_consecutive_skips)
     try:
-        if ckpt.latest_step() is not None:
-            state, meta, start = ckpt.restore(abstract_like(stage.state), fallback=run_cfg.restore_fallback)
-            for name, it in stage.iterators.items():
-                it.restore(meta["iterators"][name])
-            if "nonfinite" in meta:
-                skips.restore(meta["nonfinite"])
-            stage.restore_extra(meta)
-            log.info("%s: resumed from step %d", stage.name, start)
+        state, start = _resume(stage, ckpt, skips, run_cfg)
     except BaseException:  # e.g. a damaged checkpoint: do not leak the manager's background threads
         ckpt.close()
         raise
+    # this invocation stops at ``end``; the schedule (built from total_steps) is unaffected
+    end = stage.total_steps if run_cfg.stop_at_step is None else min(stage.total_steps, run_cfg.stop_at_step)
+    if start >= end:
+        ckpt.close()
+        return state
 
     def meta() -> dict:
         return {
@@ -231,76 +296,40 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
             **stage.extra_meta(),
         }
 
-    # this invocation stops at ``end``; the schedule (built from total_steps) is unaffected
-    end = stage.total_steps if run_cfg.stop_at_step is None else min(stage.total_steps, run_cfg.stop_at_step)
-    first = stage.next_batch() if start < end else None
+    batch = stage.next_batch()
     trace = (run_dir / "data_trace.jsonl").open("a") if run_cfg.trace_data else None
-    first_ids = _batch_ids(stage) if trace is not None and first is not None else None
-    step_fn = None
-    if first is not None:
-        frozen_shardings = jax.tree.map(lambda x: x.sharding, stage.frozen)
-        step_fn = jax.jit(
-            stage.train_step,
-            in_shardings=(stage.state_shardings, _batch_shardings(first, mesh), *frozen_shardings),
-            out_shardings=(stage.state_shardings, sharding.replicated(mesh)),
-            donate_argnums=(0,),
-        )
+    ids = _batch_ids(stage) if trace is not None else None
+    step_fn = _compile_step(stage, batch, mesh)
     writer = MetricsWriter(run_dir)
-    pending: list[dict] = []  # device metrics of the steps since the last log
-    counted = 0  # how many of ``pending`` the skip counter has seen
+    metrics_log = _MetricsLog(stage, writer, skips)
     state_finite = jax.jit(all_finite)
-
-    def count_skips() -> None:  # host-read the guard's flags of the steps not counted yet
-        nonlocal counted
-        flags = jax.device_get([{k: v for k, v in m.items() if k.startswith("nonfinite/")} for m in pending[counted:]])
-        for i, f in enumerate(flags):
-            skips.add(step - len(pending) + counted + i + 1, f)
-        counted = len(pending)
-
-    saved_at = [start]  # the step of the last save this run started (a resume starts at a saved step)
+    step, saved_at = start, start  # saved_at: the step of the last save started (a resume starts at a saved one)
 
     def save(st, **kw) -> None:  # a non-finite state is never saved
-        count_skips()
+        nonlocal saved_at
+        metrics_log.count_skips(step)
         skips.check()
         if not bool(state_finite(st)):
             raise NonFiniteError(f"{stage.name}: step {step}: the train state is not finite; not saving it")
         ckpt.save(step, st, meta(), **kw)
-        saved_at[0] = step
+        saved_at = step
 
-    step = start
-    bar = None
-    if run_cfg.progress and start < end:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=stage.total_steps, initial=start, desc=stage.name, dynamic_ncols=True, file=sys.stderr)
-    t_last, steps_since = time.perf_counter(), 0
+    bar = _progress_bar(stage, start, run_cfg.progress)
     try:
         with _Preemption() as preempt, sharding.use_mesh(mesh):
-            batch, ids = first, first_ids
             while step < end:
-                device_batch = sharding.shard_batch(batch, mesh)
-                state, metrics = step_fn(state, device_batch, *stage.frozen)
+                state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), *stage.frozen)
                 step += 1
-                steps_since += 1
-                pending.append(metrics)
+                metrics_log.add(metrics)
                 if trace is not None:
                     trace.write(json.dumps({"step": step, **ids}) + "\n")
                     trace.flush()
                 if bar is not None:
                     bar.update(1)
                 if step % run_cfg.log_every == 0 or step == end:
-                    count_skips()
-                    host = jax.device_get(pending)
-                    avg = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-                    avg |= {f"nonfinite/{k}": float(v) for k, v in skips.state().items()}
-                    dt = time.perf_counter() - t_last
-                    avg["perf/steps_per_s"] = steps_since / dt
-                    if stage.tokens_per_batch:
-                        avg["perf/tokens_per_s"] = stage.tokens_per_batch * steps_since / dt
-                    writer.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in avg.items()})
+                    avg = metrics_log.write_row(step)
                     if bar is not None:
                         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(avg.items())[:3]})
-                    pending, counted, t_last, steps_since = [], 0, time.perf_counter(), 0
                     skips.check()  # after the row is written: the log shows the skips that stopped the run
                 eval_metrics = None
                 if stage.evaluate is not None and (step % run_cfg.eval_every == 0 or step == stage.total_steps):
@@ -310,7 +339,7 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
                     ranked = eval_metrics if eval_metrics and stage.best_metric in eval_metrics else None
                     save(state, metrics=ranked)
                 if preempt.requested:
-                    if saved_at[0] != step:  # (a save of this step may still be in flight: wait() below)
+                    if saved_at != step:  # (a save of this step may still be in flight: wait() below)
                         save(state)
                     ckpt.wait()
                     log.warning("%s: SIGTERM received; saved step %d and stopping", stage.name, step)
@@ -333,67 +362,3 @@ def _batch_ids(stage: Stage) -> dict:
     """iterator name -> example ids of the batch it served last (``BatchIterator.last_ids``)."""
     return {name: np.asarray(it.last_ids).tolist() for name, it in stage.iterators.items()
             if getattr(it, "last_ids", None) is not None}  # fmt: skip
-
-
-def shard_state(init_fn: Callable[[Any], Any], boxed_init_fn: Callable[[], Any], params: Any, mesh) -> tuple[Any, Any]:
-    """Build a state from ``params`` directly into its shardings.
-
-    Args:
-      init_fn: ``params -> state`` (pure; e.g. ``init_train_state`` with an optimizer).
-      boxed_init_fn: ``() -> state`` built from the model's *boxed* (logically annotated)
-        init; traced with ``jax.eval_shape`` only, to derive the shardings of every leaf,
-        optimizer moments included.
-      params: the starting parameters (host or device arrays).
-
-    Returns:
-      (state, state_shardings).
-    """
-    shardings = sharding.param_shardings(boxed_init_fn, mesh)
-    with sharding.use_mesh(mesh):
-        state = jax.jit(init_fn, out_shardings=shardings)(params)
-    return state, shardings
-
-
-def sharded_train_state(model, params: Any, optimizer, seed: int, mesh) -> tuple[Any, Any]:
-    """A TrainState for ``params`` placed by the model's logical axes (optimizer moments included)."""
-    import jax.numpy as jnp
-
-    from rlhf_jax.optim import init_train_state
-
-    def boxed():
-        return init_train_state(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"], optimizer, seed)
-
-    return shard_state(lambda p: init_train_state(p, optimizer, seed), boxed, params, mesh)
-
-
-def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig, tokenize: Callable, *, split: bool = True):
-    """Load a data set, split it by user id (train, val, test) and tokenise each part.
-
-    Malformed rows raise (or are skipped and counted, ``on_error="skip"``); the skip ceiling is
-    checked on the rows, each part's length drops, and both together against the file's rows.
-    Returns the three TokenizedDatasets (val/test None when ``split`` is False) and the records.
-    """
-    from rlhf_jax.data import SkipReport, load_records, split_by_user
-
-    records, report = load_records(source, kind, on_error=run_cfg.on_error)
-    report.check_ceiling(run_cfg.max_skip_fraction)
-    if report.skipped:
-        log.warning("%s: %s", source, report.summary())
-    parts = split_by_user(records, fractions=run_cfg.split_fractions, seed=run_cfg.seed) if split else (records, [], [])
-    out = []
-    whole = SkipReport(dict(report.counts), total_rows=report.total_rows, source=str(source))  # + tokenising
-    for part in parts:
-        if not part:
-            out.append(None)
-            continue
-        ds = tokenize(part)
-        ds.report.source = ds.report.source or str(source)  # the ceiling error names the file
-        ds.report.check_ceiling(run_cfg.max_skip_fraction)
-        if ds.report.skipped:
-            log.warning("%s (tokenised): %s", source, ds.report.summary())
-        whole.absorb(ds.report)
-        out.append(ds if len(ds) else None)
-    whole.check_ceiling(run_cfg.max_skip_fraction)
-    if out[0] is None:
-        raise ValueError(f"{source}: no training example left after loading, splitting and length filtering")
-    return out[0], out[1], out[2], parts

@@ -46,7 +46,7 @@ def make_world(root: Path) -> None:
 
 
 def _config(stage: str, world: Path, out: Path, steps: int):
-    from rlhf_jax.config import MeshConfig, PPOConfig
+    from rlhf_jax.config import MeshConfig, PPOConfig, PPOHyperparams
     from tests import stage_fixtures as F
 
     files = {k: str(world / "data" / f"{k}.jsonl") for k in ("demonstrations", "prompts", "text")}
@@ -56,9 +56,9 @@ def _config(stage: str, world: Path, out: Path, steps: int):
         w = SimpleNamespace(base=world / "base", files={"demonstrations": files["demonstrations"]})
         return F.sft_config(w, out, max_steps=steps, batch_size=8, dropout=0.1, run=run)
     return PPOConfig(prompts=files["prompts"], policy=str(world / "base"), reward=str(world / "base"), out=str(out),
-                     ptx_data=files["text"], max_steps=steps, batch_size=8, minibatch_size=4, ppo_epochs=2,
-                     max_prompt_len=8, max_new_tokens=5, ptx_seq_len=12, adaptive_kl=True, kl_target=0.01,
-                     kl_horizon=50, run=run,
+                     ptx_data=files["text"], max_steps=steps, max_prompt_len=8, ptx_seq_len=12, run=run,
+                     hparams=PPOHyperparams(batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=5,
+                                            adaptive_kl=True, kl_target=0.01, kl_horizon=50),
                      optim=dataclasses.replace(PPOConfig.optim, learning_rate=3e-3, warmup_steps=1))  # fmt: skip
 
 
@@ -98,11 +98,11 @@ def child_main(argv: list[str]) -> None:
         _widen_windows(slow)
     cfg = _config(stage, world, out, steps)
     if stage == "sft":
-        from rlhf_jax.sft import run_sft
+        from rlhf_jax.drivers import run_sft
 
         run_sft(cfg)
     else:
-        from rlhf_jax.ppo_run import run_ppo
+        from rlhf_jax.drivers import run_ppo
 
         run_ppo(cfg)
 

@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rlhf_jax import checkpoint, sharding, train_loop
 from rlhf_jax.checkpoint import Checkpointer, CheckpointRestoreError, abstract_like
 from rlhf_jax.config import MeshConfig
-from rlhf_jax.sft import run_sft
+from rlhf_jax.drivers import run_sft
+from rlhf_jax.drivers.common import sharded_train_state
 from tests import stage_fixtures as F
 
 
@@ -285,7 +286,7 @@ def fsdp8_checkpoint(world, tmp_path_factory):
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
     step = jax.jit(make_train_step(model, optimizer))
     mesh8 = sharding.make_mesh(F.MESH_1x8x1)
-    state, _ = train_loop.sharded_train_state(model, jax.device_get(params), optimizer, 0, mesh8)
+    state, _ = sharded_train_state(model, jax.device_get(params), optimizer, 0, mesh8)
     assert len(state.params["embed"]["embedding"].sharding.device_set) == 8
     with sharding.use_mesh(mesh8):
         state, _ = step(state, sharding.shard_batch(batch, mesh8))
@@ -307,7 +308,7 @@ def test_train_state_from_fsdp8_restores_onto_other_meshes(fsdp8_checkpoint, sha
         mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
     else:
         mesh = sharding.make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
-    target, target_shardings = train_loop.sharded_train_state(c.model, jax.device_get(c.params), c.optimizer, 0, mesh)
+    target, target_shardings = sharded_train_state(c.model, jax.device_get(c.params), c.optimizer, 0, mesh)
     with Checkpointer(c.path) as ckpt:
         restored, meta, step = ckpt.restore(abstract_like(target))
     assert step == 1 and meta["note"] == "fsdp8"

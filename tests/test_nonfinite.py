@@ -1,5 +1,7 @@
-"""Non-finite values (issue 8, item 5): NaN or Inf injected into a reward, the logits, the
-gradients or the advantages (``optim.inject_fault``) makes the step skip itself. Shown
+"""Non-finite values (issue 8, item 5): NaN or Inf in a reward, the logits, the gradients or
+the advantages makes the step skip itself. The library is poisoned from outside: the stages
+are built with ``tests.poison.PoisonedLM`` networks whose outputs (or gradients) turn
+non-finite when a trigger token opens the batch, and the test sends it at chosen steps. Shown
 through ``train_loop.run`` with a save every step, for SFT, the reward model and PPO-ptx:
 
 * the checkpoint after the poisoned step equals the one before it, bitwise (params,
@@ -9,8 +11,7 @@ through ``train_loop.run`` with a save every step, for SFT, the reward model and
 * ``max_consecutive_skips`` skips in a row stop the run with an error naming the step and
   the quantity, and no checkpoint on disk is ever non-finite.
 
-Each stage's step is compiled once (every batch carries all of that stage's fault entries,
-zero when unused) on a one-device mesh (the first of the 8 fake devices), with tiny models.
+Each stage's step is compiled once (each case has its own trigger token) on a one-device mesh (the first of the 8 fake devices), with tiny models.
 """
 
 from __future__ import annotations
@@ -26,34 +27,66 @@ import pytest
 from rlhf_jax import reward, sft, sharding, train_loop
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config import MeshConfig, ModelConfig, OptimConfig
-from rlhf_jax.models import CausalLM
+from rlhf_jax.models.params import init_params
 from rlhf_jax.optim import init_train_state, logits_finite, make_optimizer, norm_finite, skip_nonfinite
 from tests import stage_fixtures as F
 from tests import test_ppo as T
+from tests.poison import PoisonedLM
 
 STEPS = 4
 FAULT_STEP = 2
 GPT2 = ModelConfig(family="gpt2", vocab_size=24, hidden_size=32, num_layers=1, num_heads=2, qkv_bias=True,
                    out_bias=True, mlp_bias=True, tie_word_embeddings=True, max_position_embeddings=32)  # fmt: skip
-# which quantities each stage can be poisoned in (the others it checks follow from these)
-FAULTS = {"sft": ("logits", "grads"), "rm": ("reward", "grads"), "ppo": ("reward", "logits", "advantages", "grads")}
+
+
+# Each case poisons one quantity of one stage: a trigger token (distinct per case, so one
+# compiled step per stage serves all its cases) makes a PoisonedLM's output non-finite.
+CASES = [("sft", "logits", "nan"), ("sft", "grads", "inf"), ("rm", "reward", "nan"), ("rm", "grads", "-inf"),
+         ("ppo", "reward", "nan"), ("ppo", "logits", "inf"), ("ppo", "advantages", "nan"),
+         ("ppo", "grads", "nan")]  # fmt: skip
+# (stage, quantity) -> (which network of the stage, which of its outputs); the others follow from it
+POISONED_OUTPUT = {("sft", "logits"): ("policy", "logits"), ("sft", "grads"): ("policy", "grads"),
+                   ("rm", "reward"): ("rm", "values"), ("rm", "grads"): ("rm", "grads"),
+                   ("ppo", "reward"): ("rm", "values"), ("ppo", "logits"): ("policy", "logits"),
+                   ("ppo", "advantages"): ("value", "values"), ("ppo", "grads"): ("policy", "grads")}  # fmt: skip
+VOCAB = {"sft": GPT2.vocab_size, "rm": GPT2.vocab_size, "ppo": T.V}
+
+
+def trigger_token(stage: str, quantity: str) -> int:
+    """The stage's cases take the top token ids of its vocabulary, one each."""
+    cases = [q for s, q, _ in CASES if s == stage]
+    return VOCAB[stage] - 1 - cases.index(quantity)
+
+
+def triggers(stage: str, network: str) -> tuple[tuple[int, str, str], ...]:
+    """The ``PoisonedLM.triggers`` of one network of ``stage``."""
+    return tuple((trigger_token(s, q), POISONED_OUTPUT[s, q][1], v) for s, q, v in CASES
+                 if s == stage and POISONED_OUTPUT[s, q][0] == network)  # fmt: skip
+
+
+def without_triggers(stage: str, batch: dict) -> dict:
+    """The base batch with no trigger token anywhere (ids >= the lowest trigger become 2)."""
+    lowest = min(trigger_token(s, q) for s, q, _ in CASES if s == stage)
+    return {k: np.where(v >= lowest, 2, v).astype(v.dtype) if k.endswith("ids") else v for k, v in batch.items()}
 
 
 class FaultyBatches:
-    """The same base batch every step, plus ``fault/<name>`` entries [B]: ``value`` at the
-    steps in ``poison`` for the poisoned quantity, 0 otherwise. Resumable (``state``/``restore``)."""
+    """The same base batch every step; at the steps in ``poison`` its first row opens with a
+    trigger token. Resumable (``state``/``restore``)."""
 
-    def __init__(self, base: dict, names: tuple[str, ...], batch_size: int) -> None:
-        self.base, self.names, self.batch_size = base, names, batch_size
+    def __init__(self, base: dict, ids_key: str) -> None:
+        self.base, self.ids_key = base, ids_key
         self.position = 0
-        self.poison: tuple[str, float, set[int]] = ("", 0.0, set())
+        self.poison: tuple[int | None, set[int]] = (None, set())
 
     def __call__(self) -> dict:
         self.position += 1
-        name, value, steps = self.poison
-        faults = {f"fault/{n}": np.full(self.batch_size, value if n == name and self.position in steps else 0.0,
-                                        np.float32) for n in self.names}  # fmt: skip
-        return {**self.base, **faults}
+        token, steps = self.poison
+        if token is None or self.position not in steps:
+            return self.base
+        ids = self.base[self.ids_key].copy()
+        ids.reshape(-1, ids.shape[-1])[0, 0] = token  # the first row's first (real) token
+        return {**self.base, self.ids_key: ids}
 
     def state(self) -> dict:
         return {"position": self.position}
@@ -63,36 +96,41 @@ class FaultyBatches:
 
 
 def _sft_setup() -> SimpleNamespace:
-    model = CausalLM(GPT2)
+    model = PoisonedLM(GPT2, triggers=triggers("sft", "policy"))
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant"), STEPS)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    params = init_params(model, jax.random.key(0))
     rng = np.random.default_rng(0)
     ids = rng.integers(2, GPT2.vocab_size, (8, 8)).astype(np.int32)
-    base = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    base = without_triggers("sft", {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)})
     state = init_train_state(jax.device_get(params), optimizer, seed=0)
-    return SimpleNamespace(state=state, step=sft.make_train_step(model, optimizer), base=base, batch_size=8, frozen=())
+    return SimpleNamespace(state=state, step=sft.make_train_step(model, optimizer), base=base, ids_key="input_ids",
+                           frozen=())  # fmt: skip
 
 
 def _rm_setup() -> SimpleNamespace:
-    model = CausalLM(GPT2, head="scalar")
+    model = PoisonedLM(GPT2, head="scalar", triggers=triggers("rm", "rm"))
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant"), STEPS)
-    params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 2), jnp.int32))["params"]
+    params = init_params(model, jax.random.key(1))
     rng = np.random.default_rng(1)
     b, k, length = 8, 2, 6
     ids = rng.integers(2, GPT2.vocab_size, (b, k, length)).astype(np.int32)
     base = {"input_ids": ids, "attention_mask": np.ones_like(ids), "ranks": np.tile(np.arange(k), (b, 1)),
             "valid": np.ones((b, k), bool), "end_index": np.full((b, k), length - 1, np.int32)}  # fmt: skip
     state = init_train_state(jax.device_get(params), optimizer, seed=0)
-    return SimpleNamespace(state=state, step=reward.make_train_step(model, optimizer), base=base, batch_size=b,
-                           frozen=())  # fmt: skip
+    return SimpleNamespace(state=state, step=reward.make_train_step(model, optimizer), base=without_triggers("rm", base),
+                           ids_key="input_ids", frozen=())  # fmt: skip
 
 
 def _ppo_setup() -> SimpleNamespace:
     nets = T.nets.__wrapped__()
-    cfg = T.ppo_config(ptx_data="unused", ptx_coef=1.0, max_steps=STEPS, adaptive_kl=True)
-    setup = T.PPOSetup(cfg, nets)
-    base = {**T.make_prompts(), **T.make_ptx(cfg)}
-    return SimpleNamespace(state=setup.state0, step=setup.fn, base=base, batch_size=T.B,
+    # no EOS penalty: every episode's reward is the (poisoned) RM score, not only those that ended
+    cfg = T.ppo_config(ptx_coef=1.0, adaptive_kl=True, no_eos_penalty=None)
+    setup = T.PPOSetup(cfg, nets, policy=PoisonedLM(T.MODEL, triggers=triggers("ppo", "policy")),
+                       value=PoisonedLM(T.MODEL, head="scalar", triggers=triggers("ppo", "value")),
+                       rm=PoisonedLM(T.MODEL, head="scalar", triggers=triggers("ppo", "rm")))  # fmt: skip
+    base = without_triggers("ppo", {**T.make_prompts(), **T.make_ptx(cfg)})
+    assert (base["prompt_mask"][0] == 1).all()  # the first row's first slot is a real prompt token
+    return SimpleNamespace(state=setup.state0, step=setup.fn, base=base, ids_key="prompt_ids",
                            frozen=(nets.policy_params, nets.rm_params))  # fmt: skip
 
 
@@ -110,11 +148,11 @@ def setups():
     return get
 
 
-def _run(setup: SimpleNamespace, name: str, out: Path, poison: tuple[str, float, set[int]], **run_changes) -> None:
-    """``train_loop.run`` of STEPS steps with a save every step; ``poison`` = (quantity, value, steps)."""
+def _run(setup: SimpleNamespace, name: str, out: Path, poison: tuple[int, set[int]], **run_changes) -> None:
+    """``train_loop.run`` of STEPS steps with a save every step; ``poison`` = (trigger token, steps)."""
     mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
     replicated = sharding.replicated(mesh)  # (host copies in: the run donates its state's buffers)
-    batches = FaultyBatches(setup.base, FAULTS[name], setup.batch_size)
+    batches = FaultyBatches(setup.base, setup.ids_key)
     batches.poison = poison
     stage = train_loop.Stage(
         name=name, state=jax.device_put(jax.device_get(setup.state), replicated),
@@ -140,17 +178,13 @@ def _assert_all_finite(states: dict[int, dict]) -> None:
                 assert np.isfinite(leaf).all(), f"checkpoint {s}{jax.tree_util.keystr(path)} is not finite"
 
 
-CASES = [("sft", "logits", np.nan), ("sft", "grads", np.inf), ("rm", "reward", np.nan), ("rm", "grads", -np.inf),
-         ("ppo", "reward", np.nan), ("ppo", "logits", np.inf), ("ppo", "advantages", np.nan),
-         ("ppo", "grads", np.nan)]  # fmt: skip
-
-
 @pytest.mark.parametrize(("name", "quantity", "value"), CASES, ids=[f"{n}-{q}" for n, q, _ in CASES])
 def test_nonfinite_step_is_skipped_then_too_many_stop_the_run(setups, tmp_path, name, quantity, value):
     setup = setups(name)
+    token = trigger_token(name, quantity)
 
     # one poisoned step: skipped bitwise, logged, and training goes on
-    _run(setup, name, tmp_path / "once", (quantity, value, {FAULT_STEP}))
+    _run(setup, name, tmp_path / "once", (token, {FAULT_STEP}))
     states = _checkpoints(tmp_path / "once")
     assert sorted(states) == list(range(1, STEPS + 1))
     _assert_all_finite(states)
@@ -167,8 +201,7 @@ def test_nonfinite_step_is_skipped_then_too_many_stop_the_run(setups, tmp_path, 
     # poisoned from FAULT_STEP on, at most 2 skips in a row: the run stops at the second one
     with pytest.raises(train_loop.NonFiniteError, match=rf"{name}: step {FAULT_STEP + 1}: 2 consecutive .* "
                                                         rf"first non-finite quantity: {quantity} "):  # fmt: skip
-        _run(setup, name, tmp_path / "stop", (quantity, value, set(range(FAULT_STEP, STEPS + 1))),
-             max_consecutive_skips=2)  # fmt: skip
+        _run(setup, name, tmp_path / "stop", (token, set(range(FAULT_STEP, STEPS + 1))), max_consecutive_skips=2)
     states = _checkpoints(tmp_path / "stop")
     assert sorted(states) == [1, FAULT_STEP]  # the step that stopped the run saved nothing
     _assert_all_finite(states)

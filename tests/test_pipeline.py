@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from rlhf_jax.config import OptimConfig, PPOConfig, RewardConfig, RunConfig, SFTConfig
+from rlhf_jax.config import OptimConfig, PPOConfig, PPOHyperparams, RewardConfig, RunConfig, SFTConfig
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
 from rlhf_jax.tasks import tiny
 from rlhf_jax.tasks.world import World, WorldConfig
@@ -36,8 +36,8 @@ def setup(tmp_path_factory):
                       run=run, optim=OptimConfig(learning_rate=1e-3)),
         rm=RewardConfig(data=str(root / "data" / "rankings.jsonl"), init="", out="", max_steps=3, batch_size=8,
                         max_prompt_len=16, max_response_len=16, run=run),
-        ppo=PPOConfig(prompts=str(files["prompts"]), policy="", reward="", out="", max_steps=2, batch_size=8,
-                      minibatch_size=4, max_prompt_len=16, max_new_tokens=8, run=run),
+        ppo=PPOConfig(prompts=str(files["prompts"]), policy="", reward="", out="", max_steps=2, max_prompt_len=16,
+                      run=run, hparams=PPOHyperparams(batch_size=8, minibatch_size=4, max_new_tokens=8)),
     )  # fmt: skip
     return root, cfg
 

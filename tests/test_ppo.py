@@ -1,4 +1,4 @@
-"""Tests for rlhf_jax.ppo (rollout, objective, update, iteration) and rlhf_jax.ppo_run (the driver).
+"""Tests for rlhf_jax.ppo (rollout, objective, update, iteration) and rlhf_jax.drivers.ppo (the driver).
 
 Most tests build the stage from the pure functions: a tiny random one-layer Llama-style
 policy (RoPE, RMSNorm, SwiGLU, grouped-query attention; RoPE models are where a forward
@@ -25,17 +25,17 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import losses, sharding, train_loop
-from rlhf_jax.config import MeshConfig, ModelConfig, OptimConfig, PPOConfig
+from rlhf_jax import data, losses, sharding, train_loop
+from rlhf_jax.config import MeshConfig, ModelConfig, OptimConfig, PPOConfig, PPOHyperparams
+from rlhf_jax.drivers import run_ppo
+from rlhf_jax.drivers.ppo import build_networks, normalized_reward_params
+from rlhf_jax.drivers.scoring import bind_sample_and_score
 from rlhf_jax.models import CausalLM
+from rlhf_jax.models.params import init_params as random_init
 from rlhf_jax.optim import make_optimizer
-from rlhf_jax.ppo import (
-    init_ppo_state,
-    make_iteration,
-    make_rollout,
-    ppo_objective,
-    score_responses,
-)
+from rlhf_jax.ppo import init_ppo_state, make_iteration, make_rollout, ppo_objective
+from rlhf_jax.reward import score_sequences
+from rlhf_jax.tasks import tiny
 from tests import stage_fixtures as F
 
 PAD, EOS = 0, 1
@@ -47,18 +47,19 @@ MODEL = ModelConfig(family="llama", vocab_size=V, hidden_size=32, num_layers=1, 
                     intermediate_size=64, activation="silu", max_position_embeddings=64)  # fmt: skip
 
 
-def ppo_config(**changes) -> PPOConfig:
-    """2 minibatches x 2 epochs of 4 episodes; constant lr, no warmup. Paths are unused by the pure functions."""
-    kw = dict(prompts="unused", policy="unused", reward="unused", out="unused", max_steps=10, batch_size=B,
-              minibatch_size=MB, ppo_epochs=2, max_new_tokens=R, kl_coef=0.05, ema_decay=0.9,
-              optim=OptimConfig(learning_rate=3e-3, schedule="constant"))  # fmt: skip
+OPTIM = OptimConfig(learning_rate=3e-3, schedule="constant")  # constant lr, no warmup
+MAX_STEPS = 10  # iterations the optimizers' schedules are built for
+
+
+def ppo_config(**changes) -> PPOHyperparams:
+    """2 minibatches x 2 epochs of 4 episodes."""
+    kw = dict(batch_size=B, minibatch_size=MB, ppo_epochs=2, max_new_tokens=R, kl_coef=0.05, ema_decay=0.9)
     kw.update(changes)
-    return PPOConfig(**kw)
+    return PPOHyperparams(**kw)
 
 
 def init_params(model: CausalLM, seed: int, boxed: bool = False):
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))["params"]
-    return params if boxed else nn.unbox(params)
+    return random_init(model, jax.random.key(seed), boxed=boxed)
 
 
 def make_prompts(extra_left: int = 0, seed: int = 0) -> dict:
@@ -73,9 +74,9 @@ def make_prompts(extra_left: int = 0, seed: int = 0) -> dict:
     return {"prompt_ids": ids, "prompt_mask": mask}
 
 
-def make_ptx(cfg: PPOConfig, seed: int = 1) -> dict:
+def make_ptx(cfg: PPOHyperparams, seed: int = 1) -> dict:
     """A pretraining batch [E * n_minibatches * rows, T] (right-padded texts of mixed lengths)."""
-    rows = cfg.ppo_epochs * cfg.num_minibatches * cfg.rows_per_ptx_minibatch
+    rows = cfg.updates_per_iteration * cfg.rows_per_ptx_minibatch
     rng = np.random.default_rng(seed)
     ids = rng.integers(2, V, (rows, PTX_T)).astype(np.int32)
     lens = rng.integers(4, PTX_T + 1, rows)
@@ -123,16 +124,17 @@ def nets() -> SimpleNamespace:
 class PPOSetup:
     """One PPO configuration: its optimizers, initial state and the jitted iteration (compiled once)."""
 
-    def __init__(self, cfg: PPOConfig, nets: SimpleNamespace, *, rm=None, rm_params=None) -> None:
+    def __init__(self, cfg: PPOHyperparams, nets: SimpleNamespace, *, rm=None, rm_params=None, optim=OPTIM,
+                 policy=None, value=None) -> None:  # fmt: skip
         self.cfg, self.nets = cfg, nets
         self.rm = nets.rm if rm is None else rm
         self.rm_params = nets.rm_params if rm_params is None else rm_params
-        steps = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
-        self.policy_opt = make_optimizer(cfg.optim, steps)
-        self.value_opt = make_optimizer(cfg.optim, steps)
+        steps = MAX_STEPS * cfg.updates_per_iteration
+        self.policy_opt = make_optimizer(optim, steps)
+        self.value_opt = make_optimizer(optim, steps)
         self.state0 = init_ppo_state(nets.policy_params, nets.value_params, self.policy_opt, self.value_opt,
                                      kl_coef=cfg.kl_coef, seed=0)  # fmt: skip
-        self.fn = make_iteration(cfg, nets.policy, nets.rm, self.rm, self.policy_opt, self.value_opt,
+        self.fn = make_iteration(cfg, policy or nets.policy, value or nets.rm, self.rm, self.policy_opt, self.value_opt,
                                  eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
         self.step = jax.jit(self.fn)
 
@@ -151,16 +153,17 @@ class PPOSetup:
 def stages(nets):
     """Lazily built, shared PPOSetup objects by name (each compiles its iteration once)."""
     made: dict[str, PPOSetup] = {}
-    recipes = {
-        "plain": lambda: ppo_config(),
-        "ptx0": lambda: ppo_config(ptx_data="unused", ptx_coef=0.0),
-        "ptx": lambda: ppo_config(ptx_data="unused", ptx_coef=27.8),
-        "frozen": lambda: ppo_config(optim=OptimConfig(learning_rate=0.0, schedule="constant")),
+    recipes = {  # (hyperparameters, optimizer)
+        "plain": lambda: (ppo_config(), OPTIM),
+        "ptx0": lambda: (ppo_config(ptx_coef=0.0), OPTIM),
+        "ptx": lambda: (ppo_config(ptx_coef=27.8), OPTIM),
+        "frozen": lambda: (ppo_config(), OptimConfig(learning_rate=0.0, schedule="constant")),
     }
 
     def get(name: str) -> PPOSetup:
         if name not in made:
-            made[name] = PPOSetup(recipes[name](), nets)
+            cfg, optim = recipes[name]()
+            made[name] = PPOSetup(cfg, nets, optim=optim)
         return made[name]
 
     return get
@@ -264,7 +267,7 @@ def test_ptx_lowers_pretraining_loss(stages, nets):
 # ----------------------------------------------------------------------------- scores and rewards
 
 
-def test_score_responses_reads_the_eos_position(nets):
+def test_score_sequences_reads_the_eos_position(nets):
     """Prompt (left-padded) + response with EOS at various places, PAD after it: the score is the
     RM value at the EOS index, whatever sits in the masked slots, and not the value at a pad."""
     rng = np.random.default_rng(5)
@@ -280,7 +283,7 @@ def test_score_responses_reads_the_eos_position(nets):
         seq[i, P + k] = EOS
         mask[i, P : P + k + 1] = 1
         eos_at.append(P + k)
-    score = jax.jit(functools.partial(score_responses, nets.rm))
+    score = jax.jit(functools.partial(score_sequences, nets.rm))
     got = np.asarray(score(nets.rm_params, seq, mask))
     values = np.asarray(nets.rm.apply({"params": nets.rm_params}, seq, attention_mask=mask).values)
     want = np.array([values[i, e] for i, e in enumerate(eos_at)])
@@ -380,8 +383,7 @@ def test_ppo_raises_a_learnable_reward_with_bounded_kl_and_adaptive_coef(nets):
     """A fixed reward (0.25 per TARGET token): PPO raises it within a few dozen iterations; the
     adaptive controller (horizon 20 episodes, so it acts fast) raises beta while KL is above
     target and lowers it while below, which pulls KL back down near the target."""
-    cfg = ppo_config(max_steps=40, no_eos_penalty=None, adaptive_kl=True, kl_target=1.0, kl_horizon=20,
-                     kl_coef=0.1, optim=OptimConfig(learning_rate=3e-3, schedule="constant"))  # fmt: skip
+    cfg = ppo_config(no_eos_penalty=None, adaptive_kl=True, kl_target=1.0, kl_horizon=20, kl_coef=0.1)
     stage = PPOSetup(cfg, nets, rm=CountRM(scale=0.25), rm_params={})
     batch = make_prompts()
     batch["prompt_ids"] = np.where(batch["prompt_ids"] == TARGET, TARGET + 1, batch["prompt_ids"]).astype(np.int32)
@@ -410,7 +412,7 @@ def test_shared_value_head_runs(nets):
     cfg = ppo_config()
     policy = nets.policy.clone(head="lm+scalar")
     params = {**nets.policy_params, "score": init_params(policy, 4)["score"]}
-    opt = make_optimizer(cfg.optim, 10)
+    opt = make_optimizer(OPTIM, 10)
     state = init_ppo_state(params, None, opt, None, kl_coef=cfg.kl_coef, seed=0)
     step = jax.jit(make_iteration(cfg, policy, None, nets.rm, opt, None, eos_token_id=EOS, pad_token_id=PAD))
     batch = make_prompts()
@@ -438,7 +440,7 @@ def test_mesh_2x2x2_matches_one_device(nets, stages):
 
     init = lambda pv: init_ppo_state(pv[0], pv[1], stage.policy_opt, stage.value_opt,  # noqa: E731
                                      kl_coef=cfg.kl_coef, seed=0)  # fmt: skip
-    state, state_sh = train_loop.shard_state(init, boxed_state, (nets.policy_params, nets.value_params), mesh)
+    state, state_sh = sharding.shard_state(init, boxed_state, (nets.policy_params, nets.value_params), mesh)
     ref_sh = sharding.param_shardings(lambda: init_params(nets.policy, 0, boxed=True), mesh)
     rm_sh = sharding.param_shardings(lambda: init_params(nets.rm, 0, boxed=True), mesh)
     ref, rm_params = jax.device_put(nets.policy_params, ref_sh), jax.device_put(nets.rm_params, rm_sh)
@@ -461,8 +463,6 @@ def test_mesh_2x2x2_matches_one_device(nets, stages):
 
 
 def _world(root: Path) -> SimpleNamespace:
-    from rlhf_jax.tasks import tiny
-
     tok = tiny.make_tokenizer(root / "tokenizer", num_words=24)
     base = tiny.make_model_dir(root / "base", vocab_size=len(tok), tokenizer=tok, hidden_size=32, num_layers=1)
     files = tiny.write_data(root / "data", num_words=24, n=32)
@@ -474,21 +474,21 @@ def _resume_config(world: SimpleNamespace, out: Path, **run_changes) -> PPOConfi
     # A data-parallel mesh over the 8 fake devices: it compiles fastest (the (2, 2, 2) mesh is
     # checked against one device above).
     run = F.run_config(split_fractions=(1.0, 0.0, 0.0), mesh=MeshConfig(data=8, fsdp=1, tensor=1), **run_changes)
+    hparams = PPOHyperparams(batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=5, adaptive_kl=True,
+                             kl_target=0.01, kl_horizon=50)  # fmt: skip
     return PPOConfig(prompts=str(world.files["prompts"]), policy=str(world.base), reward=str(world.base), out=str(out),
-                     ptx_data=str(world.files["text"]), max_steps=4, batch_size=8, minibatch_size=4, ppo_epochs=2,
-                     max_prompt_len=8, max_new_tokens=5, ptx_seq_len=12, adaptive_kl=True, kl_target=0.01,
-                     kl_horizon=50, run=run,
-                     optim=dataclasses.replace(PPOConfig.optim, learning_rate=3e-3, warmup_steps=2))  # fmt: skip
+                     ptx_data=str(world.files["text"]), max_steps=4, max_prompt_len=8, ptx_seq_len=12, run=run,
+                     hparams=hparams, optim=dataclasses.replace(PPOConfig.optim, learning_rate=3e-3, warmup_steps=2))  # fmt: skip
 
 
 def _cli_args(cfg: PPOConfig) -> list[str]:
-    run = cfg.run
+    run, hp = cfg.run, cfg.hparams
     args = ["ppo", "--prompts", cfg.prompts, "--policy", cfg.policy, "--reward", cfg.reward, "--out", cfg.out,
-            "--ptx-data", cfg.ptx_data, "--max-steps", str(cfg.max_steps), "--batch-size", str(cfg.batch_size),
-            "--minibatch-size", str(cfg.minibatch_size), "--ppo-epochs", str(cfg.ppo_epochs),
-            "--max-prompt-len", str(cfg.max_prompt_len), "--max-new-tokens", str(cfg.max_new_tokens),
-            "--ptx-seq-len", str(cfg.ptx_seq_len), "--adaptive-kl", "--kl-target", repr(cfg.kl_target),
-            "--kl-horizon", str(cfg.kl_horizon), "--optim.learning-rate", repr(cfg.optim.learning_rate),
+            "--ptx-data", cfg.ptx_data, "--max-steps", str(cfg.max_steps), "--batch-size", str(hp.batch_size),
+            "--minibatch-size", str(hp.minibatch_size), "--ppo-epochs", str(hp.ppo_epochs),
+            "--max-prompt-len", str(cfg.max_prompt_len), "--max-new-tokens", str(hp.max_new_tokens),
+            "--ptx-seq-len", str(cfg.ptx_seq_len), "--adaptive-kl", "--kl-target", repr(hp.kl_target),
+            "--kl-horizon", str(hp.kl_horizon), "--optim.learning-rate", repr(cfg.optim.learning_rate),
             "--optim.warmup-steps", str(cfg.optim.warmup_steps),
             "--run.seed", str(run.seed), "--run.log-every", str(run.log_every),
             "--run.eval-every", str(run.eval_every), "--run.save-every", str(run.save_every),
@@ -503,8 +503,6 @@ def test_run_ppo_resume_is_exact(tmp_path):
     checkpoints are bitwise equal (policy and value params, both optimizer states, EMA params,
     the adapted KL coefficient, RNG, iteration) and so are the data-iterator positions."""
     import subprocess
-
-    from rlhf_jax.ppo_run import run_ppo
 
     world = _world(tmp_path)
     straight = run_ppo(_resume_config(world, tmp_path / "straight"))
@@ -531,3 +529,24 @@ def test_run_ppo_resume_is_exact(tmp_path):
     rows_a = [(m["step"], m["loss/policy"]) for m in train_loop.read_metrics(straight) if "loss/policy" in m]
     rows_b = [(m["step"], m["loss/policy"]) for m in train_loop.read_metrics(legs.out) if "loss/policy" in m]
     assert rows_b == rows_a and [s for s, _ in rows_a] == [1, 2, 3, 4]  # the second leg ran only steps 3, 4
+
+
+def test_normalize_reward_folds_gain_and_bias_into_the_score_head(tmp_path):
+    """``--normalize-reward`` (Ziegler et al.): the reference policy's samples on the first
+    training prompts, scored by the rescaled RM, have mean 0 and std 1."""
+    world = _world(tmp_path)
+    cfg = dataclasses.replace(_resume_config(world, tmp_path / "run"), normalize_reward=True)
+    nets = build_networks(cfg)
+    tok = nets["tokenizer"]
+    train, _, _, _ = data.load_split_tokenize(
+        cfg.prompts, "prompts", cfg.run, lambda r: data.tokenize_prompts(r, tok, max_prompt_len=cfg.max_prompt_len)
+    )
+    params = normalized_reward_params(cfg, nets, train)
+    hp = cfg.hparams
+    ids, mask = train.arrays["input_ids"][: hp.batch_size], train.arrays["attention_mask"][: hp.batch_size]
+    sample = jax.jit(bind_sample_and_score(nets["policy"], nets["rm"], hp.max_new_tokens, hp.temperature, tok))
+    _, before = sample(nets["ref_params"], nets["rm_params"], ids, mask, jax.random.key(cfg.run.seed + 3))
+    _, after = sample(nets["ref_params"], params, ids, mask, jax.random.key(cfg.run.seed + 3))
+    assert float(jnp.std(before)) > 0 and abs(float(jnp.std(before)) - 1.0) > 1e-2  # there was something to fix
+    assert abs(float(jnp.mean(after))) < 1e-5 and abs(float(jnp.std(after)) - 1.0) < 1e-4
+    np.testing.assert_allclose(np.corrcoef(np.asarray(before), np.asarray(after))[0, 1], 1.0, atol=1e-5)

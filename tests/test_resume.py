@@ -29,10 +29,10 @@ import pytest
 
 from rlhf_jax import train_loop
 from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.config import MeshConfig, PPOConfig
-from rlhf_jax.ppo_run import run_ppo
-from rlhf_jax.reward import run_rm
-from rlhf_jax.sft import run_sft
+from rlhf_jax.config import MeshConfig, PPOConfig, PPOHyperparams
+from rlhf_jax.drivers import run_ppo
+from rlhf_jax.drivers import run_rm
+from rlhf_jax.drivers import run_sft
 from rlhf_jax.tasks import tiny
 from tests import stage_fixtures as F
 
@@ -95,9 +95,10 @@ def _rm(world, out: Path, **run_changes):
 
 def _ppo(world, out: Path, **run_changes):
     cfg = PPOConfig(prompts=str(world.files["prompts"]), policy=str(world.base), reward=str(world.base), out=str(out),
-                    ptx_data=str(world.files["text"]), max_steps=N, batch_size=8, minibatch_size=4, ppo_epochs=2,
-                    max_prompt_len=8, max_new_tokens=5, ptx_seq_len=12, adaptive_kl=True, kl_target=0.01,
-                    kl_horizon=50, run=_run_cfg(**run_changes),
+                    ptx_data=str(world.files["text"]), max_steps=N, max_prompt_len=8, ptx_seq_len=12,
+                    run=_run_cfg(**run_changes),
+                    hparams=PPOHyperparams(batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=5,
+                                           adaptive_kl=True, kl_target=0.01, kl_horizon=50),
                     optim=dataclasses.replace(PPOConfig.optim, learning_rate=3e-3, warmup_steps=1))  # fmt: skip
     return run_ppo, cfg
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax import checkpoint, data, losses, ops, train_loop
-from rlhf_jax.reward import ranking_rewards, reward_objective, run_rm, score_sequences
+from rlhf_jax.drivers import run_rm
+from rlhf_jax.reward import ranking_rewards, reward_objective, score_sequences
 from rlhf_jax.tasks import tiny
 from tests import stage_fixtures as F
 
@@ -292,7 +293,7 @@ def test_skip_mode_counts_every_bad_group(world, tmp_path, caplog):
     tokenize = lambda recs: data.tokenize_rankings(  # noqa: E731
         recs, world.tok, max_prompt_len=F.RM_PROMPT_LEN, max_response_len=F.RM_RESPONSE_LEN
     )
-    train, _, _, _ = train_loop.load_split_tokenize(str(path), "rankings", run, tokenize)
+    train, _, _, _ = data.load_split_tokenize(str(path), "rankings", run, tokenize)
     assert ("kept 63/70 rows (7 skipped: duplicate_responses_only=1, empty_string=1, invalid_json=1, "
             "missing_field=1, ties_only=1, too_few_responses=1, wrong_type=1)") in caplog.text  # fmt: skip
     assert train.report.counts == {
@@ -329,7 +330,7 @@ def test_config_rejects_k_below_two(world, tmp_path):
 
 def test_sft_selects_the_checkpoint_the_reward_model_scores_best(world, runs, tmp_path):
     """InstructGPT selects the final SFT checkpoint by RM score on validation prompts, not by loss."""
-    from rlhf_jax.sft import run_sft
+    from rlhf_jax.drivers import run_sft
 
     run = F.run_config(split_fractions=(0.75, 0.25, 0.0), eval_every=3, save_every=3, keep_last=1, keep_best=1,
                        mesh=F.MESH_1x8x1)  # fmt: skip

@@ -22,7 +22,7 @@ from rlhf_jax import checkpoint, data, train_loop
 from rlhf_jax.config import MeshConfig, RunConfig, SFTConfig
 from rlhf_jax.optim import learning_rate_schedule
 from rlhf_jax.sampling import generate
-from rlhf_jax.sft import run_sft
+from rlhf_jax.drivers import run_sft
 from rlhf_jax.tasks import tiny
 from tests import stage_fixtures as F
 
@@ -238,7 +238,7 @@ def test_skip_mode_counts_every_bad_row(world, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     run = F.run_config(on_error="skip", max_skip_fraction=0.1, split_fractions=(1.0, 0.0, 0.0))
     tokenize = lambda recs: data.tokenize_demonstrations(recs, world.tok, seq_len=F.SFT_SEQ_LEN)  # noqa: E731
-    train, val, test, _ = train_loop.load_split_tokenize(str(path), "demonstrations", run, tokenize)
+    train, val, test, _ = data.load_split_tokenize(str(path), "demonstrations", run, tokenize)
     assert "kept 61/65 rows (4 skipped: empty_string=1, invalid_json=1, missing_field=1, wrong_type=1)" in caplog.text
     # the over-length example is dropped at tokenisation (never truncated) and counted
     assert "kept 60/61 rows (1 skipped: too_long=1)" in caplog.text
@@ -257,9 +257,9 @@ def test_skip_ceiling_counts_load_and_length_drops_together(world, tmp_path):
     run = F.run_config(on_error="skip", max_skip_fraction=0.05, split_fractions=(1.0, 0.0, 0.0))
     tokenize = lambda recs: data.tokenize_demonstrations(recs, world.tok, seq_len=F.SFT_SEQ_LEN)  # noqa: E731
     with pytest.raises(data.DataError, match=r"demos.jsonl: skipped 4/50 rows \(8.0%\).*invalid_json=2, too_long=2"):
-        train_loop.load_split_tokenize(str(path), "demonstrations", run, tokenize)
+        data.load_split_tokenize(str(path), "demonstrations", run, tokenize)
     run = dataclasses.replace(run, max_skip_fraction=0.08)
-    train, _, _, _ = train_loop.load_split_tokenize(str(path), "demonstrations", run, tokenize)
+    train, _, _, _ = data.load_split_tokenize(str(path), "demonstrations", run, tokenize)
     assert len(train) == 46
 
 

@@ -17,6 +17,7 @@ import json
 import pickle
 import runpy
 import shutil
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -252,18 +253,36 @@ def test_tokenizer_custom_code_is_refused(base, tmp_path, where):
     assert marker.exists()
 
 
+def _project_files() -> list[Path]:
+    """The project's own files: what git tracks or would track (never a virtualenv, a build
+    or a cache, wherever they sit); outside a git checkout, every file not inside a virtualenv."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, check=True).stdout.decode()  # fmt: skip
+        return [REPO / name for name in out.split("\0") if name]
+    except (OSError, subprocess.CalledProcessError):
+        venvs = {cfg.parent for cfg in REPO.rglob("pyvenv.cfg")}
+        return [p for p in REPO.rglob("*") if p.is_file() and not any(v in p.parents for v in venvs)]
+
+
 def test_remote_code_option_appears_nowhere():
-    """The transformers option that allows running downloaded code is not written anywhere."""
+    """The transformers option that allows running downloaded code is not written anywhere in
+    the project (a virtualenv inside the clone, as the README's quick start makes, is not scanned)."""
     needle = "trust_remote" + "_code"
-    skip = {".git", ".hypothesis", ".pytest_cache", ".ruff_cache", "__pycache__", "rlhf_jax.egg-info"}
+    suffixes = (".py", ".md", ".toml", ".sh", ".json", ".yaml", ".yml", ".cfg", ".txt", "")
     hits = []
-    for path in REPO.rglob("*"):
-        if path.is_file() and not skip & set(path.relative_to(REPO).parts) and path.suffix in (
-            ".py", ".md", ".toml", ".sh", ".json", ".yaml", ".yml", ".cfg", ".txt", ""
-        ):  # fmt: skip
+    for path in _project_files():
+        if path.is_file() and path.suffix in suffixes:
             text = path.read_text(errors="replace")
             hits += [f"{path.relative_to(REPO)}:{i}" for i, line in enumerate(text.splitlines(), 1) if needle in line]
     assert not hits, hits
+
+
+def test_project_file_scan_skips_a_virtualenv_in_the_clone():
+    """The README's quick start creates .venv inside the clone; the scan above must not walk into it."""
+    files = _project_files()
+    assert any(p.name == "pyproject.toml" for p in files)
+    assert not any(".venv" in p.relative_to(REPO).parts for p in files)
 
 
 # ============================================================================ vocabulary mismatches
@@ -292,8 +311,8 @@ def _stage_configs(d: Path, out: Path):
 @pytest.mark.parametrize("extra,pad_is_eos", [(2, False), (1, True)])
 def test_tokenizer_larger_than_embedding_stops_the_stage(base, tmp_path, extra, pad_is_eos):
     """Tokens beyond the embedding (beyond the one pad row load_model adds) fail at stage start."""
-    from rlhf_jax.reward import run_rm
-    from rlhf_jax.sft import run_sft
+    from rlhf_jax.drivers import run_rm
+    from rlhf_jax.drivers import run_sft
 
     d = _grown_tokenizer_dir(base, tmp_path / "grown", extra, pad_is_eos=pad_is_eos)
     for name, cfg in _stage_configs(d, tmp_path):

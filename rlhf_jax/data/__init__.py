@@ -7,10 +7,14 @@ numpy only; nothing here is traced by jax. The pipeline is::
     train, val, test = split_by_user(records)
     ds = tokenize_demonstrations(train, tokenizer, seq_len=512)
     batches = BatchIterator(ds.arrays, batch_size=64, seed=0)
+
+``load_split_tokenize(source, kind, run_cfg, tokenize)`` does all of it for the stage drivers.
 """
 
+from rlhf_jax.data.buckets import bucket_length, trim_batch
 from rlhf_jax.data.encoding import check_vocab
 from rlhf_jax.data.iterators import BatchIterator
+from rlhf_jax.data.loading import load_split_tokenize
 from rlhf_jax.data.records import KINDS, NOTE_REASONS, DataError, SkipReport, load_records
 from rlhf_jax.data.splits import cap_per_user, dedup_by_prefix, prompt_text, split_by_user
 from rlhf_jax.data.tokenize import (
@@ -28,14 +32,17 @@ __all__ = [
     "DataError",
     "SkipReport",
     "TokenizedDataset",
+    "bucket_length",
     "cap_per_user",
     "check_vocab",
     "dedup_by_prefix",
     "load_records",
+    "load_split_tokenize",
     "prompt_text",
     "split_by_user",
     "tokenize_demonstrations",
     "tokenize_prompts",
     "tokenize_rankings",
     "tokenize_text",
+    "trim_batch",
 ]

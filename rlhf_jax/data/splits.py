@@ -8,7 +8,7 @@ user at 200. All functions are deterministic and keep the input order within eac
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _unit_hash(seed: int, key: str) -> float:

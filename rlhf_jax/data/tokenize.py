@@ -10,14 +10,15 @@ whose content spells a special token is dropped (``special_token_in_text``, see
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from rlhf_jax.data.encoding import DropExample, bos_prefix, dialogue_ids, encode, prompt_ids, special_ids
 from rlhf_jax.data.records import SkipReport
 from rlhf_jax.data.schema import RowError, check_group
-from rlhf_jax.data.encoding import DropExample, bos_prefix, dialogue_ids, encode, prompt_ids, special_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -25,8 +25,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rlhf_jax.config import OptimConfig, PPOConfig, RewardConfig, RunConfig, SFTConfig
+from rlhf_jax import checkpoint, data, reward
+from rlhf_jax.config import OptimConfig, PPOConfig, PPOHyperparams, RewardConfig, RunConfig, SFTConfig
+from rlhf_jax.drivers import run_ppo, run_rm, run_sft
+from rlhf_jax.tasks import evaluate, report, tiny
+from rlhf_jax.tasks.world import World, WorldConfig
 from rlhf_jax.tasks.world_lang import FAMILIES
+from rlhf_jax.train_loop import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +87,7 @@ class DemoConfig:
     eval_temperature: float = 1.0
     max_new_tokens: int = 16
 
-    def scaled(self) -> "DemoConfig":
+    def scaled(self) -> DemoConfig:
         if not self.quick:
             return self
         return dataclasses.replace(self, num_users=40, prompts_per_user=40, families=("repeat", "count", "sort"),
@@ -97,13 +102,6 @@ def _run(**kw) -> RunConfig:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage (skipping finished ones when re-run); returns the report path."""
-    from rlhf_jax import checkpoint, data
-    from rlhf_jax.ppo_run import run_ppo
-    from rlhf_jax.reward import run_rm
-    from rlhf_jax.sft import run_sft
-    from rlhf_jax.tasks import evaluate, report, tiny
-    from rlhf_jax.tasks.world import World, WorldConfig
-
     cfg = cfg.scaled()
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -195,9 +193,10 @@ def run_demo(cfg: DemoConfig) -> Path:
     def ppo(name: str, *, ptx: bool, kl_coef: float = 0.1) -> Path:
         return run_ppo(PPOConfig(
             prompts=str(files["prompts"]), policy=str(sft_dir), reward=str(rm_dir), out=str(root / name),
-            ptx_data=str(files["pretrain"]) if ptx else None, max_steps=cfg.ppo_steps, batch_size=64,
-            minibatch_size=16, ppo_epochs=1, max_prompt_len=32, max_new_tokens=cfg.max_new_tokens, kl_coef=kl_coef,
-            ptx_seq_len=64, ptx_rows=8, eval_prompts=64, ema_decay=cfg.ppo_ema_decay,
+            ptx_data=str(files["pretrain"]) if ptx else None, max_steps=cfg.ppo_steps, max_prompt_len=32,
+            ptx_seq_len=64, eval_prompts=64,
+            hparams=PPOHyperparams(batch_size=64, minibatch_size=16, ppo_epochs=1, max_new_tokens=cfg.max_new_tokens,
+                                   kl_coef=kl_coef, ptx_rows=8, ema_decay=cfg.ppo_ema_decay),
             optim=OptimConfig(learning_rate=cfg.ppo_learning_rate, schedule="constant", warmup_steps=2,
                               warmup_init_fraction=0.1),
             run=_run(seed=cfg.seed, eval_every=max(1, cfg.ppo_steps // 6), log_every=1,
@@ -246,8 +245,6 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     def rm_pair_accuracy(recs: list[dict]) -> float:
         """Pair accuracy of the RM on ranking records, through the same tokenisation as training."""
-        from rlhf_jax import reward
-
         rm, rm_params, _ = checkpoint.load_model(rm_dir)
         for i, r in enumerate(recs):
             r["example_id"] = i
@@ -257,8 +254,6 @@ def run_demo(cfg: DemoConfig) -> Path:
         return float(metrics["accuracy"])
 
     results = stage("evaluation", evaluation)
-    from rlhf_jax.train_loop import read_metrics
-
     rm_val = [m for m in read_metrics(rm_dir) if "val/accuracy" in m]
     results |= {
         "seed": cfg.seed,

@@ -12,7 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from rlhf_jax.config import ModelConfig
+from rlhf_jax.models import CausalLM, save_pretrained
+from rlhf_jax.models.params import init_params
 
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
@@ -27,9 +34,6 @@ CHAT_TEMPLATE = (
 
 def make_tokenizer(out_dir: str | Path, *, num_words: int = 64):
     """A word-level transformers tokenizer (pad, eos, bos distinct) with a chat template, saved to ``out_dir``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {t: i for i, t in enumerate(SPECIALS)}
     vocab.update({f"w{i}": len(SPECIALS) + i for i in range(num_words)})
     vocab["<unk>"] = len(vocab)
@@ -47,13 +51,6 @@ def make_tokenizer(out_dir: str | Path, *, num_words: int = 64):
 def make_model_dir(out_dir: str | Path, *, vocab_size: int, family: str = "gpt2", hidden_size: int = 64,
                    num_layers: int = 2, num_heads: int = 4, seed: int = 0, tokenizer=None) -> Path:  # fmt: skip
     """A randomly initialised model saved as a Hugging Face directory (config.json + safetensors)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from rlhf_jax.config import ModelConfig
-    from rlhf_jax.models import CausalLM, save_pretrained
-
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                   max_position_embeddings=256)  # fmt: skip
     if family == "gpt2":
@@ -64,7 +61,7 @@ def make_model_dir(out_dir: str | Path, *, vocab_size: int, family: str = "gpt2"
     else:
         raise ValueError(f"make_model_dir: family {family!r} (use 'gpt2' or 'llama')")
     model = CausalLM(cfg)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))["params"])  # one compile
+    params = jax.jit(init_params, static_argnums=0)(model, jax.random.key(seed))  # one compile, not one per op
     return save_pretrained(model, params, out_dir, tokenizer=tokenizer)
 
 

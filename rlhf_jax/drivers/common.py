@@ -1,0 +1,91 @@
+"""What the stage drivers share: loading a stage's model, placing its state, weighted evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from rlhf_jax import checkpoint, data, sharding
+from rlhf_jax.config import RunConfig
+from rlhf_jax.models import CausalLM
+from rlhf_jax.models.params import init_params
+from rlhf_jax.optim import TrainState, init_train_state
+
+
+def load_stage_model(source: str, head: str, run: RunConfig, *, dropout: float = 0.0,
+                     which: str = "best") -> tuple[CausalLM, Any, Any]:  # fmt: skip
+    """(model, params, tokenizer) of ``source`` for training: the run's dtype and remat, ``dropout``."""
+    model, params, tokenizer = checkpoint.load_model(source, head=head, dtype=run.dtype, which=which)
+    model = CausalLM(model.config.replace(dropout=dropout, remat=run.remat), head=head)
+    data.check_vocab(tokenizer, model.config.vocab_size)
+    return model, params, tokenizer
+
+
+def sharded_train_state(model: CausalLM, params: Any, optimizer: optax.GradientTransformation, seed: int,
+                        mesh) -> tuple[TrainState, Any]:  # fmt: skip
+    """A TrainState for ``params`` placed by the model's logical axes (optimizer moments included)."""
+    return sharding.shard_state(
+        lambda p: init_train_state(p, optimizer, seed),
+        lambda: init_train_state(init_params(model, boxed=True), optimizer, seed),
+        params,
+        mesh,
+    )
+
+
+def weighted_eval(eval_fn: Callable, params: Any, dataset: Any, *, batch_size: int, max_batches: int, mesh,
+                  weight: str, names: dict[str, str], buckets: tuple = ()) -> tuple[dict[str, float], float]:  # fmt: skip
+    """Weighted means of ``eval_fn``'s metrics over up to ``max_batches`` fixed-size batches.
+
+    lm1b's ``compute_weighted_cross_entropy`` pattern: each batch's means are weighted by its
+    ``weight`` metric (tokens for a language model, pairs for a reward model), so the result
+    is the mean over all tokens / pairs, not over batches.
+
+    Args:
+      eval_fn: jitted ``(params, batch) -> metrics`` (means over the batch plus ``weight``).
+      names: metric name -> name in the result (e.g. ``{"loss": "val/loss"}``).
+      buckets: ``(keys, mask_key, left)`` groups: batches cut to their bucket length (``data.trim_batch``).
+
+    Returns:
+      (``{names[k]: weighted mean}``, total weight).
+    """
+    it = data.BatchIterator(dataset.arrays, batch_size=min(batch_size, len(dataset)), seed=0, shuffle=False)
+    model_inputs = set(dataset.arrays) - {"example_id", "prompt_len"}
+    sums = dict.fromkeys(names, 0.0)
+    total = 0.0
+    with sharding.use_mesh(mesh):
+        for _ in range(min(max_batches, it.steps_per_epoch)):
+            batch = {k: v for k, v in next(it).items() if k in model_inputs}
+            for keys, mask_key, left in buckets:
+                batch = data.trim_batch(batch, keys=keys, mask_key=mask_key, left=left)
+            m = jax.device_get(eval_fn(params, sharding.shard_batch(batch, mesh)))
+            w = float(m[weight])
+            total += w
+            for k in names:
+                sums[k] += float(m[k]) * w
+    return {names[k]: v / max(total, 1.0) for k, v in sums.items()}, total
+
+
+def shaped(run: RunConfig, next_batch: Callable[[], dict], *groups: tuple) -> Callable[[], dict]:
+    """``next_batch`` cut to bucket lengths (``data.bucketed``) unless ``run.pad_to == "max"``.
+
+    Groups that name arrays the batch does not have (e.g. ptx rows in plain PPO) are skipped.
+    """
+    if run.pad_to == "max":
+        return next_batch
+
+    def f() -> dict:
+        batch = next_batch()
+        for keys, mask_key, left in groups:
+            if mask_key in batch:
+                batch = data.trim_batch(batch, keys=keys, mask_key=mask_key, left=left)
+        return batch
+
+    return f
+
+
+def model_inputs_only(next_batch: Callable[[], dict], keys: tuple[str, ...]) -> Callable[[], dict]:
+    """``next_batch`` restricted to ``keys``: the jitted step takes only model inputs (ids stay on the host)."""
+    return lambda: {k: v for k, v in next_batch().items() if k in keys}

@@ -1,0 +1,184 @@
+"""``rlhf-jax ppo``: load the SFT policy and the reward model, build the PPO stage, train.
+
+The policy and the KL reference both start from ``--policy``; the value network starts
+from the reward model (its own copy of the params, as in InstructGPT), or is a head on
+the policy backbone with ``value_head="shared"``. The run directory's model.json points
+at the EMA params, which are what evaluation and export use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import checkpoint, data, ppo, rl, sharding, train_loop
+from rlhf_jax.config import PPOConfig
+from rlhf_jax.drivers.common import load_stage_model, shaped
+from rlhf_jax.drivers.scoring import bind_sample_and_score, decode_rows
+from rlhf_jax.models import CausalLM
+from rlhf_jax.models.params import init_params
+from rlhf_jax.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+PROMPT_BUCKETS = (("prompt_ids", "prompt_mask"), "prompt_mask", True)  # left-padded prompts
+PTX_BUCKETS = (("ptx_input_ids", "ptx_attention_mask", "ptx_loss_mask"), "ptx_attention_mask", False)
+
+
+def build_networks(cfg: PPOConfig) -> dict[str, Any]:
+    """Policy, reference, value network and RM with their params, and the tokenizer."""
+    run = cfg.run
+    policy, policy_params, tok = load_stage_model(cfg.policy, "lm", run)
+    rm, rm_params, rm_tok = checkpoint.load_model(cfg.reward, head="scalar", dtype=run.dtype)
+    if tok.get_vocab() != rm_tok.get_vocab():
+        raise ValueError(f"--policy {cfg.policy} and --reward {cfg.reward} use different tokenizers")
+    rm = CausalLM(rm.config.replace(dropout=0.0), head="scalar")
+    ref_params = policy_params
+    value_model, value_params = None, None
+    if cfg.value_head == "shared":
+        policy = policy.clone(head="lm+scalar")
+        policy_params = {**policy_params, "score": init_params(policy)["score"]}
+    else:
+        value_model = CausalLM(rm.config.replace(remat=run.remat), head="scalar")
+        value_params = jax.tree.map(jnp.copy, rm_params)
+    return dict(policy=policy, policy_params=policy_params, ref_params=ref_params, value=value_model,
+                value_params=value_params, rm=rm, rm_params=rm_params, tokenizer=tok)  # fmt: skip
+
+
+def normalized_reward_params(cfg: PPOConfig, nets: dict, prompts: Any) -> Any:
+    """RM params whose scores on the reference policy's samples have mean 0 and std 1 (Ziegler et al.).
+
+    One batch of the first training prompts is sampled (temperature as in training, a fixed
+    key: a resumed run computes the same numbers), scored, and ``rl.reward_gain_bias``'s
+    ``gain * r + bias`` is folded into the score head, so nothing downstream changes.
+    """
+    hp, tok = cfg.hparams, nets["tokenizer"]
+    n = min(hp.batch_size, len(prompts))
+    ids, mask = jnp.asarray(prompts.arrays["input_ids"][:n]), jnp.asarray(prompts.arrays["attention_mask"][:n])
+    sample = jax.jit(bind_sample_and_score(nets["policy"].clone(head="lm"), nets["rm"], hp.max_new_tokens,
+                                           hp.temperature, tok))  # fmt: skip
+    ref = {k: v for k, v in nets["ref_params"].items() if k != "score"}
+    _, scores = sample(ref, nets["rm_params"], ids, mask, jax.random.key(cfg.run.seed + 3))
+    gain, bias = rl.reward_gain_bias(scores)
+    score = nets["rm_params"]["score"]
+    log.info("reward normalisation on %d reference samples: mean %.4f std %.4f -> gain %.4f bias %.4f",
+             n, float(jnp.mean(scores)), float(jnp.std(scores)), float(gain), float(bias))  # fmt: skip
+    return {**nets["rm_params"], "score": {"kernel": score["kernel"] * gain, "bias": score["bias"] * gain + bias}}
+
+
+def make_evaluate(cfg: PPOConfig, nets: dict, val: Any, rm_params: Any, out: Path,
+                  gold_fn: Callable | None) -> Callable[[Any], dict]:  # fmt: skip
+    """Greedy samples of the EMA policy on validation prompts: RM score, length, gold score, a few samples."""
+    tok = nets["tokenizer"]
+    n = min(cfg.eval_prompts, len(val))
+    val_ids, val_mask = jnp.asarray(val.arrays["input_ids"][:n]), jnp.asarray(val.arrays["attention_mask"][:n])
+    sample = jax.jit(bind_sample_and_score(nets["policy"].clone(head="lm"), nets["rm"], cfg.hparams.max_new_tokens,
+                                           0.0, tok))  # fmt: skip
+    samples_path = out / "samples.jsonl"
+
+    def evaluate(st) -> dict:
+        ema = {k: v for k, v in st.ema_params.items() if k != "score"}
+        gen, scores = sample(ema, rm_params, val_ids, val_mask, jax.random.key(0))
+        scores = np.asarray(scores)
+        prompts = decode_rows(tok, val_ids, val_mask)
+        responses = decode_rows(tok, gen.tokens, gen.mask, skip_special_tokens=False)
+        metrics = {"val/rm_score": float(scores.mean()),
+                   "val/response_length": float(np.asarray(gen.mask).sum(1).mean())}  # fmt: skip
+        if gold_fn is not None:
+            metrics["val/gold_score"] = float(np.mean(gold_fn(prompts, responses)))
+        with samples_path.open("a") as f:
+            for p, r, s in list(zip(prompts, responses, scores))[:4]:
+                f.write(json.dumps({"iteration": int(st.iteration), "prompt": p, "response": r,
+                                    "rm_score": float(s)}) + "\n")  # fmt: skip
+        return metrics
+
+    return evaluate
+
+
+def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
+    """Train PPO / PPO-ptx; returns the run directory.
+
+    ``gold_fn(prompts: list[str], responses: list[str]) -> list[float]`` (optional, the
+    built-in task's hidden preference) adds ``val/gold_score`` to each evaluation.
+    """
+    run, hp = cfg.run, cfg.hparams
+    out = Path(cfg.out)
+    nets = build_networks(cfg)
+    policy, value_model, tok = nets["policy"], nets["value"], nets["tokenizer"]
+
+    tokenize = lambda recs: data.tokenize_prompts(recs, tok, max_prompt_len=cfg.max_prompt_len)  # noqa: E731
+    train, val, _, _ = data.load_split_tokenize(cfg.prompts, "prompts", run, tokenize)
+    if cfg.normalize_reward:
+        nets["rm_params"] = normalized_reward_params(cfg, nets, train)
+    prompt_it = data.BatchIterator(train.arrays, batch_size=hp.batch_size, seed=run.seed,
+                                   process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
+    iterators = {"prompts": prompt_it}
+    ptx_it = None
+    if cfg.uses_ptx:
+        ptx, _, _, _ = data.load_split_tokenize(
+            cfg.ptx_data, "text", run, lambda r: data.tokenize_text(r, tok, seq_len=cfg.ptx_seq_len), split=False
+        )
+        rows = hp.updates_per_iteration * hp.rows_per_ptx_minibatch
+        ptx_it = data.BatchIterator(ptx.arrays, batch_size=rows, seed=run.seed + 1)
+        iterators["ptx"] = ptx_it
+
+    # the warmup is counted in iterations; the optimizer counts minibatch updates
+    optim = dataclasses.replace(cfg.optim, warmup_steps=cfg.optim.warmup_steps * hp.updates_per_iteration)
+    total_updates = cfg.max_steps * hp.updates_per_iteration
+    policy_opt = make_optimizer(optim, total_updates)
+    value_opt = make_optimizer(optim, total_updates) if value_model is not None else None
+
+    mesh = sharding.make_mesh(run.mesh)
+
+    def init_state(policy_params, value_params):
+        return ppo.init_ppo_state(policy_params, value_params, policy_opt, value_opt, kl_coef=hp.kl_coef,
+                                  seed=run.seed)  # fmt: skip
+
+    def boxed_state():
+        boxed_value = None if value_model is None else init_params(value_model, boxed=True)
+        return init_state(init_params(policy, boxed=True), boxed_value)
+
+    state, shardings = sharding.shard_state(lambda pv: init_state(*pv), boxed_state,
+                                            (nets["policy_params"], nets["value_params"]), mesh)  # fmt: skip
+    ref_sh = sharding.param_shardings(lambda: init_params(policy.clone(head="lm"), boxed=True), mesh)
+    rm_sh = sharding.param_shardings(lambda: init_params(nets["rm"], boxed=True), mesh)
+    frozen = (jax.device_put(nets["ref_params"], ref_sh), jax.device_put(nets["rm_params"], rm_sh))
+
+    iteration = ppo.make_iteration(hp, policy, value_model, nets["rm"], policy_opt, value_opt,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+
+    def next_batch() -> dict:
+        b = next(prompt_it)
+        batch = {"prompt_ids": b["input_ids"], "prompt_mask": b["attention_mask"]}
+        if ptx_it is not None:
+            p = next(ptx_it)
+            batch |= {"ptx_input_ids": p["input_ids"], "ptx_attention_mask": p["attention_mask"],
+                      "ptx_loss_mask": p["loss_mask"]}  # fmt: skip
+        return batch
+
+    evaluate = None if val is None else make_evaluate(cfg, nets, val, frozen[1], out, gold_fn)
+    checkpoint.write_model_info(out, policy.clone(head="lm"), tok, params_path=("ema_params",))
+    stage = train_loop.Stage(
+        name="ppo",
+        state=state,
+        state_shardings=shardings,
+        train_step=iteration,
+        next_batch=shaped(run, next_batch, PROMPT_BUCKETS, PTX_BUCKETS),
+        iterators=iterators,
+        total_steps=cfg.max_steps,
+        frozen=frozen,
+        evaluate=evaluate,
+        best_metric="val/gold_score" if gold_fn is not None else ("val/rm_score" if evaluate else None),
+        best_mode="max",
+        tokens_per_batch=hp.batch_size * hp.max_new_tokens,
+    )
+    train_loop.run(stage, run, mesh, out, config_json=dataclasses.asdict(cfg))
+    return out
