@@ -2,6 +2,8 @@
 
     rlhf-jax sft --data demos.jsonl --init HF_OR_RUN_DIR --out runs/sft --max-steps 1000
     rlhf-jax rm  --data rankings.jsonl --init runs/sft --out runs/rm --demonstrations demos.jsonl
+    rlhf-jax dpo --data rankings.jsonl --init runs/sft --out runs/dpo --beta 0.1 --k-way pl
+    rlhf-jax sample --policy runs/sft --reward runs/rm --prompts prompts.jsonl --out best.jsonl --best-of 8
     rlhf-jax export --run runs/sft --out hf_dir
     rlhf-jax demo                      # the whole pipeline on the built-in task, with a report
     rlhf-jax smoke                     # a tiny end-to-end check on CPU (about a minute)
@@ -27,8 +29,8 @@ import tyro
 
 from rlhf_jax import checkpoint
 from rlhf_jax.bench import BenchArgs, run_bench
-from rlhf_jax.config import PPOConfig, PPOHyperparams, RewardConfig, RunConfig, SFTConfig
-from rlhf_jax.drivers import run_ppo, run_rm, run_sft
+from rlhf_jax.config import DPOConfig, PPOConfig, PPOHyperparams, RewardConfig, RunConfig, SFTConfig
+from rlhf_jax.drivers import run_dpo, run_ppo, run_rm, run_sample, run_sft
 from rlhf_jax.models import save_pretrained
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
 from rlhf_jax.sampling import generate
@@ -81,6 +83,26 @@ class PipelineArgs:
                           max_steps=self.ppo_steps, max_prompt_len=self.max_prompt_len,
                           hparams=PPOHyperparams(max_new_tokens=self.max_response_len)),
         )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleArgs:
+    """Best-of-n: sample --best-of responses per prompt, keep the one the reward model scores highest,
+    write demonstration JSONL {"prompt", "response", "score", "scores"} (SFT data: rejection sampling)."""
+
+    policy: str  # a run directory or HF directory with an LM head
+    reward: str  # a reward-model run directory
+    prompts: str  # a prompts file ({"prompt"} or {"messages"} rows)
+    out: str  # the JSONL file to write
+    best_of: int = 4  # n samples per prompt
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    max_prompt_len: int = 64  # longer prompts are left out and counted
+    batch_size: int = 16  # prompts per generation batch (batch_size * best_of sequences)
+    seed: int = 0
+    require_eos: bool = True  # only responses that ended with EOS are candidates
+    on_error: typing.Literal["raise", "skip"] = "raise"  # malformed prompt rows
+    progress: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -137,6 +159,8 @@ COMMANDS = {
     "demo": (DemoConfig, "The whole InstructGPT pipeline on the built-in task, on CPU, with a report (--quick: test-sized)."),
     "sft": (SFTConfig, "Supervised fine-tuning on demonstrations (or --mode pretrain on text)."),
     "rm": (RewardConfig, "Reward model on K-way rankings (all C(K,2) pairs of a prompt in one batch element)."),
+    "dpo": (DPOConfig, "Direct preference optimisation on rankings against the frozen --init (Plackett-Luce or all pairs)."),
+    "sample": (SampleArgs, SampleArgs.__doc__),
     "ppo": (PPOConfig, "PPO / PPO-ptx against the reward model with a per-token KL penalty (--ptx-data for PPO-ptx)."),
     "pipeline": (PipelineArgs, PipelineArgs.__doc__),
     "export": (ExportArgs, ExportArgs.__doc__),
@@ -146,7 +170,7 @@ COMMANDS = {
 
 # Run configs whose algorithm hyperparameters (a nested ``hparams`` dataclass: what the pure
 # functions take) are set with flat flags, ``--clip-eps`` rather than ``--hparams.clip-eps``.
-FLAT_HPARAMS = (PPOConfig, RewardConfig)
+FLAT_HPARAMS = (PPOConfig, RewardConfig, DPOConfig)
 
 
 def _flat_hparams(cls: type) -> type:
@@ -202,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
         print(run_rm(args))
     elif isinstance(args, PPOConfig):
         print(run_ppo(args))
+    elif isinstance(args, DPOConfig):
+        print(run_dpo(args))
+    elif isinstance(args, SampleArgs):
+        print(run_sample(**dataclasses.asdict(args)))
     elif isinstance(args, PipelineArgs):
         print(run_pipeline(args.config()))
     elif isinstance(args, ExportArgs):

@@ -460,3 +460,60 @@ class PPOConfig:
     def uses_ptx(self) -> bool:
         """PPO-ptx: pretraining data is given and its coefficient is not 0."""
         return self.ptx_data is not None and self.hparams.ptx_coef > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOHyperparams:
+    """What the pure DPO step takes (``dpo.make_train_step``), Rafailov et al. 2023.
+
+    ``k_way`` says how a prompt's K ranked responses enter the loss: ``"pl"`` the
+    Plackett-Luce likelihood of the whole ranking (DPO appendix A.3; for K = 2 it is DPO's
+    sigmoid loss), ``"pairs"`` the mean over its C(K,2) ordered pairs (ties excluded), then
+    over prompts (InstructGPT's RM batching). IPO, hinge and label smoothing are defined on
+    pairs: they need ``k_way="pairs"`` (for pairs data, K = 2, the two modes coincide).
+    """
+
+    beta: float = 0.1  # inverse temperature of the implicit reward beta * log(pi / pi_ref) (IPO: tau)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0  # conservative DPO: assumed label-flip probability (sigmoid only)
+    k_way: Literal["pl", "pairs"] = "pl"
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, f"DPOHyperparams.beta must be > 0, got {self.beta}")
+        _check(self.loss_type in ("sigmoid", "ipo", "hinge"), f"DPOHyperparams.loss_type: unknown {self.loss_type!r}")
+        _check(self.k_way in ("pl", "pairs"), f"DPOHyperparams.k_way must be 'pl' or 'pairs', got {self.k_way!r}")
+        _check(0 <= self.label_smoothing <= 1, "DPOHyperparams.label_smoothing must be in [0, 1]")
+        _check(self.label_smoothing == 0 or self.loss_type == "sigmoid",
+               "DPOHyperparams.label_smoothing is only defined for loss_type='sigmoid'")  # fmt: skip
+        _check(self.k_way == "pairs" or (self.loss_type == "sigmoid" and self.label_smoothing == 0),
+               f"DPOHyperparams: loss_type={self.loss_type!r} / label_smoothing={self.label_smoothing} are defined "
+               "on pairs: use k_way='pairs' (for K = 2 data it is the same as 'pl')")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    """A DPO run on rankings (pairs are K = 2), against the frozen ``init`` as the reference.
+
+    DPO paper: beta 0.1, lr 1e-6 with 150 warmup steps then constant, batch 64. The
+    reference log-probs are computed once before training and served with the batches.
+    """
+
+    data: str  # rankings file or hub name ({"prompt","responses","ranks"} or {"prompt","chosen","rejected"})
+    init: str  # an SFT run directory or HF model directory: the initial policy AND the reference
+    out: str  # the run directory
+    max_steps: int | None = None  # None: epochs x steps per epoch
+    run: RunConfig = RunConfig()
+    epochs: float = 1.0
+    batch_size: int = 64  # prompts (each with all its K responses)
+    max_prompt_len: int = 256
+    max_response_len: int = 256
+    max_k: int | None = None  # None: the largest K in the data
+    hparams: DPOHyperparams = DPOHyperparams()
+    optim: OptimConfig = OptimConfig(learning_rate=1e-6, schedule="constant", warmup_steps=150)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "DPOConfig.batch_size must be > 0")
+        _check(self.max_steps is None or self.max_steps > 0, "DPOConfig.max_steps must be > 0 or None")
+        _check(self.max_prompt_len > 0 and self.max_response_len > 0, "DPOConfig: lengths must be > 0")
+        _check(self.max_k is None or self.max_k >= 2, "DPOConfig.max_k must be >= 2 (a ranking needs a pair)")
+        _check(self.epochs > 0, "DPOConfig.epochs must be > 0")

@@ -6,8 +6,10 @@ and data (``data.load_split_tokenize``), builds the pure step of its stage modul
 ``train_loop.Stage`` to ``train_loop.run``. Running the same config again resumes.
 """
 
+from rlhf_jax.drivers.dpo import run_dpo
 from rlhf_jax.drivers.ppo import run_ppo
 from rlhf_jax.drivers.rm import run_rm
+from rlhf_jax.drivers.sample import run_sample
 from rlhf_jax.drivers.sft import run_sft
 
-__all__ = ["run_ppo", "run_rm", "run_sft"]
+__all__ = ["run_dpo", "run_ppo", "run_rm", "run_sample", "run_sft"]
