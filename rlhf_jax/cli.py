@@ -159,7 +159,7 @@ COMMANDS = {
     "demo": (DemoConfig, "The whole InstructGPT pipeline on the built-in task, on CPU, with a report (--quick: test-sized)."),
     "sft": (SFTConfig, "Supervised fine-tuning on demonstrations (or --mode pretrain on text)."),
     "rm": (RewardConfig, "Reward model on K-way rankings (all C(K,2) pairs of a prompt in one batch element)."),
-    "dpo": (DPOConfig, "Direct preference optimisation on rankings against the frozen --init (Plackett-Luce or all pairs)."),
+    "dpo": (DPOConfig, "Direct preference optimisation on rankings against the frozen --init as the reference."),
     "sample": (SampleArgs, SampleArgs.__doc__),
     "ppo": (PPOConfig, "PPO / PPO-ptx against the reward model with a per-token KL penalty (--ptx-data for PPO-ptx)."),
     "pipeline": (PipelineArgs, PipelineArgs.__doc__),

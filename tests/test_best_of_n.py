@@ -47,7 +47,8 @@ def test_keeps_the_best_scoring_sample_and_loads_as_sft_data(world, prompts, tmp
                      progress=False)  # fmt: skip
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert not (tmp_path / "best.jsonl.tmp").exists()
-    assert 10 <= len(written) <= 13  # the long prompt is left out (and a prompt whose 4 samples all hold a special token)
+    # the long prompt is left out (and a prompt whose 4 samples all hold a special token would be)
+    assert 10 <= len(written) <= 13
     by_prompt = {r.get("prompt") or r["messages"][0]["content"]: r for r in written}
     assert " ".join(["w3"] * 20) not in by_prompt
     for row in written:

@@ -205,7 +205,7 @@ def _cfg(world, out, **run_changes) -> DPOConfig:
     run = F.run_config(split_fractions=(0.75, 0.25, 0.0), eval_every=8, mesh=F.MESH_1x8x1, **run_changes)
     return DPOConfig(data=str(world.files["rankings"]), init=str(world.base), out=str(out), max_steps=N_STEPS,
                      batch_size=8, max_prompt_len=F.RM_PROMPT_LEN, max_response_len=F.RM_RESPONSE_LEN, run=run,
-                     hparams=DPOHyperparams(beta=0.1), optim=OptimConfig(learning_rate=1e-3, schedule="constant"))
+                     hparams=DPOHyperparams(beta=0.1), optim=OptimConfig(learning_rate=1e-3, schedule="constant"))  # fmt: skip
 
 
 def _cli_args(cfg: DPOConfig) -> list[str]:

@@ -137,7 +137,7 @@ def run_sample(policy: str, reward: str, prompts: str, out: str, *, best_of: int
                     continue
                 rec = by_id[int(example_ids[start + b])]
                 row = _output_row(rec, texts[b][best[b]], float(scores[b, best[b]]), scores[b].tolist(),
-                                  eligible[b].tolist())
+                                  eligible[b].tolist())  # fmt: skip
                 f.write(json.dumps(row) + "\n")
                 kept += 1
                 best_sum += float(scores[b, best[b]])
