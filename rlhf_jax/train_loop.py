@@ -109,6 +109,7 @@ class Stage:
       tokens_per_batch: for the throughput shown in the progress bar.
       extra_meta: ``() -> dict`` added to each checkpoint's JSON (e.g. normalisation stats).
       restore_extra: ``(meta) -> None`` called after a restore with that JSON.
+      memory_flags: the flags that lower this stage's memory, named when a step runs out of it.
     """
 
     name: str
@@ -125,6 +126,20 @@ class Stage:
     tokens_per_batch: int = 0
     extra_meta: Callable[[], dict] = field(default=lambda: {})
     restore_extra: Callable[[dict], None] = field(default=lambda meta: None)
+    memory_flags: str = "--batch-size, the length caps, --run.remat"
+
+
+class StepOutOfMemory(MemoryError):
+    """A step asked the device for more memory than it has; the message names the batch shapes and flags."""
+
+
+def _out_of_memory(stage: Stage, step: int, batch: dict, error: Exception) -> StepOutOfMemory:
+    shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in batch.items())
+    return StepOutOfMemory(
+        f"{stage.name}: step {step} ran out of device memory on the batch {{{shapes}}} "
+        f"(plus {len(jax.tree.leaves(stage.frozen))} frozen arrays); lower it with {stage.memory_flags}. "
+        f"XLA said: {str(error).splitlines()[0][:300]}"
+    )
 
 
 class _Preemption:
@@ -318,7 +333,12 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
     try:
         with _Preemption() as preempt, sharding.use_mesh(mesh):
             while step < end:
-                state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), *stage.frozen)
+                try:
+                    state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), *stage.frozen)
+                except jax.errors.JaxRuntimeError as e:
+                    if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
+                        raise _out_of_memory(stage, step + 1, batch, e) from e
+                    raise
                 step += 1
                 metrics_log.add(metrics)
                 if trace is not None:

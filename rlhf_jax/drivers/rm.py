@@ -58,12 +58,14 @@ def run_rm(cfg: RewardConfig) -> Path:
         state=state,
         state_shardings=shardings,
         train_step=reward.make_train_step(model, optimizer, cfg.hparams),
-        next_batch=shaped(run, model_inputs_only(lambda: next(train_it), RANKING_INPUTS), RANKING_BUCKETS),
+        next_batch=shaped(run, model_inputs_only(lambda: next(train_it), RANKING_INPUTS), *RANKING_BUCKETS),
         iterators={"train": train_it},
         total_steps=total,
         evaluate=eval_fn,
         best_metric="val/accuracy" if eval_fn else None,
         best_mode="max",
+        memory_flags="--batch-size (prompts, each with its K responses), --max-k, --max-prompt-len, "
+        "--max-response-len, --run.remat",
         tokens_per_batch=int(np.prod(train.arrays["input_ids"].shape[1:])) * train_it.batch_size,  # (at the cap)
     )
     train_loop.run(stage, run, mesh, out, config_json=dataclasses.asdict(cfg))

@@ -97,13 +97,14 @@ def run_sft(cfg: SFTConfig) -> Path:
         state=state,
         state_shardings=shardings,
         train_step=sft.make_train_step(model, optimizer),
-        next_batch=shaped(run, model_inputs_only(mixed_batches(train_it, ptx_it), LM_INPUTS), LM_BUCKETS),
+        next_batch=shaped(run, model_inputs_only(mixed_batches(train_it, ptx_it), LM_INPUTS), *LM_BUCKETS),
         iterators=iterators,
         total_steps=total,
         evaluate=eval_fn,
         best_metric=best_metric,
         best_mode=best_mode,
         tokens_per_batch=cfg.batch_size * cfg.seq_len,
+        memory_flags="--batch-size, --seq-len, --run.remat, --run.dtype bfloat16",
     )
     train_loop.run(stage, run, mesh, out, config_json=dataclasses.asdict(cfg))
     return out
