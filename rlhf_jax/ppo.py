@@ -1,4 +1,5 @@
-"""PPO-ptx (InstructGPT): the RL stage as pure functions, one compiled call per iteration.
+"""PPO-ptx (InstructGPT) and its critic-free variants: the RL stage as pure functions, one
+compiled call per iteration.
 
 The objective (InstructGPT eq. 2)::
 
@@ -22,6 +23,19 @@ Old log-probs are computed by the very functions the update uses (``response_for
 ``response_logprobs``), on minibatches of the update's shape, and the update recomputes
 (rematerialises) that forward instead of fusing it with its backward pass, so the
 probability ratio is exactly 1 on the first minibatch. Dropout is off in every RL pass.
+
+Advantage estimators (``PPOHyperparams.estimator``): ``"gae"`` above (value network), or
+critic-free: ``"grpo"`` / ``"dr_grpo"`` / ``"rloo"`` sample ``group_size`` responses per prompt
+inside the same compiled iteration (each prompt repeated G times: episodes = prompts x G) and
+use ``rl.group_advantages`` of the sequence rewards reshaped ``[N, G]``, broadcast over each
+response's real tokens; ``"reinforce_pp"`` uses ``rl.reinforce_pp_advantages`` of the per-token
+rewards. Critic-free runs have no value network: ``PPOState.value`` is None, no value loss,
+no ``val/*`` metrics. With the KL in the loss (``kl_in="loss"``, the grpo family's default)
+the reward is the plain score and the policy loss adds ``kl_coef`` x the KL estimate
+(k3 by default) aggregated like the policy loss, logged as ``loss/kl``.
+
+The score may combine several reward models and rule rewards (``rewards.RewardSum``), each
+logged as ``objective/scores/<name>``.
 
 Non-finite values: an iteration whose RM scores (``reward``), log-probs (``logits``),
 advantages or returns, losses or gradients are not all finite is skipped as a whole
@@ -50,7 +64,7 @@ from rlhf_jax.optim import (
     norm_finite,
     skip_nonfinite,
 )
-from rlhf_jax.reward import score_sequences
+from rlhf_jax.rewards import RewardSum
 from rlhf_jax.sampling import generate
 from rlhf_jax.sft import lm_objective
 
@@ -61,7 +75,7 @@ class PPOState:
 
     Attributes:
       policy: TrainState of the policy (its step counts optimizer steps).
-      value: TrainState of the value network (None with a shared value head).
+      value: TrainState of the value network (None with a shared value head or a critic-free estimator).
       ema_params: EMA of the policy params (used for evaluation and export).
       kl_coef: float32 scalar, beta (adapted when the controller is on).
       iteration: int32 scalar, PPO iterations completed.
@@ -80,9 +94,11 @@ class PPOState:
 class Rollout:
     """One batch of episodes; every array is [B, ...] with R = max_new_tokens.
 
-    sequences/sequence_mask [B, P+R]: prompt then response; response_mask [B, R];
-    old_logprobs, ref_logprobs, values, rewards, advantages, returns, kl: [B, R];
-    scores [B] (after the no-EOS penalty); has_eos [B].
+    sequences/sequence_mask [B, P+R]: prompt then response (with G > 1, rows n*G .. n*G+G-1
+    answer prompt n); response_mask [B, R]; old_logprobs, ref_logprobs, rewards, advantages,
+    kl: [B, R]; values, returns: [B, R] with a critic, None without; scores [B] (the weighted
+    sum of the reward components, after the no-EOS penalty); score_components: name -> [B]
+    unweighted component scores; has_eos [B].
     """
 
     sequences: jax.Array
@@ -90,13 +106,14 @@ class Rollout:
     response_mask: jax.Array
     old_logprobs: jax.Array
     ref_logprobs: jax.Array
-    values: jax.Array
+    values: jax.Array | None
     rewards: jax.Array
     advantages: jax.Array
-    returns: jax.Array
+    returns: jax.Array | None
     kl: jax.Array
     scores: jax.Array
     has_eos: jax.Array
+    score_components: dict[str, jax.Array]
 
 
 def response_forward(model: CausalLM, params: Any, sequences: jax.Array, mask: jax.Array, prompt_len: int):
@@ -115,11 +132,44 @@ def response_logprobs(logits: jax.Array, sequences: jax.Array, prompt_len: int, 
     return ops.gather_logprobs(logits, sequences[:, prompt_len:], temperature=temperature)
 
 
-def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, rm: CausalLM, *, eos_token_id: int,
-                 pad_token_id: int) -> Callable:  # fmt: skip
-    """``rollout(state, prompt_ids [B,P], prompt_mask [B,P], ref_params, rm_params) -> Rollout``."""
+def as_reward(rm: Any) -> tuple[RewardSum, bool]:
+    """``(reward, bare)``: a ``RewardSum`` for ``rm``; ``bare`` when ``rm`` was one reward model
+    (its params are then one tree, not a tuple)."""
+    if isinstance(rm, RewardSum):
+        return rm, False
+    return RewardSum(models=(rm,)), True
+
+
+def check_networks(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None) -> None:
+    """A critic (a value network, or a policy with a shared value head) exactly when the estimator needs one."""
+    head = getattr(policy, "head", "lm")
+    if cfg.uses_critic:
+        if value is None and head != "lm+scalar":
+            raise ValueError("estimator 'gae' needs a value network, or a policy with a shared value head (lm+scalar)")
+    elif value is not None or head != "lm":
+        raise ValueError(f"estimator {cfg.estimator!r} is critic-free: pass value=None and a policy with an LM head "
+                         f"only (got value={type(value).__name__ if value is not None else None}, head={head!r})")  # fmt: skip
+
+
+def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, rm: CausalLM | RewardSum, *,
+                 eos_token_id: int, pad_token_id: int) -> Callable:  # fmt: skip
+    """``rollout(state, prompt_ids [N,P], prompt_mask [N,P], ref_params, rm_params) -> Rollout``.
+
+    N = ``cfg.num_prompts``: each prompt is sampled ``cfg.group_size`` times, B = N x G episodes.
+    ``rm``: one scalar-head reward model (``rm_params`` its params) or a ``rewards.RewardSum``
+    (``rm_params`` a tuple, one tree per reward model).
+    """
+    check_networks(cfg, policy, value)
+    reward, bare = as_reward(rm)
+    group = cfg.group_size
 
     def rollout(state: PPOState, prompt_ids, prompt_mask, ref_params, rm_params) -> Rollout:
+        if prompt_ids.shape[0] * group != cfg.batch_size:
+            raise ValueError(f"rollout: {prompt_ids.shape[0]} prompts x group_size {group} != batch_size "
+                             f"{cfg.batch_size} episodes; pass batch_size / group_size = {cfg.num_prompts} prompts")  # fmt: skip
+        if group > 1:  # [N, P] -> [N*G, P]: rows n*G .. n*G+G-1 are prompt n
+            prompt_ids, prompt_mask = jnp.repeat(prompt_ids, group, axis=0), jnp.repeat(prompt_mask, group, axis=0)
+        rm_tuple = (rm_params,) if bare else tuple(rm_params)
         p = prompt_ids.shape[1]
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration)
         gen = generate(policy, state.policy.params, prompt_ids, prompt_mask, key, max_new_tokens=cfg.max_new_tokens,
@@ -129,17 +179,18 @@ def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, 
         seq_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), gen.mask], axis=1)
         resp_mask = gen.mask.astype(jnp.float32)  # [B, R]
 
-        def score_minibatch(xs):  # [mb, P+R] -> old/ref log-probs, values [mb, R]; RM scores [mb]
+        def score_minibatch(xs):  # [mb, P+R] -> old/ref log-probs, values [mb, R]; reward components [mb]
             s, m = xs
             logits, shared_values = response_forward(policy, state.policy.params, s, m, p)
-            old_lp = response_logprobs(logits, s, p, cfg.temperature)
             ref_logits, _ = response_forward(policy.clone(head="lm"), ref_params, s, m, p)
-            ref_lp = response_logprobs(ref_logits, s, p, cfg.temperature)
-            if value is not None:
-                _, vals = response_forward(value, state.value.params, s, m, p)
-            else:
-                vals = shared_values
-            return old_lp, ref_lp, vals, score_sequences(rm, rm_params, s, m)
+            out = {"old_logprobs": response_logprobs(logits, s, p, cfg.temperature),
+                   "ref_logprobs": response_logprobs(ref_logits, s, p, cfg.temperature),
+                   "components": reward.components(rm_tuple, s, m, p)}  # fmt: skip
+            if cfg.uses_critic:
+                out["values"] = (
+                    shared_values if value is None else response_forward(value, state.value.params, s, m, p)[1]
+                )
+            return out
 
         # Scored minibatch by minibatch, with the update's minibatch shape: XLA's rounding can
         # depend on the batch dimension, and the ratio must be exactly 1 on the first minibatch.
@@ -153,31 +204,55 @@ def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, 
         def merge(x):  # [n_mb, mb, ...] -> [B, ...]
             return x.swapaxes(0, 1).reshape(n_mb * mb_size, *x.shape[2:])
 
-        outs = jax.lax.map(score_minibatch, (split(seq), split(seq_mask)))
-        old_logprobs, ref_logprobs, values, scores = (merge(o) for o in outs)
+        outs = jax.tree.map(merge, jax.lax.map(score_minibatch, (split(seq), split(seq_mask))))
+        old_logprobs, ref_logprobs, values = outs["old_logprobs"], outs["ref_logprobs"], outs.get("values")
+        scores = reward.total(outs["components"])  # [B]
 
         has_eos = jnp.any((gen.tokens == eos_token_id) & (gen.mask > 0), axis=1)  # [B]
         if cfg.no_eos_penalty is not None:
             scores = jnp.where(has_eos, scores, cfg.no_eos_penalty)
-        rewards, kl = rl.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, resp_mask, kl_coef=state.kl_coef,
-                                           kind=cfg.kl_kind)  # fmt: skip
-        if cfg.whiten_rewards:
+        # KL in the reward: -beta * KL_t at every token (InstructGPT); in the loss: the plain score
+        kl_coef = 0.0 if cfg.kl_in_loss else state.kl_coef
+        rewards, kl = rl.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, resp_mask, kl_coef=kl_coef,
+                                           kind=cfg.kl_estimator)  # fmt: skip
+        if cfg.whiten_rewards and cfg.estimator in ("gae", "reinforce_pp"):  # per-token rewards only
             rewards = ops.masked_whiten(rewards, resp_mask, shift_mean=False)
-        advantages, returns = rl.gae(rewards, values * resp_mask, resp_mask, gamma=cfg.gamma, lam=cfg.lam)
-        advantages = ops.masked_whiten(advantages, resp_mask, shift_mean=True)
+        returns = None
+        if cfg.estimator == "gae":
+            advantages, returns = rl.gae(rewards, values * resp_mask, resp_mask, gamma=cfg.gamma, lam=cfg.lam)
+            advantages = ops.masked_whiten(advantages, resp_mask, shift_mean=True)
+        elif cfg.estimator == "reinforce_pp":
+            advantages = rl.reinforce_pp_advantages(rewards, resp_mask)
+        else:  # a group baseline on each response's total reward, broadcast over its real tokens
+            seq_rewards = jnp.sum(rewards * resp_mask, axis=1)  # [B] = score (- beta * sum_t KL_t in the reward)
+            seq_adv = rl.group_advantages(seq_rewards.reshape(-1, group), estimator=cfg.estimator)  # [N, G]
+            advantages = seq_adv.reshape(-1)[:, None] * resp_mask  # [B, R]
         return Rollout(
             sequences=seq, sequence_mask=seq_mask, response_mask=resp_mask, old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs, values=values, rewards=rewards, advantages=advantages, returns=returns,
-            kl=kl, scores=scores, has_eos=has_eos,
+            kl=kl, scores=scores, has_eos=has_eos, score_components=outs["components"],
         )  # fmt: skip
 
     return rollout
 
 
-def ppo_objective(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, policy_params, value_params,
-                  mb: dict, ptx: dict | None, prompt_len: int):  # fmt: skip
-    """policy loss + vf_coef * value loss + ptx_coef * ptx loss (value term only with a shared head).
+def aggregate(per_token: jax.Array, mask: jax.Array, aggregation: str) -> jax.Array:
+    """Reduce ``[B, R]`` over real tokens as ``losses.ppo_policy_loss(aggregation=...)`` does."""
+    if aggregation == "token_mean":
+        return ops.masked_mean(per_token, mask)
+    if aggregation == "sequence_mean":
+        has_tokens = (jnp.sum(mask != 0, axis=1) > 0).astype(jnp.float32)  # [B]
+        return ops.masked_mean(ops.masked_mean(per_token, mask, axis=1), has_tokens)
+    return ops.masked_sum(per_token, mask) / (per_token.shape[0] * per_token.shape[1])  # token_sum
 
+
+def ppo_objective(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, policy_params, value_params,
+                  mb: dict, ptx: dict | None, prompt_len: int, *, kl_coef: float | jax.Array = 0.0):  # fmt: skip
+    """policy loss [+ kl_coef * KL] + vf_coef * value loss + ptx_coef * ptx loss.
+
+    The value term only with a critic (in ``policy_total`` with a shared head); the KL term
+    only with ``cfg.kl_in_loss`` (``mb`` then holds ``ref_logprobs``): the ``cfg.kl_estimator``
+    estimate of KL(pi || pi_ref) on the sampled tokens, aggregated like the policy loss.
     Returns (policy_total, (value_total, metrics)) so the two networks can take separate
     gradients; metrics hold the ``finite/logits`` and ``finite/loss`` flags.
     """
@@ -192,32 +267,39 @@ def ppo_objective(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
     logprobs = response_logprobs(logits, mb["sequences"], prompt_len, cfg.temperature)
     mask = mb["response_mask"]
     pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
-                                                 clip_eps=cfg.clip_eps)  # fmt: skip
-    if value is None:
-        new_values = shared_values
-    else:
-        _, new_values = response_forward(value, value_params, mb["sequences"], mb["sequence_mask"], prompt_len)
-    vf_loss, vf_metrics = losses.value_loss(new_values, mb["values"], mb["returns"], mask, clip_eps=cfg.vf_clip_eps)
+                                                 clip_eps=cfg.clip_eps, aggregation=cfg.policy_aggregation)  # fmt: skip
     ratio = jnp.exp(logprobs - mb["old_logprobs"])
     metrics = {
         "loss/policy": pg_loss,
-        "loss/value": vf_loss,
         "ppo/clipfrac": pg_metrics["clipfrac"],
         "ppo/approx_kl": pg_metrics["approx_kl"],
         "ppo/ratio_mean": ops.masked_mean(ratio, mask),
         "ppo/ratio_max_dev": jnp.max(jnp.abs(ratio - 1.0) * mask),
-        "val/clipfrac": vf_metrics.get("vf_clipfrac", 0.0),
         "objective/entropy": ops.masked_mean(ops.entropy_from_logits(logits / cfg.temperature), mask),
     }
     policy_total = pg_loss
+    if cfg.kl_in_loss:  # DeepSeekMath: + beta * KL(pi || pi_ref), k3 on the sampled tokens
+        kl_tokens = losses.kl_penalty(logprobs, mb["ref_logprobs"], kind=cfg.kl_estimator)
+        kl_loss = aggregate(jnp.where(mask != 0, kl_tokens, 0.0), mask, cfg.policy_aggregation)
+        metrics["loss/kl"] = kl_loss
+        policy_total = policy_total + kl_coef * kl_loss
+    value_total = jnp.zeros((), jnp.float32)
+    if cfg.uses_critic:
+        if value is None:
+            new_values = shared_values
+        else:
+            _, new_values = response_forward(value, value_params, mb["sequences"], mb["sequence_mask"], prompt_len)
+        vf_loss, vf_metrics = losses.value_loss(new_values, mb["values"], mb["returns"], mask, clip_eps=cfg.vf_clip_eps)
+        metrics["loss/value"] = vf_loss
+        metrics["val/clipfrac"] = vf_metrics.get("vf_clipfrac", 0.0)
+        value_total = cfg.vf_coef * vf_loss
     logits_ok = all_finite(logprobs)
     if ptx is not None and cfg.ptx_coef > 0:
         ptx_loss, ptx_metrics = lm_objective(policy, policy_params, ptx)
         metrics["loss/ptx"] = ptx_loss
         logits_ok &= ptx_metrics["finite/logits"]
         policy_total = policy_total + cfg.ptx_coef * ptx_loss
-    value_total = cfg.vf_coef * vf_loss
-    if value is None:
+    if cfg.uses_critic and value is None:
         policy_total = policy_total + value_total
     metrics["finite/logits"] = logits_ok
     metrics["finite/loss"] = all_finite((policy_total, value_total))
@@ -240,14 +322,14 @@ def make_update(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
 
         if value is None:
             grad_fn = jax.value_and_grad(
-                lambda pp: ppo_objective(cfg, policy, None, pp, None, mb, ptx, p), has_aux=True
+                lambda pp: ppo_objective(cfg, policy, None, pp, None, mb, ptx, p, kl_coef=state.kl_coef), has_aux=True
             )
             (_, (_, metrics)), p_grads = grad_fn(state.policy.params)
             new_value = None
         else:
 
             def joint(pp, vp):
-                pol, (val, metrics) = ppo_objective(cfg, policy, value, pp, vp, mb, ptx, p)
+                pol, (val, metrics) = ppo_objective(cfg, policy, value, pp, vp, mb, ptx, p, kl_coef=state.kl_coef)
                 return pol + val, metrics  # disjoint params: d/dpp sees pol, d/dvp sees val
 
             (_, metrics), (p_grads, v_grads) = jax.value_and_grad(joint, argnums=(0, 1), has_aux=True)(
@@ -263,7 +345,9 @@ def make_update(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
         return state.replace(policy=new_policy, value=new_value, ema_params=ema), metrics
 
     def update(state: PPOState, ro: Rollout, ptx_batch: dict | None):
-        fields = ("sequences", "sequence_mask", "response_mask", "old_logprobs", "values", "advantages", "returns")
+        fields = ["sequences", "sequence_mask", "response_mask", "old_logprobs", "advantages"]
+        fields += ["values", "returns"] if cfg.uses_critic else []
+        fields += ["ref_logprobs"] if cfg.kl_in_loss else []
         data = {k: getattr(ro, k) for k in fields}
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration + (1 << 30))
 
@@ -272,9 +356,7 @@ def make_update(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
             shuffled = jax.tree.map(lambda x: x[perm].reshape(n_mb, mb_size, *x.shape[1:]), data)
             ptx = None
             if ptx_batch is not None:  # [E * n_mb * rows, T] -> this epoch's [n_mb, rows, T]
-                ptx = jax.tree.map(
-                    lambda x: x.reshape(cfg.ppo_epochs, n_mb, -1, *x.shape[1:])[epoch_idx], ptx_batch
-                )
+                ptx = jax.tree.map(lambda x: x.reshape(cfg.ppo_epochs, n_mb, -1, *x.shape[1:])[epoch_idx], ptx_batch)
             return jax.lax.scan(minibatch_step, state, (shuffled, ptx))
 
         state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.ppo_epochs))
@@ -290,12 +372,13 @@ def make_iteration(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None
                    eos_token_id: int, pad_token_id: int) -> Callable:  # fmt: skip
     """``iteration(state, batch, ref_params, rm_params) -> (state, metrics)``: rollout + update + KL control.
 
-    ``batch``: ``prompt_ids``/``prompt_mask`` [B, P]; with ptx also ``ptx_input_ids``,
+    ``batch``: ``prompt_ids``/``prompt_mask`` [N, P] (N = batch_size / group_size); with ptx also ``ptx_input_ids``,
     ``ptx_attention_mask``, ``ptx_loss_mask`` [E * n_minibatches * rows, T]. An iteration with
     a non-finite score, log-prob, advantage, loss or gradient returns ``state`` bitwise
     (``optim.skip_nonfinite``); the metrics name the first quantity that was not finite.
     """
     rollout_fn = make_rollout(cfg, policy, value, rm, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    reward, _ = as_reward(rm)
     update_fn = make_update(cfg, policy, value, policy_opt, value_opt)
 
     def iteration(state: PPOState, batch: dict, ref_params: Any, rm_params: Any):
@@ -311,21 +394,27 @@ def make_iteration(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None
         kl_coef = state.kl_coef
         if cfg.adaptive_kl:
             kl_coef = rl.update_kl_coef(kl_coef, mean_kl, cfg.batch_size, target=cfg.kl_target, horizon=cfg.kl_horizon)
-        returns_var = ops.masked_var(ro.returns, mask)
         metrics.update({
             "objective/kl": mean_kl,
             "objective/scores": jnp.mean(ro.scores),
             "objective/rlhf_reward": jnp.mean(ro.scores - state.kl_coef * seq_kl),
             "objective/non_score_reward": jnp.mean(jnp.sum(ro.rewards * mask, axis=1) - ro.scores),
-            "val/explained_variance": 1.0 - ops.masked_var(ro.returns - ro.values, mask) / (returns_var + 1e-8),
-            "val/mean": ops.masked_mean(ro.values, mask),
             "episode/response_length": jnp.mean(jnp.sum(mask, axis=1)),
             "episode/eos_rate": jnp.mean(ro.has_eos.astype(jnp.float32)),
             "kl_coef": state.kl_coef,
         })  # fmt: skip
+        if len(reward.names) > 1:  # each reward's unweighted mean score
+            metrics.update({f"objective/scores/{n}": jnp.mean(v) for n, v in ro.score_components.items()})
+        if cfg.uses_critic:
+            returns_var = ops.masked_var(ro.returns, mask)
+            metrics["val/explained_variance"] = 1.0 - ops.masked_var(ro.returns - ro.values, mask) / (
+                returns_var + 1e-8
+            )
+            metrics["val/mean"] = ops.masked_mean(ro.values, mask)
         new_state = new_state.replace(kl_coef=kl_coef, iteration=state.iteration + 1)
         # The rollout's checks come first; the update's are blamed only when the rollout was finite.
-        rollout = {"reward": all_finite(ro.scores), "logits": all_finite((ro.old_logprobs, ro.ref_logprobs)),
+        rollout = {"reward": all_finite((ro.scores, ro.score_components)),
+                   "logits": all_finite((ro.old_logprobs, ro.ref_logprobs)),
                    "advantages": all_finite((ro.advantages, ro.returns))}  # fmt: skip
         update = {k[len("finite/") :]: metrics.pop(k) for k in list(metrics) if k.startswith("finite/")}
         names = list(dict.fromkeys([*rollout, *update]))

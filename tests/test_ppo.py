@@ -483,7 +483,7 @@ def _resume_config(world: SimpleNamespace, out: Path, **run_changes) -> PPOConfi
 
 def _cli_args(cfg: PPOConfig) -> list[str]:
     run, hp = cfg.run, cfg.hparams
-    args = ["ppo", "--prompts", cfg.prompts, "--policy", cfg.policy, "--reward", cfg.reward, "--out", cfg.out,
+    args = ["ppo", "--prompts", cfg.prompts, "--policy", cfg.policy, "--reward", *cfg.reward, "--out", cfg.out,
             "--ptx-data", cfg.ptx_data, "--max-steps", str(cfg.max_steps), "--batch-size", str(hp.batch_size),
             "--minibatch-size", str(hp.minibatch_size), "--ppo-epochs", str(hp.ppo_epochs),
             "--max-prompt-len", str(cfg.max_prompt_len), "--max-new-tokens", str(hp.max_new_tokens),
@@ -541,7 +541,7 @@ def test_normalize_reward_folds_gain_and_bias_into_the_score_head(tmp_path):
     train, _, _, _ = data.load_split_tokenize(
         cfg.prompts, "prompts", cfg.run, lambda r: data.tokenize_prompts(r, tok, max_prompt_len=cfg.max_prompt_len)
     )
-    params = normalized_reward_params(cfg, nets, train)
+    (params,) = normalized_reward_params(cfg, nets, train)  # one tuple entry per reward model
     hp = cfg.hparams
     ids, mask = train.arrays["input_ids"][: hp.batch_size], train.arrays["attention_mask"][: hp.batch_size]
     sample = jax.jit(bind_sample_and_score(nets["policy"], nets["rm"], hp.max_new_tokens, hp.temperature, tok))

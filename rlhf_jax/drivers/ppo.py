@@ -1,8 +1,10 @@
 """``rlhf-jax ppo``: load the SFT policy and the reward model, build the PPO stage, train.
 
 The policy and the KL reference both start from ``--policy``; the value network starts
-from the reward model (its own copy of the params, as in InstructGPT), or is a head on
-the policy backbone with ``value_head="shared"``. The run directory's model.json points
+from the (first) reward model (its own copy of the params, as in InstructGPT), or is a head
+on the policy backbone with ``value_head="shared"``; critic-free estimators (grpo, dr_grpo,
+rloo, reinforce_pp) build none. The score is the weighted sum of every ``--reward`` model
+and ``--rule-reward`` function (``rewards.RewardSum``). The run directory's model.json points
 at the EMA params, which are what evaluation and export use.
 """
 
@@ -26,6 +28,8 @@ from rlhf_jax.drivers.scoring import bind_sample_and_score, decode_rows
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.params import init_params
 from rlhf_jax.optim import make_optimizer
+from rlhf_jax.reward import score_sequences
+from rlhf_jax.rewards import RewardSum, load_rule
 
 log = logging.getLogger(__name__)
 
@@ -34,69 +38,110 @@ PTX_BUCKETS = (("ptx_input_ids", "ptx_attention_mask", "ptx_loss_mask"), "ptx_at
 
 
 def build_networks(cfg: PPOConfig) -> dict[str, Any]:
-    """Policy, reference, value network and RM with their params, and the tokenizer."""
+    """Policy, reference, value network (None when critic-free), the rewards, and the tokenizer.
+
+    ``reward`` (a ``RewardSum``) and ``reward_params`` (one tree per reward model) hold every
+    reward; ``rm`` / ``rm_params`` are the first reward model, which initialises the value network.
+    """
     run = cfg.run
     policy, policy_params, tok = load_stage_model(cfg.policy, "lm", run)
-    rm, rm_params, rm_tok = checkpoint.load_model(cfg.reward, head="scalar", dtype=run.dtype)
-    if tok.get_vocab() != rm_tok.get_vocab():
-        raise ValueError(f"--policy {cfg.policy} and --reward {cfg.reward} use different tokenizers")
-    rm = CausalLM(rm.config.replace(dropout=0.0), head="scalar")
+    rms, rm_params = [], []
+    for path in cfg.reward:
+        rm, params, rm_tok = checkpoint.load_model(path, head="scalar", dtype=run.dtype)
+        if tok.get_vocab() != rm_tok.get_vocab():
+            raise ValueError(f"--policy {cfg.policy} and --reward {path} use different tokenizers")
+        rms.append(CausalLM(rm.config.replace(dropout=0.0), head="scalar"))
+        rm_params.append(params)
+    rules = [load_rule(spec) for spec in cfg.rule_reward]
+    names = [Path(path).name or "rm" for path in cfg.reward] + [spec.partition(":")[2] for spec in cfg.rule_reward]
+    reward = RewardSum(models=tuple(rms), rules=tuple(rules), weights=cfg.weights, names=tuple(names))
     ref_params = policy_params
     value_model, value_params = None, None
-    if cfg.value_head == "shared":
+    if not cfg.hparams.uses_critic:
+        pass  # critic-free: no value network at all
+    elif cfg.value_head == "shared":
         policy = policy.clone(head="lm+scalar")
         policy_params = {**policy_params, "score": init_params(policy)["score"]}
     else:
-        value_model = CausalLM(rm.config.replace(remat=run.remat), head="scalar")
-        value_params = jax.tree.map(jnp.copy, rm_params)
+        value_model = CausalLM(rms[0].config.replace(remat=run.remat), head="scalar")
+        value_params = jax.tree.map(jnp.copy, rm_params[0])
     return dict(policy=policy, policy_params=policy_params, ref_params=ref_params, value=value_model,
-                value_params=value_params, rm=rm, rm_params=rm_params, tokenizer=tok)  # fmt: skip
+                value_params=value_params, rm=rms[0], rm_params=rm_params[0], reward=reward,
+                reward_params=tuple(rm_params), tokenizer=tok)  # fmt: skip
 
 
-def normalized_reward_params(cfg: PPOConfig, nets: dict, prompts: Any) -> Any:
-    """RM params whose scores on the reference policy's samples have mean 0 and std 1 (Ziegler et al.).
+def normalized_reward_params(cfg: PPOConfig, nets: dict, prompts: Any) -> tuple:
+    """Each reward model's params rescaled so that its scores on the reference policy's samples
+    have mean 0 and std 1 (Ziegler et al.), as a tuple in ``nets["reward_params"]`` order.
 
     One batch of the first training prompts is sampled (temperature as in training, a fixed
-    key: a resumed run computes the same numbers), scored, and ``rl.reward_gain_bias``'s
-    ``gain * r + bias`` is folded into the score head, so nothing downstream changes.
+    key: a resumed run computes the same numbers), scored by every reward model, and each
+    one's ``rl.reward_gain_bias`` ``gain * r + bias`` is folded into its score head, so nothing
+    downstream changes. Rule rewards are left as they are.
     """
-    hp, tok = cfg.hparams, nets["tokenizer"]
+    hp, tok, reward = cfg.hparams, nets["tokenizer"], nets["reward"]
     n = min(hp.batch_size, len(prompts))
     ids, mask = jnp.asarray(prompts.arrays["input_ids"][:n]), jnp.asarray(prompts.arrays["attention_mask"][:n])
-    sample = jax.jit(bind_sample_and_score(nets["policy"].clone(head="lm"), nets["rm"], hp.max_new_tokens,
+    sample = jax.jit(bind_sample_and_score(nets["policy"].clone(head="lm"), reward.models[0], hp.max_new_tokens,
                                            hp.temperature, tok))  # fmt: skip
     ref = {k: v for k, v in nets["ref_params"].items() if k != "score"}
-    _, scores = sample(ref, nets["rm_params"], ids, mask, jax.random.key(cfg.run.seed + 3))
-    gain, bias = rl.reward_gain_bias(scores)
-    score = nets["rm_params"]["score"]
-    log.info("reward normalisation on %d reference samples: mean %.4f std %.4f -> gain %.4f bias %.4f",
-             n, float(jnp.mean(scores)), float(jnp.std(scores)), float(gain), float(bias))  # fmt: skip
-    return {**nets["rm_params"], "score": {"kernel": score["kernel"] * gain, "bias": score["bias"] * gain + bias}}
+    gen, first = sample(ref, nets["reward_params"][0], ids, mask, jax.random.key(cfg.run.seed + 3))
+    seq, seq_mask = jnp.concatenate([ids, gen.tokens], axis=1), jnp.concatenate([mask.astype(jnp.int32), gen.mask], 1)
+    out = []
+    for i, (name, model, params) in enumerate(zip(reward.names, reward.models, nets["reward_params"])):
+        scores = first if i == 0 else jax.jit(score_sequences, static_argnums=0)(model, params, seq, seq_mask)
+        gain, bias = rl.reward_gain_bias(scores)
+        log.info("reward normalisation of %s on %d reference samples: mean %.4f std %.4f -> gain %.4f bias %.4f",
+                 name, n, float(jnp.mean(scores)), float(jnp.std(scores)), float(gain), float(bias))  # fmt: skip
+        score = params["score"]
+        out.append({**params, "score": {"kernel": score["kernel"] * gain, "bias": score["bias"] * gain + bias}})
+    return tuple(out)
 
 
-def make_evaluate(cfg: PPOConfig, nets: dict, val: Any, rm_params: Any, out: Path,
+def make_evaluate(cfg: PPOConfig, nets: dict, val: Any, reward_params: tuple, out: Path,
                   gold_fn: Callable | None) -> Callable[[Any], dict]:  # fmt: skip
-    """Greedy samples of the EMA policy on validation prompts: RM score, length, gold score, a few samples."""
-    tok = nets["tokenizer"]
+    """Greedy samples of the EMA policy on validation prompts: score, length, gold score, a few samples.
+
+    ``val/rm_score`` is the weighted sum of the rewards (no EOS penalty); with several rewards,
+    each one's mean is ``val/scores/<name>``.
+    """
+    tok, reward = nets["tokenizer"], nets["reward"]
     n = min(cfg.eval_prompts, len(val))
     val_ids, val_mask = jnp.asarray(val.arrays["input_ids"][:n]), jnp.asarray(val.arrays["attention_mask"][:n])
-    sample = jax.jit(bind_sample_and_score(nets["policy"].clone(head="lm"), nets["rm"], cfg.hparams.max_new_tokens,
-                                           0.0, tok))  # fmt: skip
+    sample = jax.jit(bind_sample_and_score(nets["policy"].clone(head="lm"), reward.models[0],
+                                           cfg.hparams.max_new_tokens, 0.0, tok))  # fmt: skip
+    p = val_ids.shape[1]
+
+    @jax.jit
+    def components(params, ids, mask, gen_tokens, gen_mask):
+        seq, seq_mask = (
+            jnp.concatenate([ids, gen_tokens], axis=1),
+            jnp.concatenate([mask.astype(jnp.int32), gen_mask], 1),
+        )
+        return reward.components(params, seq, seq_mask, p)
+
     samples_path = out / "samples.jsonl"
 
     def evaluate(st) -> dict:
         ema = {k: v for k, v in st.ema_params.items() if k != "score"}
-        gen, scores = sample(ema, rm_params, val_ids, val_mask, jax.random.key(0))
+        gen, scores = sample(ema, reward_params[0], val_ids, val_mask, jax.random.key(0))
+        parts = {}
+        if len(reward.names) > 1:
+            parts = {
+                k: np.asarray(v) for k, v in components(reward_params, val_ids, val_mask, gen.tokens, gen.mask).items()
+            }
+            scores = reward.total(parts)
         scores = np.asarray(scores)
         prompts = decode_rows(tok, val_ids, val_mask)
         responses = decode_rows(tok, gen.tokens, gen.mask, skip_special_tokens=False)
         metrics = {"val/rm_score": float(scores.mean()),
                    "val/response_length": float(np.asarray(gen.mask).sum(1).mean())}  # fmt: skip
+        metrics |= {f"val/scores/{k}": float(v.mean()) for k, v in parts.items()}
         if gold_fn is not None:
             metrics["val/gold_score"] = float(np.mean(gold_fn(prompts, responses)))
         with samples_path.open("a") as f:
-            for p, r, s in list(zip(prompts, responses, scores))[:4]:
-                f.write(json.dumps({"iteration": int(st.iteration), "prompt": p, "response": r,
+            for p_, r, s in list(zip(prompts, responses, scores))[:4]:
+                f.write(json.dumps({"iteration": int(st.iteration), "prompt": p_, "response": r,
                                     "rm_score": float(s)}) + "\n")  # fmt: skip
         return metrics
 
@@ -110,6 +155,11 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
     built-in task's hidden preference) adds ``val/gold_score`` to each evaluation.
     """
     run, hp = cfg.run, cfg.hparams
+    data_shards, fsdp_shards, _ = run.mesh.shape(jax.device_count())
+    if hp.num_prompts % (data_shards * fsdp_shards):  # the prompt batch is split over data x fsdp
+        raise ValueError(f"{hp.num_prompts} prompts per iteration (batch_size {hp.batch_size} / group_size "
+                         f"{hp.group_size}) cannot be split over the {data_shards * fsdp_shards} data x fsdp devices; "
+                         "make it a multiple")  # fmt: skip
     out = Path(cfg.out)
     nets = build_networks(cfg)
     policy, value_model, tok = nets["policy"], nets["value"], nets["tokenizer"]
@@ -117,8 +167,9 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
     tokenize = lambda recs: data.tokenize_prompts(recs, tok, max_prompt_len=cfg.max_prompt_len)  # noqa: E731
     train, val, _, _ = data.load_split_tokenize(cfg.prompts, "prompts", run, tokenize)
     if cfg.normalize_reward:
-        nets["rm_params"] = normalized_reward_params(cfg, nets, train)
-    prompt_it = data.BatchIterator(train.arrays, batch_size=hp.batch_size, seed=run.seed,
+        nets["reward_params"] = normalized_reward_params(cfg, nets, train)
+    # batch_size counts episodes: each of batch_size / group_size prompts is sampled group_size times
+    prompt_it = data.BatchIterator(train.arrays, batch_size=hp.num_prompts, seed=run.seed,
                                    process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
     iterators = {"prompts": prompt_it}
     ptx_it = None
@@ -149,10 +200,13 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
     state, shardings = sharding.shard_state(lambda pv: init_state(*pv), boxed_state,
                                             (nets["policy_params"], nets["value_params"]), mesh)  # fmt: skip
     ref_sh = sharding.param_shardings(lambda: init_params(policy.clone(head="lm"), boxed=True), mesh)
-    rm_sh = sharding.param_shardings(lambda: init_params(nets["rm"], boxed=True), mesh)
-    frozen = (jax.device_put(nets["ref_params"], ref_sh), jax.device_put(nets["rm_params"], rm_sh))
+    reward_params = tuple(
+        jax.device_put(params, sharding.param_shardings(lambda m=m: init_params(m, boxed=True), mesh))
+        for m, params in zip(nets["reward"].models, nets["reward_params"])
+    )
+    frozen = (jax.device_put(nets["ref_params"], ref_sh), reward_params)
 
-    iteration = ppo.make_iteration(hp, policy, value_model, nets["rm"], policy_opt, value_opt,
+    iteration = ppo.make_iteration(hp, policy, value_model, nets["reward"], policy_opt, value_opt,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
 
     def next_batch() -> dict:
@@ -179,6 +233,8 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
         best_metric="val/gold_score" if gold_fn is not None else ("val/rm_score" if evaluate else None),
         best_mode="max",
         tokens_per_batch=hp.batch_size * hp.max_new_tokens,
+        memory_flags="--minibatch-size, --batch-size, --max-new-tokens, --max-prompt-len, --ptx-rows, "
+        "--ptx-seq-len, --run.remat",
     )
     train_loop.run(stage, run, mesh, out, config_json=dataclasses.asdict(cfg))
     return out
