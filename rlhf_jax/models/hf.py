@@ -1,7 +1,8 @@
 """Hugging Face bridge: config.json + safetensors in, and out again.
 
-This is the only module that reads or writes Hugging Face weights. Weights are matched
-through an explicit name table per family (``_weight_table``), every key is accounted
+This is the only module (with ``hf_weights``, its name table) that reads or writes Hugging
+Face weights. Weights are matched through an explicit name table per family
+(``hf_weights.weight_table``; block tensors stacked over layers), every key is accounted
 for (missing, unexpected and mis-shaped tensors are errors naming the tensor), pickle
 checkpoints are refused before a byte is read, and remote code is never executed.
 """
@@ -9,246 +10,25 @@ checkpoints are refused before a byte is read, and remote code is never executed
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import ModelConfig
 from rlhf_jax.models.hf_config import CheckpointError, config_from_hf, config_to_hf, read_config, read_json
+from rlhf_jax.models.hf_weights import abstract_params, hf_shapes, params_from_hf, params_to_hf, weight_table
 from rlhf_jax.models.transformer import CausalLM
+
+__all__ = ["abstract_params", "from_pretrained", "hf_shapes", "load_state_dict", "load_tokenizer", "params_from_hf",
+           "params_to_hf", "resize_vocab", "save_pretrained", "weight_table"]  # fmt: skip
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-# Non-parameter buffers that some checkpoints carry.
-_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
-
-
-# ----------------------------------------------------------------------------- weight table
-@dataclass(frozen=True)
-class _Entry:
-    """Flax leaves <-> HF tensors, with the transforms both ways (numpy- and jax-compatible)."""
-
-    flax_paths: tuple[tuple[str, ...], ...]
-    hf_keys: tuple[str, ...]
-    to_flax: Callable[..., tuple]
-    to_hf: Callable[..., tuple]
-
-
-def _one(flax_path: str, hf_key: str, to_flax=lambda a: a, to_hf=lambda a: a) -> _Entry:
-    return _Entry((tuple(flax_path.split("/")),), (hf_key,), lambda a: (to_flax(a),), lambda a: (to_hf(a),))
-
-
-def _linear(flax_path: str, hf_key: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> _Entry:
-    """torch nn.Linear weight [out, in] <-> Flax DenseGeneral kernel [*in_shape, *out_shape]."""
-    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
-    return _one(
-        flax_path, hf_key,
-        lambda w: w.T.reshape(*in_shape, *out_shape),
-        lambda k: k.reshape(n_in, n_out).T,
-    )  # fmt: skip
-
-
-def _bias(flax_path: str, hf_key: str, shape: tuple[int, ...]) -> _Entry:
-    return _one(flax_path, hf_key, lambda b: b.reshape(shape), lambda b: b.reshape(-1))
-
-
-def _norm(flax_prefix: str, hf_prefix: str, cfg: ModelConfig) -> list[_Entry]:
-    entries = [_one(f"{flax_prefix}/scale", f"{hf_prefix}.weight")]
-    if cfg.norm == "layernorm":
-        entries.append(_one(f"{flax_prefix}/bias", f"{hf_prefix}.bias"))
-    return entries
-
-
-def _gpt2_c_attn(shape: tuple[int, ...]):
-    """GPT-2's fused c_attn: weight [D, 3D] / bias [3D] <-> q, k, v of ``shape`` each."""
-    n_cols = int(np.prod(shape[-2:]))
-
-    def to_flax(w):
-        cols = [w[..., i * n_cols : (i + 1) * n_cols] for i in range(3)]
-        return tuple(c.reshape(shape) for c in cols)
-
-    def to_hf(*parts):
-        return (jnp.concatenate([p.reshape(*p.shape[:-2], n_cols) for p in parts], axis=-1),)
-
-    return to_flax, to_hf
-
-
-def _neox_qkv(h: int, dh: int, d: int | None):
-    """NeoX's fused query_key_value, interleaved per head: weight [H*3*Dh, D] / bias [H*3*Dh]
-    <-> q, k, v kernels [D, H, Dh] (or biases [H, Dh])."""
-
-    def to_flax(w):
-        w = w.reshape(h, 3, dh, *w.shape[1:])  # [H, 3, Dh, (D)]
-        parts = [w[:, i] for i in range(3)]  # [H, Dh, (D)]
-        return tuple(p.transpose(2, 0, 1) if d is not None else p for p in parts)
-
-    def to_hf(*parts):
-        parts = [p.transpose(1, 2, 0) if d is not None else p for p in parts]  # [H, Dh, (D)]
-        stacked = jnp.stack(parts, axis=1)  # [H, 3, Dh, (D)]
-        return (stacked.reshape(h * 3 * dh, *stacked.shape[3:]),)
-
-    return to_flax, to_hf
-
-
-def _weight_table(cfg: ModelConfig, head: str = "lm") -> list[_Entry]:
-    """The explicit name table: every HF tensor of the family and where it lives in our tree."""
-    d, h, kv, dh, f = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.mlp_dim
-    t: list[_Entry] = []
-    if cfg.family == "gpt2":  # Conv1D weights are already [in, out]
-        t.append(_one("embed/embedding", "transformer.wte.weight"))
-        t.append(_one("pos_embed/embedding", "transformer.wpe.weight"))
-        for i in range(cfg.num_layers):
-            p, L = f"layers_{i}", f"transformer.h.{i}"
-            t += _norm(f"{p}/attn_norm", f"{L}.ln_1", cfg) + _norm(f"{p}/mlp_norm", f"{L}.ln_2", cfg)
-            names = tuple(tuple(f"{p}/attn/{n}/kernel".split("/")) for n in "qkv")
-            t.append(_Entry(names, (f"{L}.attn.c_attn.weight",), *_gpt2_c_attn((d, h, dh))))
-            names = tuple(tuple(f"{p}/attn/{n}/bias".split("/")) for n in "qkv")
-            t.append(_Entry(names, (f"{L}.attn.c_attn.bias",), *_gpt2_c_attn((h, dh))))
-            t.append(_one(f"{p}/attn/o/kernel", f"{L}.attn.c_proj.weight", lambda w: w.reshape(h, dh, d), lambda k: k.reshape(h * dh, d)))
-            t.append(_one(f"{p}/attn/o/bias", f"{L}.attn.c_proj.bias"))
-            t.append(_one(f"{p}/mlp/up/kernel", f"{L}.mlp.c_fc.weight"))
-            t.append(_one(f"{p}/mlp/up/bias", f"{L}.mlp.c_fc.bias"))
-            t.append(_one(f"{p}/mlp/down/kernel", f"{L}.mlp.c_proj.weight"))
-            t.append(_one(f"{p}/mlp/down/bias", f"{L}.mlp.c_proj.bias"))
-        t += _norm("final_norm", "transformer.ln_f", cfg)
-        head_key = "lm_head.weight"
-    elif cfg.family == "neox":
-        t.append(_one("embed/embedding", "gpt_neox.embed_in.weight"))
-        for i in range(cfg.num_layers):
-            p, L = f"layers_{i}", f"gpt_neox.layers.{i}"
-            t += _norm(f"{p}/attn_norm", f"{L}.input_layernorm", cfg) + _norm(f"{p}/mlp_norm", f"{L}.post_attention_layernorm", cfg)
-            names = tuple(tuple(f"{p}/attn/{n}/kernel".split("/")) for n in "qkv")
-            t.append(_Entry(names, (f"{L}.attention.query_key_value.weight",), *_neox_qkv(h, dh, d)))
-            if cfg.qkv_bias:
-                names = tuple(tuple(f"{p}/attn/{n}/bias".split("/")) for n in "qkv")
-                t.append(_Entry(names, (f"{L}.attention.query_key_value.bias",), *_neox_qkv(h, dh, None)))
-            t.append(_linear(f"{p}/attn/o/kernel", f"{L}.attention.dense.weight", (h, dh), (d,)))
-            if cfg.out_bias:
-                t.append(_one(f"{p}/attn/o/bias", f"{L}.attention.dense.bias"))
-            t.append(_linear(f"{p}/mlp/up/kernel", f"{L}.mlp.dense_h_to_4h.weight", (d,), (f,)))
-            t.append(_one(f"{p}/mlp/up/bias", f"{L}.mlp.dense_h_to_4h.bias"))
-            t.append(_linear(f"{p}/mlp/down/kernel", f"{L}.mlp.dense_4h_to_h.weight", (f,), (d,)))
-            t.append(_one(f"{p}/mlp/down/bias", f"{L}.mlp.dense_4h_to_h.bias"))
-        t += _norm("final_norm", "gpt_neox.final_layer_norm", cfg)
-        head_key = "embed_out.weight"
-    else:
-        t.append(_one("embed/embedding", "model.embed_tokens.weight"))
-        for i in range(cfg.num_layers):
-            p, L = f"layers_{i}", f"model.layers.{i}"
-            t += _norm(f"{p}/attn_norm", f"{L}.input_layernorm", cfg) + _norm(f"{p}/mlp_norm", f"{L}.post_attention_layernorm", cfg)
-            for n, heads in (("q", h), ("k", kv), ("v", kv)):
-                t.append(_linear(f"{p}/attn/{n}/kernel", f"{L}.self_attn.{n}_proj.weight", (d,), (heads, dh)))
-                if cfg.qkv_bias:
-                    t.append(_bias(f"{p}/attn/{n}/bias", f"{L}.self_attn.{n}_proj.bias", (heads, dh)))
-            t.append(_linear(f"{p}/attn/o/kernel", f"{L}.self_attn.o_proj.weight", (h, dh), (d,)))
-            if cfg.out_bias:
-                t.append(_one(f"{p}/attn/o/bias", f"{L}.self_attn.o_proj.bias"))
-            for n in ("gate", "up"):
-                t.append(_linear(f"{p}/mlp/{n}/kernel", f"{L}.mlp.{n}_proj.weight", (d,), (f,)))
-            t.append(_linear(f"{p}/mlp/down/kernel", f"{L}.mlp.down_proj.weight", (f,), (d,)))
-            if cfg.mlp_bias:
-                for n in ("gate", "up", "down"):
-                    t.append(_one(f"{p}/mlp/{n}/bias", f"{L}.mlp.{n}_proj.bias"))
-        t += _norm("final_norm", "model.norm", cfg)
-        head_key = "lm_head.weight"
-    if head == "lm" and not cfg.tie_word_embeddings:
-        t.append(_linear("lm_head/kernel", head_key, (d,), (cfg.vocab_size,)))
-    return t
-
-
-# ----------------------------------------------------------------------------- state dicts
-def _get(tree: dict, path: tuple[str, ...]):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _flat_paths(tree: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    out = []
-    for k, v in tree.items():
-        out += _flat_paths(v, prefix + (k,)) if isinstance(v, dict) else [prefix + (k,)]
-    return out
-
-
-def _canonical_key(key: str, family: str) -> str:
-    """Checkpoints of base models (GPT2Model, LlamaModel) omit the LM-head model's prefix."""
-    prefix = {"gpt2": "transformer.", "neox": "gpt_neox.", "llama": "model."}[family]
-    if key.startswith(prefix) or key in ("lm_head.weight", "embed_out.weight"):
-        return key
-    return prefix + key
-
-
-def params_from_hf(state: dict[str, np.ndarray], cfg: ModelConfig, *, head: str = "lm") -> dict:
-    """Our nested params from a transformers state dict (numpy arrays), strictly checked."""
-    state = {_canonical_key(k, cfg.family): v for k, v in state.items() if not k.endswith(_BUFFER_SUFFIXES)}
-    if cfg.tie_word_embeddings:  # tied heads may or may not be stored
-        state.pop("lm_head.weight", None)
-    table = _weight_table(cfg, head)
-    expected = abstract_params(cfg, head)
-    expected_hf = hf_shapes(cfg, head)
-    missing = [k for e in table for k in e.hf_keys if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s), first: {missing[:5]}")
-    unexpected = sorted(set(state) - {k for e in table for k in e.hf_keys})
-    if unexpected:
-        raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {unexpected[:5]}")
-    params: dict = {}
-    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-    for e in table:
-        arrays = [state[k] for k in e.hf_keys]
-        for k, a in zip(e.hf_keys, arrays):
-            if tuple(a.shape) != expected_hf[k]:
-                raise CheckpointError(f"tensor {k!r} has shape {tuple(a.shape)}, the config needs {expected_hf[k]}")
-        for path, value in zip(e.flax_paths, e.to_flax(*arrays)):
-            want = _get(expected, path).shape
-            if tuple(value.shape) != tuple(want):  # a table bug, not a user error, but say which
-                raise CheckpointError(f"tensor for {'/'.join(path)} has shape {value.shape}, expected {want}")
-            _set(params, path, np.asarray(value).astype(dtype))
-    produced, wanted = set(_flat_paths(params)), set(_flat_paths(expected))
-    if head == "scalar":  # the score head is new: initialised by the caller
-        wanted = {p for p in wanted if p[0] != "score"}
-    if produced != wanted:
-        raise CheckpointError(f"weight table does not cover parameters {sorted(wanted - produced)[:5]}")
-    return params
-
-
-def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """A transformers state dict (numpy, float32 unless the params are bf16) from our params."""
-    state = {}
-    for e in _weight_table(cfg):
-        leaves = [np.asarray(_get(params, p)) for p in e.flax_paths]
-        for k, v in zip(e.hf_keys, e.to_hf(*leaves)):
-            state[k] = np.ascontiguousarray(v)
-    return state
-
-
-def abstract_params(cfg: ModelConfig, head: str = "lm") -> dict:
-    """Shapes/dtypes of the param tree, without allocating it."""
-    model = CausalLM(cfg, head=head)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.unbox(variables)["params"]
-
-
-def hf_shapes(cfg: ModelConfig, head: str = "lm") -> dict[str, tuple[int, ...]]:
-    """Expected shape of every HF tensor, derived by running the table's export on shapes only."""
-    abstract = abstract_params(cfg, head)
-    out = {}
-    for e in _weight_table(cfg, head):
-        leaves = [_get(abstract, p) for p in e.flax_paths]
-        shapes = jax.eval_shape(lambda *xs, _e=e: _e.to_hf(*xs), *leaves)
-        out.update({k: tuple(s.shape) for k, s in zip(e.hf_keys, shapes)})
-    return out
+_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- files
@@ -338,10 +118,8 @@ def save_pretrained(model: CausalLM, params: dict, out_dir: str | os.PathLike, *
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name, None) if tokenizer is not None else None
         special[name] = value if value is not None and value < model.config.vocab_size else None
-    hf_cfg = config_to_hf(model.config, **special)
-    hf_cfg.architectures = [{"gpt2": "GPT2LMHeadModel", "neox": "GPTNeoXForCausalLM"}.get(
-        model.config.family, {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
-            model.config.hf_model_type or "llama", "LlamaForCausalLM"))]  # fmt: skip
+    hf_cfg = config_to_hf(model.config, **special)  # refuses what transformers cannot express
+    hf_cfg.architectures = [_ARCHITECTURES[hf_cfg.model_type]]
     hf_cfg.save_pretrained(out)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:

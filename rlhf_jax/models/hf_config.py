@@ -1,12 +1,14 @@
-"""Hugging Face config.json <-> ModelConfig, for the three supported families.
+"""Hugging Face config.json <-> ModelConfig, for the supported families.
 
 Reading a config.json (or any JSON file of a checkpoint directory) gives a CheckpointError
 naming the file when it is not a JSON object.
 
 transformers 4.x and 5.x spellings are both read (5.x moved the RoPE settings into
 ``rope_parameters``); anything that would change the computation and is not supported
-(RoPE scaling, Qwen2's sliding window, GPT-2's attention-scaling variants) is an error
-naming the field.
+(RoPE scaling other than Gemma 3's linear one, Qwen2's sliding window, GPT-2's
+attention-scaling variants) is an error naming the field. Exporting a config that no
+transformers class expresses (GPT-2 with banded layers, mixed windows outside Gemma 3)
+is refused.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def read_config(path: Path) -> dict:
 
 
 _LLAMA_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", *_LLAMA_TYPES)
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", *_LLAMA_TYPES, "gemma3_text")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu", "swish": "silu"}
 
 
@@ -68,11 +71,12 @@ def _activation(hf: dict, key: str) -> str:
 # Fields read from config.json, by the type they must have when present (None = the default).
 _INT_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "hidden_size",
                "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-               "max_position_embeddings", "sliding_window")  # fmt: skip
+               "max_position_embeddings", "sliding_window", "sliding_window_pattern")  # fmt: skip
 _FLOAT_FIELDS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "rope_theta", "rotary_emb_base",
-                 "rotary_pct", "partial_rotary_factor")  # fmt: skip
+                 "rotary_pct", "partial_rotary_factor", "rope_local_base_freq", "query_pre_attn_scalar",
+                 "attn_logit_softcapping", "final_logit_softcapping")  # fmt: skip
 _BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_parallel_residual", "scale_attn_weights",
-                "scale_attn_by_inverse_layer_idx", "use_sliding_window")  # fmt: skip
+                "scale_attn_by_inverse_layer_idx", "use_sliding_window", "use_bidirectional_attention")  # fmt: skip
 
 
 def _check_field_types(hf: dict) -> None:
@@ -81,6 +85,11 @@ def _check_field_types(hf: dict) -> None:
         if hf.get(key) is not None and not isinstance(hf[key], dict):
             raise CheckpointError(f"config.json: {key} must be an object, got {type(hf[key]).__name__}")
     rope = hf.get("rope_parameters") or {}
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and (
+        not isinstance(layer_types, list) or not all(isinstance(t, str) and t in _LAYER_TYPES for t in layer_types)
+    ):
+        raise CheckpointError(f"config.json: layer_types={layer_types!r} must be a list of {list(_LAYER_TYPES)}")
     for key in _BOOL_FIELDS:
         if hf.get(key) is not None and not isinstance(hf[key], bool):
             raise CheckpointError(f"config.json: {key}={hf[key]!r} must be true or false")
@@ -138,6 +147,8 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
             **common,
         )
+    if model_type == "gemma3_text":
+        return _gemma3_from_hf(hf, common)
     theta, pct = _rope(hf)
     if model_type == "gpt_neox":
         bias = hf.get("attention_bias", True)
@@ -185,11 +196,117 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
     )
 
 
+def _gemma3_rope(hf: dict) -> dict:
+    """Gemma 3's two RoPEs: (full-attention theta and linear factor, sliding-layer theta), from
+    transformers 5's per-layer-type ``rope_parameters`` or 4.x's rope_theta / rope_local_base_freq /
+    rope_scaling (which applies to the full-attention layers)."""
+    params = hf.get("rope_parameters") or {}
+    if params and not all(isinstance(params.get(k, {}), dict) for k in _LAYER_TYPES):
+        raise CheckpointError("config.json: gemma3_text rope_parameters must map layer types to objects")
+    full = dict(params.get("full_attention") or {})
+    local = dict(params.get("sliding_attention") or {})
+    full.update(hf.get("rope_scaling") or {})
+    full.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+    out = {}
+    for kind, p in (("full_attention", full), ("sliding_attention", local)):
+        rope_type = p.get("rope_type", p.get("type", "default"))
+        allowed = ("default", "linear") if kind == "full_attention" else ("default",)
+        if rope_type not in allowed:
+            raise CheckpointError(f"config.json: {kind} rope_type {rope_type!r} is not supported (only {allowed})")
+        factor = p.get("factor", 1.0) if rope_type == "linear" else 1.0
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+            raise CheckpointError(f"config.json: {kind} RoPE factor={factor!r} must be a positive number")
+        if p.get("partial_rotary_factor", 1.0) != 1.0:
+            raise CheckpointError(f"config.json: {kind} partial_rotary_factor is not supported for gemma3_text")
+        out[kind] = (float(p["rope_theta"]), float(factor))
+    return out
+
+
+def _gemma3_from_hf(hf: dict, common: dict) -> ModelConfig:
+    if hf.get("use_bidirectional_attention", False):
+        raise CheckpointError("config.json: gemma3_text use_bidirectional_attention=true is not supported")
+    layers = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types")
+    if layer_types is None:  # transformers' rule for configs with only sliding_window_pattern
+        pattern = hf.get("sliding_window_pattern", 6)
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if len(layer_types) != layers:
+        raise CheckpointError(f"config.json: layer_types has {len(layer_types)} entries, num_hidden_layers={layers}")
+    rope = _gemma3_rope(hf)
+    bias = hf.get("attention_bias", False)
+    return ModelConfig(
+        family="gemma3",
+        hidden_size=hf["hidden_size"],
+        num_layers=layers,
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim", 256),
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 131_072),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation=_activation({"hidden_activation": hf.get("hidden_activation", hf.get("hidden_act"))},
+                               "hidden_activation"),
+        rope_theta=rope["full_attention"][0],
+        rope_scaling_factor=rope["full_attention"][1],
+        rope_local_theta=rope["sliding_attention"][0],
+        qkv_bias=bias,
+        out_bias=bias,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        sliding_window=hf.get("sliding_window", 4096),
+        layer_types=tuple(layer_types),
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+        attn_logit_softcap=hf.get("attn_logit_softcapping"),
+        final_logit_softcap=hf.get("final_logit_softcapping"),
+        **common,
+    )
+
+
+def _check_exportable(cfg: ModelConfig) -> None:
+    """Refuse settings the family's transformers class cannot express (they would change the model)."""
+    family = "gemma3" if cfg.family == "gemma3" else (cfg.hf_model_type or cfg.family)
+    problems = []
+    if cfg.family != "gemma3":
+        kinds = set(cfg.layer_kinds)
+        if "sliding_attention" in kinds and (family != "mistral" or kinds != {"sliding_attention"}):
+            problems.append(
+                f"sliding-window / banded layers {cfg.layer_kinds} (transformers' {family} has no such attention; "
+                "only Mistral's all-layer window and Gemma 3's layer_types export)"
+            )
+        for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            if getattr(cfg, name) is not None:
+                problems.append(f"{name}={getattr(cfg, name)}")
+        if cfg.rope_scaling_factor != 1.0:
+            problems.append(f"rope_scaling_factor={cfg.rope_scaling_factor}")
+    elif cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias or cfg.parallel_residual or cfg.rotary_pct != 1.0:
+        problems.append("gemma3 with qkv_bias != out_bias, mlp_bias, parallel_residual or partial rotary")
+    if problems:
+        raise CheckpointError(f"export: no transformers {family} model computes this config: {'; '.join(problems)}")
+
+
 def config_to_hf(cfg: ModelConfig, **extra: Any):
     """A transformers PretrainedConfig for ``cfg`` (the class is chosen by family / hf_model_type)."""
     import transformers
 
+    _check_exportable(cfg)
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu"}[cfg.activation]
+    if cfg.family == "gemma3":
+        rope = {
+            "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta},
+        }
+        if cfg.rope_scaling_factor != 1.0:
+            rope["full_attention"].update(rope_type="linear", factor=cfg.rope_scaling_factor)
+        return transformers.Gemma3TextConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_dim,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.dim_per_head, max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+            hidden_activation={"gelu_tanh": "gelu_pytorch_tanh"}.get(cfg.activation, act),
+            tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.qkv_bias,
+            query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.dim_per_head,
+            sliding_window=cfg.sliding_window or 4096, layer_types=list(cfg.layer_kinds), rope_parameters=rope,
+            attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap, **extra,
+        )  # fmt: skip
     if cfg.family == "gpt2":
         return transformers.GPT2Config(
             vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,

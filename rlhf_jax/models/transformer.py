@@ -1,37 +1,40 @@
-"""One Flax Linen decoder for the GPT-2, Llama (Qwen2, Mistral, SmolLM) and GPT-NeoX families.
+"""One Flax Linen decoder for the GPT-2, Llama (Qwen2, Mistral, SmolLM), GPT-NeoX and Gemma 3 families.
 
-Parameters and the main activations carry logical axis names only ('batch', 'length',
-'embed', 'mlp', 'heads', 'kv_heads', 'kv', 'vocab'); ``rlhf_jax.sharding`` maps them to
-the ('data', 'fsdp', 'tensor') mesh. The parameter tree is a plain nested dict:
+The layers are one ``nn.scan`` over a single ``Block``: every block parameter is stacked
+with a leading layer axis (logical name 'layers', never sharded), so compile time does
+not grow with depth. Parameters and the main activations carry logical axis names only
+('batch', 'length', 'embed', 'mlp', 'heads', 'kv_heads', 'kv', 'vocab', 'layers');
+``rlhf_jax.sharding`` maps them to the ('data', 'fsdp', 'tensor') mesh. The parameter
+tree is a plain nested dict (L = num_layers):
 
-    embed/embedding [V, D]          pos_embed/embedding [P, D] (gpt2)
-    layers_{i}/attn_norm, mlp_norm  {scale [D], bias [D] (layernorm)}
-    layers_{i}/attn/{q,k,v}/kernel  [D, H(kv), Dh] (+ bias [H(kv), Dh])
-    layers_{i}/attn/o/kernel        [H, Dh, D]     (+ bias [D])
-    layers_{i}/mlp/{gate,up}/kernel [D, F]; mlp/down/kernel [F, D] (+ biases)
-    final_norm                      {scale, bias}
+    embed/embedding [V, D]             pos_embed/embedding [P, D] (gpt2)
+    layers/attn_norm, layers/mlp_norm  {scale [L, D], bias [L, D] (layernorm)}
+    layers/post_attn_norm, post_mlp_norm  {scale [L, D]} (gemma3)
+    layers/attn/{q,k,v}/kernel         [L, D, H(kv), Dh] (+ bias [L, H(kv), Dh])
+    layers/attn/{q,k}_norm/scale       [L, Dh] (gemma3)
+    layers/attn/o/kernel               [L, H, Dh, D]     (+ bias [L, D])
+    layers/mlp/{gate,up}/kernel [L, D, F]; layers/mlp/down/kernel [L, F, D] (+ biases)
+    final_norm                         {scale [D], bias [D]}
     lm_head/kernel [D, V] (untied)  or  score/kernel [D, 1], score/bias [1] (scalar head)
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any
+import re
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.config import ModelConfig
+from rlhf_jax.models.attention import Attention, attention_masks, layer_specs
+from rlhf_jax.models.layers import MLP, Norm, constrain, dense, param_init, positions_from_mask, softcap, to_dtype
 
 Array = jax.Array
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def to_dtype(name: str) -> Any:
-    return _DTYPES[name]
+__all__ = ["CausalLM", "KVCache", "ModelOutput", "init_cache", "lm_logits", "positions_from_mask",
+           "stack_legacy_layers", "to_dtype", "unembedding"]  # fmt: skip
 
 
 @flax.struct.dataclass
@@ -39,27 +42,26 @@ class KVCache:
     """Preallocated key/value cache; every row writes its slot ``index`` at the same time.
 
     Attributes:
-      keys: one [B, H_kv, Dh, S] array per layer; values: one [B, H_kv, S, Dh] array per
-        layer. Both are laid out as the right-hand operands of attention's two matmuls
-        (q @ K and p @ V), so a decode step never transposes the cache.
+      keys: [L, B, H_kv, Dh, S]; values: [L, B, H_kv, S, Dh], stacked over the layers (the
+        layer scan carries them). Both are laid out as the right-hand operands of
+        attention's two matmuls (q @ K and p @ V), so a decode step never transposes the cache.
       mask: [B, S] int32, 1 for slots holding a real token (pads and unwritten slots 0).
       index: int32 scalar, the next slot to write.
     """
 
-    keys: tuple[Array, ...]
-    values: tuple[Array, ...]
+    keys: Array
+    values: Array
     mask: Array
     index: Array
 
 
-def init_cache(config: ModelConfig, *, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+def init_cache(config: ModelConfig, *, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """An empty cache for ``max_length`` slots (prompt + new tokens)."""
     dtype = dtype or to_dtype(config.dtype)
-    k_shape = (batch_size, config.kv_heads, config.dim_per_head, max_length)
-    v_shape = (batch_size, config.kv_heads, max_length, config.dim_per_head)
+    layers, kv, dh = config.num_layers, config.kv_heads, config.dim_per_head
     return KVCache(
-        keys=tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers)),
-        values=tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers)),
+        keys=jnp.zeros((layers, batch_size, kv, dh, max_length), dtype),
+        values=jnp.zeros((layers, batch_size, kv, max_length, dh), dtype),
         mask=jnp.zeros((batch_size, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
@@ -67,8 +69,9 @@ def init_cache(config: ModelConfig, *, batch_size: int, max_length: int, dtype: 
 
 @flax.struct.dataclass
 class ModelOutput:
-    """logits [B, T, V] float32 (LM head) or None; values [B, T] float32 (scalar head) or None;
-    hidden_states [B, T, D] after the final norm; cache: the updated KVCache or None."""
+    """logits [B, T, V] float32 (LM head; None for a scalar head or ``compute_logits=False``);
+    values [B, T] float32 (scalar head) or None; hidden_states [B, T, D] after the final
+    norm; cache: the updated KVCache or None."""
 
     logits: Array | None
     values: Array | None
@@ -76,180 +79,38 @@ class ModelOutput:
     cache: KVCache | None
 
 
-def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
-    return nn.with_logical_constraint(x, axes)
-
-
-def _param(init, axes):
-    return nn.with_logical_partitioning(init, axes)
-
-
-class Norm(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        pdt = to_dtype(cfg.param_dtype)
-        x32 = x.astype(jnp.float32)
-        scale = self.param("scale", _param(nn.initializers.ones, ("embed",)), (x.shape[-1],), pdt)
-        if cfg.norm == "rmsnorm":  # Llama: x / rms(x) * w, computed in float32
-            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
-            return (y.astype(x.dtype) * scale.astype(x.dtype)).astype(to_dtype(cfg.dtype))
-        bias = self.param("bias", _param(nn.initializers.zeros, ("embed",)), (x.shape[-1],), pdt)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(to_dtype(cfg.dtype))
-
-
-class Linear(nn.Module):
-    """y = x W (+ b), contracting the last ``len(in_shape)`` axes of x; W [*in_shape, *features].
-
-    (Flax's DenseGeneral reshapes a flat kernel inside its initialiser, which breaks
-    logical-partitioning constraints of multi-axis kernels under a mesh context.)"""
-
-    features: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    in_dims: int
-    use_bias: bool
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        in_shape = x.shape[x.ndim - self.in_dims :]
-        kernel = self.param(
-            "kernel",
-            _param(nn.initializers.normal(0.02), self.axes),
-            (*in_shape, *self.features),
-            to_dtype(cfg.param_dtype),
-        )
-        dtype = to_dtype(cfg.dtype)
-        lead = x.shape[: x.ndim - self.in_dims]
-        # One 2-D product [N, K] @ [K, M]: its gradients are 2-D products too, which XLA's
-        # CPU matmul runs at full speed; dot_general over [B, T, ...] gives gradients that
-        # contract two axes at once and made the CPU SFT step 12% slower (README, Performance).
-        x2 = x.astype(dtype).reshape(math.prod(lead), math.prod(in_shape))  # [N, K]
-        w2 = kernel.astype(dtype).reshape(math.prod(in_shape), math.prod(self.features))  # [K, M]
-        y = (x2 @ w2).reshape(*lead, *self.features)
-        if self.use_bias:
-            bias = self.param(
-                "bias", _param(nn.initializers.zeros, self.axes[self.in_dims :]), self.features, to_dtype(cfg.param_dtype)
-            )
-            y = y + bias.astype(dtype)
-        return y
-
-
-def _dense(cfg: ModelConfig, features, axes, *, use_bias: bool, name: str, in_axes: int = 1) -> Linear:
-    features = (features,) if isinstance(features, int) else tuple(features)
-    return Linear(features=features, axes=axes, in_dims=in_axes, use_bias=use_bias, config=cfg, name=name)
-
-
-def rotary(x: Array, positions: Array, *, rotary_dim: int, theta: float) -> Array:
-    """Rotate the first ``rotary_dim`` features of each head (HF's rotate_half layout).
-
-    Args:
-      x: [B, T, H, Dh].
-      positions: [B, T] int32 token positions.
-    """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))  # [R/2]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, R]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    half = rotary_dim // 2
-    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
-
-
-class Attention(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x, positions, key_mask, query_slots, cache_kv, cache_index, deterministic):
-        """x [B, T, D]; positions [B, T]; key_mask [B, S]; query_slots [T] (cache slot of each
-        query); cache_kv: (keys, values) [B, S, Hkv, Dh] or None (then S == T).
-
-        The causal rule is by cache slot; a sliding window counts token positions, so
-        that padding between a prompt and its continuation never shrinks the window."""
-        cfg = self.config
-        h, kv, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        q = _dense(cfg, (h, dh), ("embed", "heads", "kv"), use_bias=cfg.qkv_bias, name="q")(x)  # [B, T, H, Dh]
-        k = _dense(cfg, (kv, dh), ("embed", "kv_heads", "kv"), use_bias=cfg.qkv_bias, name="k")(x)  # [B, T, Hkv, Dh]
-        v = _dense(cfg, (kv, dh), ("embed", "kv_heads", "kv"), use_bias=cfg.qkv_bias, name="v")(x)
-        if cfg.uses_rope:
-            q = rotary(q, positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
-            k = rotary(k, positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
-        k = k.transpose(0, 2, 3, 1)  # [B, Hkv, Dh, T]
-        v = v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
-        new_kv = None
-        if cache_kv is not None:
-            ck, cv = cache_kv  # [B, Hkv, Dh, S], [B, Hkv, S, Dh]
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, cache_index))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0))
-            new_kv = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-        b, t = x.shape[:2]
-        s = k.shape[3]
-        g = h // kv
-        # queries of the G heads sharing a KV head stacked along rows: [B, Hkv, G*T, Dh]
-        qg = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
-        scale = 1.0 / jnp.sqrt(jnp.float32(dh))
-        scores = jnp.matmul(qg, k).astype(jnp.float32) * scale  # [B, Hkv, G*T, S]
-        key_slots = jnp.arange(s)
-        allowed = key_slots[None, :] <= query_slots[:, None]  # [T, S] causal in cache slots
-        allowed = allowed[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
-        if cfg.sliding_window is not None:
-            key_positions = positions_from_mask(key_mask)  # [B, S]
-            allowed &= positions[:, :, None] - key_positions[:, None, :] < cfg.sliding_window
-        allowed = jnp.tile(allowed, (1, g, 1))[:, None]  # [B, 1, G*T, S], rows ordered (g, t)
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G*T, S]
-        out = jnp.matmul(probs, v)  # [B, Hkv, G*T, Dh]
-        out = out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)  # [B, T, H, Dh]
-        out = _constrain(out, ("batch", "length", "heads", "kv"))
-        out = _dense(cfg, x.shape[-1], ("heads", "kv", "embed"), use_bias=cfg.out_bias, name="o", in_axes=2)(out)
-        return out, new_kv
-
-
-class MLP(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        act = {
-            "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-            "gelu": functools.partial(jax.nn.gelu, approximate=False),
-            "silu": jax.nn.silu,
-        }[cfg.activation]
-        up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), use_bias=cfg.mlp_bias, name="up")(x)  # [B, T, F]
-        if cfg.gated_mlp:  # SwiGLU: act(x W_gate) * (x W_up)
-            up = act(_dense(cfg, cfg.mlp_dim, ("embed", "mlp"), use_bias=cfg.mlp_bias, name="gate")(x)) * up
-        else:
-            up = act(up)
-        up = _constrain(up, ("batch", "length", "mlp"))
-        return _dense(cfg, x.shape[-1], ("mlp", "embed"), use_bias=cfg.mlp_bias, name="down")(up)  # [B, T, D]
-
-
 class Block(nn.Module):
+    """One decoder layer, the body of the layer scan: ((x, cache), layer) -> ((x, cache), None).
+
+    Pre-norm residual block; NeoX's parallel residual x + attn(ln1(x)) + mlp(ln2(x));
+    Gemma 3's sandwich x + post_norm(attn(pre_norm(x))) around attention and MLP.
+    """
+
     config: ModelConfig
+    deterministic: bool = True  # False: dropout on (needs a 'dropout' rng)
 
     @nn.compact
-    def __call__(self, x, positions, key_mask, query_slots, cache_kv, cache_index, deterministic):
+    def __call__(self, carry, layer, positions, masks, cache_index):
+        """carry: (x [B, T, D], cache (keys, values) stacked over layers, or None); layer:
+        this layer's ``layer_specs`` scalars; positions [B, T]; masks: ``attention_masks``."""
         cfg = self.config
-        drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
-        attn_out, new_kv = Attention(cfg, name="attn")(
-            Norm(cfg, name="attn_norm")(x), positions, key_mask, query_slots, cache_kv, cache_index, deterministic
+        x, cache = carry
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        attn_out, cache = Attention(cfg, name="attn")(
+            Norm(cfg, name="attn_norm")(x), positions, masks, layer, cache, cache_index
         )
+        if cfg.sandwich_norm:
+            attn_out = Norm(cfg, name="post_attn_norm")(attn_out)
         if cfg.parallel_residual:  # NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             mlp_out = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
             x = x + drop(attn_out) + drop(mlp_out)
         else:
             x = x + drop(attn_out)
-            x = x + drop(MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
-        return _constrain(x, ("batch", "length", "act_embed")), new_kv
+            mlp_out = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
+            if cfg.sandwich_norm:
+                mlp_out = Norm(cfg, name="post_mlp_norm")(mlp_out)
+            x = x + drop(mlp_out)
+        return (constrain(x, ("batch", "length", "act_embed")), cache), None
 
 
 def _lookup(table: Array, ids: Array, table_axes: tuple[str | None, ...], dtype: str) -> Array:
@@ -259,14 +120,41 @@ def _lookup(table: Array, ids: Array, table_axes: tuple[str | None, ...], dtype:
     rows split along D, which the SPMD partitioner cannot turn into the batch-sharded
     activations without an "involuntary full rematerialization" (seen on the (2, 2, 2) mesh).
     """
-    return jnp.take(_constrain(table, table_axes), ids, axis=0).astype(to_dtype(dtype))
+    return jnp.take(constrain(table, table_axes), ids, axis=0).astype(to_dtype(dtype))
 
 
-def positions_from_mask(mask: Array) -> Array:
-    """Position ids from an attention mask [B, T]: cumsum(mask) - 1, clipped at 0.
+class _Kernel(nn.Module):
+    """A bare weight (the untied LM head's [D, V]), applied by the caller."""
 
-    Gives the same positions to a sequence whatever its left or right padding."""
-    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self) -> Array:
+        init = param_init(nn.initializers.normal(0.02), self.axes)
+        return self.param("kernel", init, self.shape, to_dtype(self.config.param_dtype))
+
+
+def unembedding(params: dict, config: ModelConfig) -> Array:
+    """The LM head's matrix [D, V] of a params tree: the tied embedding transposed, or lm_head/kernel.
+
+    With :func:`lm_logits` it gives the model's logits from ``hidden_states`` chunk by chunk
+    (``CausalLM(..., compute_logits=False)``), without materialising [B, T, V].
+    """
+    if config.tie_word_embeddings:
+        return params["embed"]["embedding"].T  # [D, V]
+    return params["lm_head"]["kernel"]  # [D, V]
+
+
+def lm_logits(hidden: Array, unembed: Array, config: ModelConfig) -> Array:
+    """Logits [..., V] float32 of final hidden states [..., D] and ``unembedding`` [D, V],
+    exactly as the model's LM head computes them (compute dtype, then final soft-capping)."""
+    dtype = to_dtype(config.dtype)
+    lead = hidden.shape[:-1]
+    h2 = hidden.astype(dtype).reshape(-1, hidden.shape[-1])  # [N, D]
+    logits = (h2 @ unembed.astype(dtype)).reshape(*lead, unembed.shape[-1]).astype(jnp.float32)  # [..., V]
+    return softcap(logits, config.final_logit_softcap)
 
 
 class CausalLM(nn.Module):
@@ -292,6 +180,7 @@ class CausalLM(nn.Module):
         deterministic: bool = True,
         head_slice: tuple[int, int] | None = None,
         head_index: Array | None = None,
+        compute_logits: bool = True,
     ) -> ModelOutput:
         """Args:
           input_ids: [B, T] int token ids.
@@ -302,14 +191,18 @@ class CausalLM(nn.Module):
           head_slice: static (start, stop): apply the head to positions start:stop only
             (logits [B, stop - start, V]); the LM head is most of a short sequence's cost.
           head_index: [B] int: apply the head at one position per row (logits [B, 1, V]).
+          compute_logits: False skips the LM head (logits None): for a loss that consumes
+            ``hidden_states`` [B, T, D] and :func:`unembedding` in chunks. A scalar head still runs.
         """
         cfg = self.config
+        if self.head not in ("lm", "scalar", "lm+scalar"):
+            raise ValueError(f"CausalLM.head must be 'lm', 'scalar' or 'lm+scalar', got {self.head!r}")
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         attention_mask = attention_mask.astype(jnp.int32)
         if cache is None:
-            key_mask, query_slots, cache_index = attention_mask, jnp.arange(t), None
+            key_mask, query_slots, cache_index = attention_mask, jnp.arange(t), jnp.zeros((), jnp.int32)
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask)
         else:
@@ -324,33 +217,39 @@ class CausalLM(nn.Module):
             cfg.hidden_size,
             dtype=to_dtype(cfg.dtype),
             param_dtype=to_dtype(cfg.param_dtype),
-            embedding_init=_param(nn.initializers.normal(0.02), ("vocab", "embed")),
+            embedding_init=param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="embed",
         )
         x = _lookup(embed.embedding, input_ids, ("vocab", None), cfg.dtype)  # [B, T, D]
+        if cfg.family == "gemma3":  # scaled by sqrt(D) rounded to the compute dtype, as HF does
+            x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
         if cfg.family == "gpt2":
             pos_embed = nn.Embed(
                 cfg.max_position_embeddings,
                 cfg.hidden_size,
                 dtype=to_dtype(cfg.dtype),
                 param_dtype=to_dtype(cfg.param_dtype),
-                embedding_init=_param(nn.initializers.normal(0.01), (None, "embed")),
+                embedding_init=param_init(nn.initializers.normal(0.01), (None, "embed")),
                 name="pos_embed",
             )
             x = x + _lookup(pos_embed.embedding, position_ids, (None, None), cfg.dtype)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
-        x = _constrain(x, ("batch", "length", "act_embed"))
+        x = constrain(x, ("batch", "length", "act_embed"))
 
-        block_cls = nn.remat(Block, static_argnums=(7,)) if cfg.remat else Block
-        new_keys, new_values = [], []
-        for i in range(cfg.num_layers):
-            layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = block_cls(cfg, name=f"layers_{i}")(
-                x, position_ids, key_mask, query_slots, layer_kv, cache_index, deterministic
-            )
-            if kv is not None:
-                new_keys.append(kv[0])
-                new_values.append(kv[1])
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        masks = attention_masks(cfg, position_ids, key_mask, query_slots)
+        kv = None if cache is None else (cache.keys, cache.values)
+        (x, kv), _ = stack(cfg, deterministic=deterministic, name="layers")(
+            (x, kv), layer_specs(cfg), position_ids, masks, cache_index
+        )
         hidden = Norm(cfg, name="final_norm")(x)  # [B, T, D]
         head_in = hidden
         if head_slice is not None:
@@ -359,26 +258,58 @@ class CausalLM(nn.Module):
             head_in = jnp.take_along_axis(head_in, head_index[:, None, None], axis=1)  # [B, 1, D]
 
         logits = values = None
-        if self.head not in ("lm", "scalar", "lm+scalar"):
-            raise ValueError(f"CausalLM.head must be 'lm', 'scalar' or 'lm+scalar', got {self.head!r}")
         if self.head in ("lm", "lm+scalar"):
             if cfg.tie_word_embeddings:
-                logits = embed.attend(head_in)
+                unembed = embed.embedding.T  # [D, V]
             else:
-                logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head")(head_in)
-            logits = _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))  # [B, T, V]
+                unembed = _Kernel((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, name="lm_head")()
+            if compute_logits:
+                logits = constrain(lm_logits(head_in, unembed, cfg), ("batch", "length", "vocab"))  # [B, T, V]
         if self.head in ("scalar", "lm+scalar"):
             score = nn.Dense(
                 1,
                 dtype=jnp.float32,
                 param_dtype=to_dtype(cfg.param_dtype),
-                kernel_init=_param(nn.initializers.normal(1.0 / (cfg.hidden_size + 1) ** 0.5), ("embed", None)),
-                bias_init=_param(nn.initializers.zeros, (None,)),
+                kernel_init=param_init(nn.initializers.normal(1.0 / (cfg.hidden_size + 1) ** 0.5), ("embed", None)),
+                bias_init=param_init(nn.initializers.zeros, (None,)),
                 name="score",
             )
             values = score(head_in.astype(jnp.float32))[..., 0]  # [B, T]
 
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(tuple(new_keys), tuple(new_values), key_mask, cache_index + t)
+            new_cache = KVCache(kv[0], kv[1], key_mask, cache_index + t)
         return ModelOutput(logits=logits, values=values, hidden_states=hidden, cache=new_cache)
+
+
+_LEGACY_LAYER = re.compile(r"layers_(\d+)$")
+
+
+def stack_legacy_layers(tree):
+    """A tree written before the layers were scanned (``layers_0`` ... ``layers_{L-1}``, one
+    subtree per layer) as today's layout (one ``layers`` subtree, leaves stacked [L, ...]).
+
+    Every dict in ``tree`` is converted, so a params tree and an optimizer state restored
+    raw (Adam's mu and nu mirror the params) both work. A tree without legacy keys is
+    returned as it is. Stacked leaves are numpy arrays.
+
+    Raises:
+      ValueError: the legacy layers are not numbered 0..L-1, or differ in structure.
+    """
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(stack_legacy_layers(v) for v in tree)
+    if not isinstance(tree, dict):
+        return tree
+    tree = {k: stack_legacy_layers(v) for k, v in tree.items()}
+    found = {int(m.group(1)): k for k in tree if (m := _LEGACY_LAYER.match(str(k)))}
+    if not found:
+        return tree
+    if sorted(found) != list(range(len(found))) or "layers" in tree:
+        raise ValueError(f"legacy params: layer subtrees {sorted(found.values())} are not layers_0..layers_{{L-1}}")
+    per_layer = [tree[found[i]] for i in range(len(found))]
+    structure = jax.tree.structure(per_layer[0])
+    if any(jax.tree.structure(p) != structure for p in per_layer):
+        raise ValueError("legacy params: the layers_{i} subtrees differ in structure")
+    out = {k: v for k, v in tree.items() if k not in found.values()}
+    out["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
+    return out

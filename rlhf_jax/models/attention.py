@@ -1,0 +1,117 @@
+"""Grouped-query causal self-attention with a stacked KV cache and per-layer windows.
+
+One module serves every layer of the scanned stack, so whatever differs between layers
+arrives as traced per-layer scalars (``LayerSpec``): the sliding window (0 = dense) and
+the RoPE base and linear scaling factor. Nothing branches on the layer index in Python.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.config import ModelConfig
+from rlhf_jax.models.layers import Norm, constrain, dense, positions_from_mask, rotary, softcap
+
+Array = jax.Array
+
+
+def layer_specs(cfg: ModelConfig) -> dict[str, Array]:
+    """The per-layer scalars the layer scan slices, each [L]: ``index`` int32, ``window``
+    int32 (0 = dense causal), ``rope_theta`` and ``rope_factor`` float32."""
+    rope = cfg.layer_rope
+    return {
+        "index": jnp.arange(cfg.num_layers, dtype=jnp.int32),
+        "window": jnp.asarray(cfg.layer_windows, jnp.int32),
+        "rope_theta": jnp.asarray([theta for theta, _ in rope], jnp.float32),
+        "rope_factor": jnp.asarray([factor for _, factor in rope], jnp.float32),
+    }
+
+
+def attention_masks(cfg: ModelConfig, positions: Array, key_mask: Array, query_slots: Array) -> dict[str, Array]:
+    """What every layer's mask is made of, computed once outside the layer scan.
+
+    Args:
+      positions: [B, T] positions of the queries.
+      key_mask: [B, S] 1 for slots holding a real token (S = T without a cache).
+      query_slots: [T] the cache slot of each query.
+
+    Returns:
+      ``causal`` [B, T, S] bool: the key is real and not after the query (by cache slot);
+      ``distance`` [B, T, S] int32: query position - key position, where a layer has a
+      window (absent otherwise). A window counts token positions, not slots, so padding
+      between a prompt and its continuation never shrinks it.
+    """
+    s = key_mask.shape[1]
+    causal = jnp.arange(s)[None, :] <= query_slots[:, None]  # [T, S]
+    out = {"causal": causal[None] & (key_mask[:, None, :] > 0)}  # [B, T, S]
+    if any(cfg.layer_windows):
+        key_positions = positions_from_mask(key_mask)  # [B, S]
+        out["distance"] = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
+    return out
+
+
+class Attention(nn.Module):
+    """Causal self-attention of one layer: [B, T, D] -> [B, T, D] (+ the updated cache).
+
+    The KV cache is stacked over layers and laid out as the right-hand operands of the
+    two matmuls (q @ K and p @ V), so a decode step never transposes it: keys
+    [L, B, Hkv, Dh, S], values [L, B, Hkv, S, Dh].
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, masks, layer, cache=None, cache_index=None):
+        """Args:
+          x: [B, T, D] (normed) inputs.
+          positions: [B, T] int32 positions of the queries (RoPE).
+          masks: ``attention_masks(...)``: causal [B, T, S] bool (+ distance [B, T, S]).
+          layer: this layer's ``layer_specs`` scalars (index, window, rope_theta, rope_factor).
+          cache: (keys [L, B, Hkv, Dh, S], values [L, B, Hkv, S, Dh]) or None (then S == T).
+          cache_index: int32 scalar: the slot of the first of the T new tokens.
+
+        Returns:
+          (out [B, T, D], cache with this layer's slots cache_index .. + T written, or None).
+        """
+        cfg = self.config
+        h, kv, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        q = dense(cfg, (h, dh), ("embed", "heads", "kv"), use_bias=cfg.qkv_bias, name="q")(x)  # [B, T, H, Dh]
+        k = dense(cfg, (kv, dh), ("embed", "kv_heads", "kv"), use_bias=cfg.qkv_bias, name="k")(x)  # [B, T, Hkv, Dh]
+        v = dense(cfg, (kv, dh), ("embed", "kv_heads", "kv"), use_bias=cfg.qkv_bias, name="v")(x)  # [B, T, Hkv, Dh]
+        if cfg.qk_norm:  # Gemma 3: RMSNorm over head_dim, before RoPE
+            q = Norm(cfg, axis_name="kv", name="q_norm")(q)
+            k = Norm(cfg, axis_name="kv", name="k_norm")(k)
+        if cfg.uses_rope:
+            rope = dict(rotary_dim=cfg.rotary_dim, theta=layer["rope_theta"], factor=layer["rope_factor"])
+            q, k = rotary(q, positions, **rope), rotary(k, positions, **rope)
+        k = k.transpose(0, 2, 3, 1)  # [B, Hkv, Dh, T]
+        v = v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+        if cache is not None:
+            ck, cv = cache  # [L, B, Hkv, Dh, S], [L, B, Hkv, S, Dh]
+            i = layer["index"]
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, 0, 0, cache_index))
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, 0, cache_index, 0))
+            cache = (ck, cv)
+            k = jax.lax.dynamic_index_in_dim(ck, i, axis=0, keepdims=False).astype(q.dtype)  # [B, Hkv, Dh, S]
+            v = jax.lax.dynamic_index_in_dim(cv, i, axis=0, keepdims=False).astype(q.dtype)  # [B, Hkv, S, Dh]
+        b, t = x.shape[:2]
+        g = h // kv
+        # queries of the G heads sharing a KV head stacked along rows: [B, Hkv, G*T, Dh]
+        qg = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
+        scale = (cfg.query_pre_attn_scalar or dh) ** -0.5
+        scores = jnp.matmul(qg, k).astype(jnp.float32) * scale  # [B, Hkv, G*T, S]
+        scores = softcap(scores, cfg.attn_logit_softcap)
+        allowed = masks["causal"]  # [B, T, S]
+        if "distance" in masks:  # some layer has a window; this one's may be 0 (dense)
+            window = layer["window"]
+            allowed = allowed & ((window <= 0) | (masks["distance"] < window))
+        allowed = jnp.tile(allowed, (1, g, 1))[:, None]  # [B, 1, G*T, S], rows ordered (g, t)
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G*T, S]
+        out = jnp.matmul(probs, v)  # [B, Hkv, G*T, Dh]
+        out = out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)  # [B, T, H, Dh]
+        out = constrain(out, ("batch", "length", "heads", "kv"))
+        out = dense(cfg, x.shape[-1], ("heads", "kv", "embed"), use_bias=cfg.out_bias, name="o", in_dims=2)(out)
+        return out, cache  # [B, T, D]
