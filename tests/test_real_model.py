@@ -261,3 +261,15 @@ def test_chunked_gguf_is_reassembled_verified_and_reused(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="SHA-256"):
         G.find_packaged_gguf("tiny", cache_dir=tmp_path / "other")
     assert not (tmp_path / "other" / "tiny.gguf").exists() and not list((tmp_path / "other").iterdir())
+
+
+def test_as_hf_dir_converts_gguf_files_once_and_passes_directories_through(smollm2, tmp_path):
+    assert G.as_hf_dir(smollm2) == smollm2  # a directory (or a run) is returned as it is
+    gguf_file = G.find_packaged_gguf("smollm2")
+    cache = tmp_path / "cache"
+    digest = G.sha256_file(gguf_file)[:16]
+    # pre-seed the cache with the session's conversion: as_hf_dir must find it complete and reuse it
+    target = cache / "hf" / f"{gguf_file.stem}-{digest}"
+    target.parent.mkdir(parents=True)
+    target.symlink_to(smollm2, target_is_directory=True)
+    assert G.as_hf_dir(gguf_file, cache_dir=cache) == target

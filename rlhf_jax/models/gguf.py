@@ -256,6 +256,21 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
     return out
 
 
+def as_hf_dir(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``source`` itself, unless it is a ``.gguf`` file: then its conversion (made once, cached).
+
+    The hook for ``--init model.gguf``: the conversion lands in
+    ``<cache>/hf/<file stem>-<first 16 hex digits of its SHA-256>`` (default cache:
+    :func:`default_cache_dir`), so a changed file gets a new directory and an unchanged one
+    is converted once.
+    """
+    path = Path(source)
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return path
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return convert_gguf(path, base / "hf" / f"{path.stem}-{sha256_file(path)[:16]}")
+
+
 def _convert_into(src: Path, tmp: Path, dtype: str) -> dict:
     """Dequantize ``src`` with transformers and save it into the new directory ``tmp``."""
     try:
