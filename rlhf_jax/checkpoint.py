@@ -30,7 +30,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.data import check_vocab
-from rlhf_jax.models import CausalLM, from_pretrained, load_tokenizer, resize_vocab
+from rlhf_jax.models import CausalLM, from_pretrained, load_tokenizer, resize_vocab, stack_legacy_layers
 from rlhf_jax.models.params import init_params
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,12 @@ class Checkpointer:
                 return out.state, dict(out.meta), s
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 errors.append(f"step {s}: {type(e).__name__}: {e}")
+                if "layers_0" in str(e):  # a tree of per-layer params: written before the layers were scanned
+                    raise CheckpointRestoreError(
+                        f"{self.directory}: checkpoint at step {s} was written by an older rlhf_jax (one params "
+                        "subtree per layer, layers_0 ...) and cannot be resumed; start a new run with --init "
+                        "pointing at this run directory (its weights are converted on load)"
+                    ) from e
                 if not fallback:
                     raise CheckpointRestoreError(
                         f"{self.directory}: checkpoint at step {s} cannot be restored ({type(e).__name__}: {e}); "
@@ -274,6 +280,7 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
     ckpt.close()
     for key in info["params_path"]:
         params = params[key]
+    params = stack_legacy_layers(params)  # a run written before the layers were scanned (layers_0, ...)
     params = jax.tree.map(jnp.asarray, params)
     src_head = info["head"]
     want = head or src_head

@@ -19,8 +19,8 @@ discount 1. Each iteration is ``iteration(state, batch, ref_params, rm_params)``
     clipped value loss on the value network, EMA of the policy weights, and the
     adaptive KL coefficient (an array in the state, never a compile-time constant).
 
-Old log-probs are computed by the very functions the update uses (``response_forward``,
-``response_logprobs``), on minibatches of the update's shape, and the update recomputes
+Old log-probs are computed by the very function the update uses (``response_forward``),
+on minibatches of the update's shape, and the update recomputes
 (rematerialises) that forward instead of fusing it with its backward pass, so the
 probability ratio is exactly 1 on the first minibatch. Dropout is off in every RL pass.
 
@@ -45,7 +45,7 @@ advantages or returns, losses or gradients are not all finite is skipped as a wh
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -55,6 +55,8 @@ import optax
 from rlhf_jax import losses, ops, rl
 from rlhf_jax.config import PPOHyperparams
 from rlhf_jax.models import CausalLM
+from rlhf_jax.models.lm_head import auto_chunk, token_stats
+from rlhf_jax.models.transformer import unembedding
 from rlhf_jax.optim import (
     TrainState,
     all_finite,
@@ -116,20 +118,40 @@ class Rollout:
     score_components: dict[str, jax.Array]
 
 
-def response_forward(model: CausalLM, params: Any, sequences: jax.Array, mask: jax.Array, prompt_len: int):
-    """One forward pass over prompt + response; the outputs that predict/evaluate response tokens.
+class ResponseOutputs(NamedTuple):
+    """What one forward pass over prompt + response gives for the R response tokens.
 
-    Returns (logits [B, R, V] or None, values [B, R] or None): position ``P - 1 + t``
-    predicts response token t, and its value is the value of the state before token t.
+    logprobs, entropy: [B, R] ``log pi(y_t | x, y_<t)`` and the entropy of ``pi(. | x, y_<t)``
+    at the sampling temperature (None for a scalar-head model); values: [B, R], the value of
+    the state before token t (None without a scalar head).
     """
-    t = sequences.shape[1]
-    out = model.apply({"params": params}, sequences, attention_mask=mask, head_slice=(prompt_len - 1, t - 1))
-    return out.logits, out.values
+
+    logprobs: jax.Array | None
+    entropy: jax.Array | None
+    values: jax.Array | None
 
 
-def response_logprobs(logits: jax.Array, sequences: jax.Array, prompt_len: int, temperature: float) -> jax.Array:
-    """log pi(y_t | x, y_<t) at temperature T for the response tokens -> [B, R]."""
-    return ops.gather_logprobs(logits, sequences[:, prompt_len:], temperature=temperature)
+def response_forward(model: CausalLM, params: Any, sequences: jax.Array, mask: jax.Array, prompt_len: int,
+                     temperature: float = 1.0) -> ResponseOutputs:  # fmt: skip
+    """One forward pass over prompt + response; position ``P - 1 + t`` predicts response token t.
+
+    A large vocabulary's LM head runs in chunks (``models.lm_head``): the [B, R, V] logits
+    of the rollout's scoring passes and of the update are never all in memory.
+    """
+    b, t = sequences.shape
+    chunk = auto_chunk(b, t - prompt_len, model.config.vocab_size) if model.head != "scalar" else None
+    out = model.apply({"params": params}, sequences, attention_mask=mask, head_slice=(prompt_len - 1, t - 1),
+                      compute_logits=chunk is None)  # fmt: skip
+    if model.head == "scalar":
+        return ResponseOutputs(None, None, out.values)
+    targets = sequences[:, prompt_len:]  # [B, R]
+    if chunk is None:
+        logits = out.logits / temperature  # [B, R, V]
+        return ResponseOutputs(ops.gather_logprobs(logits, targets), ops.entropy_from_logits(logits), out.values)
+    hidden = out.hidden_states[:, prompt_len - 1 : t - 1]  # [B, R, D]
+    stats = token_stats(hidden, unembedding(params, model.config), targets, model.config, temperature=temperature,
+                        chunk=chunk)  # fmt: skip
+    return ResponseOutputs(stats["logprob"], stats["entropy"], out.values)
 
 
 def as_reward(rm: Any) -> tuple[RewardSum, bool]:
@@ -181,14 +203,13 @@ def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, 
 
         def score_minibatch(xs):  # [mb, P+R] -> old/ref log-probs, values [mb, R]; reward components [mb]
             s, m = xs
-            logits, shared_values = response_forward(policy, state.policy.params, s, m, p)
-            ref_logits, _ = response_forward(policy.clone(head="lm"), ref_params, s, m, p)
-            out = {"old_logprobs": response_logprobs(logits, s, p, cfg.temperature),
-                   "ref_logprobs": response_logprobs(ref_logits, s, p, cfg.temperature),
+            pol = response_forward(policy, state.policy.params, s, m, p, cfg.temperature)
+            ref = response_forward(policy.clone(head="lm"), ref_params, s, m, p, cfg.temperature)
+            out = {"old_logprobs": pol.logprobs, "ref_logprobs": ref.logprobs,
                    "components": reward.components(rm_tuple, s, m, p)}  # fmt: skip
             if cfg.uses_critic:
                 out["values"] = (
-                    shared_values if value is None else response_forward(value, state.value.params, s, m, p)[1]
+                    pol.values if value is None else response_forward(value, state.value.params, s, m, p).values
                 )
             return out
 
@@ -260,11 +281,11 @@ def ppo_objective(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
     # (residuals kept for the backward pass) and round it differently from the rollout's
     # forward-only pass; recomputed, the forward is the same program, so the first
     # minibatch's ratio is exactly 1 (Llama-style models differ by ~1e-7 without it).
-    forward = lambda pp: response_forward(policy, pp, mb["sequences"], mb["sequence_mask"], prompt_len)  # noqa: E731
+    forward = lambda pp: response_forward(policy, pp, mb["sequences"], mb["sequence_mask"], prompt_len,  # noqa: E731
+                                          cfg.temperature)  # fmt: skip
     if cfg.exact_ratio:
         forward = jax.checkpoint(forward)
-    logits, shared_values = forward(policy_params)
-    logprobs = response_logprobs(logits, mb["sequences"], prompt_len, cfg.temperature)
+    logprobs, entropy, shared_values = forward(policy_params)
     mask = mb["response_mask"]
     pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
                                                  clip_eps=cfg.clip_eps, aggregation=cfg.policy_aggregation)  # fmt: skip
@@ -275,7 +296,7 @@ def ppo_objective(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
         "ppo/approx_kl": pg_metrics["approx_kl"],
         "ppo/ratio_mean": ops.masked_mean(ratio, mask),
         "ppo/ratio_max_dev": jnp.max(jnp.abs(ratio - 1.0) * mask),
-        "objective/entropy": ops.masked_mean(ops.entropy_from_logits(logits / cfg.temperature), mask),
+        "objective/entropy": ops.masked_mean(entropy, mask),
     }
     policy_total = pg_loss
     if cfg.kl_in_loss:  # DeepSeekMath: + beta * KL(pi || pi_ref), k3 on the sampled tokens
@@ -288,7 +309,7 @@ def ppo_objective(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
         if value is None:
             new_values = shared_values
         else:
-            _, new_values = response_forward(value, value_params, mb["sequences"], mb["sequence_mask"], prompt_len)
+            new_values = response_forward(value, value_params, mb["sequences"], mb["sequence_mask"], prompt_len).values
         vf_loss, vf_metrics = losses.value_loss(new_values, mb["values"], mb["returns"], mask, clip_eps=cfg.vf_clip_eps)
         metrics["loss/value"] = vf_loss
         metrics["val/clipfrac"] = vf_metrics.get("vf_clipfrac", 0.0)

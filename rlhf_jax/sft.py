@@ -18,28 +18,56 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from rlhf_jax import losses
+from rlhf_jax import losses, ops
 from rlhf_jax.models import CausalLM
+from rlhf_jax.models.lm_head import auto_chunk, token_stats
+from rlhf_jax.models.transformer import unembedding
 from rlhf_jax.optim import TrainState, gradient_step, logits_finite
 
 
-def lm_objective(model: CausalLM, params: Any, batch: dict, *, dropout_key: jax.Array | None = None):
+def lm_objective(model: CausalLM, params: Any, batch: dict, *, dropout_key: jax.Array | None = None,
+                 chunk: int | None | str = "auto"):  # fmt: skip
     """Masked next-token cross-entropy: ``mean_{t: loss_mask} -log p(x_t | x_<t)``.
 
-    Returns (loss, metrics) with metrics loss, accuracy, num_tokens and the
-    ``finite/logits`` flag (see ``optim.skip_nonfinite``).
+    Args:
+      model, params: the LM (an LM head; ``lm+scalar`` too).
+      batch: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, T].
+      dropout_key: enables dropout when given.
+      chunk: positions per LM-head chunk (``models.lm_head.token_stats``: the logits of a
+        large vocabulary are never all in memory); ``"auto"`` chunks only when the [B, T, V]
+        float32 logits would pass ``lm_head.CHUNK_BYTES``; None never chunks.
+
+    Returns:
+      (loss, metrics) with metrics loss, accuracy, num_tokens and the ``finite/logits``
+      flag (see ``optim.skip_nonfinite``).
     """
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
-    t = batch["input_ids"].shape[1]
+    ids = batch["input_ids"]
+    b, t = ids.shape
+    if chunk == "auto":
+        chunk = auto_chunk(b, t - 1, model.config.vocab_size)
     out = model.apply(
-        {"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-        deterministic=dropout_key is None, rngs=rngs, head_slice=(0, t - 1),
+        {"params": params}, ids, attention_mask=batch["attention_mask"], deterministic=dropout_key is None,
+        rngs=rngs, head_slice=(0, t - 1), compute_logits=chunk is None,
     )  # fmt: skip
-    logits = out.logits  # [B, T-1, V]: position t predicts token t + 1
-    loss, metrics = losses.masked_lm_loss(logits, batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
-    return loss, {**metrics, "finite/logits": logits_finite(logits)}
+    targets, mask = ids[:, 1:], batch["loss_mask"][:, 1:]  # position t predicts token t + 1
+    if chunk is None:
+        logits = out.logits  # [B, T-1, V]
+        loss, metrics = losses.masked_lm_loss(logits, targets, mask)
+        return loss, {**metrics, "finite/logits": logits_finite(logits)}
+    hidden = out.hidden_states[:, : t - 1]  # [B, T-1, D]
+    stats = token_stats(hidden, unembedding(params, model.config), targets, model.config, chunk=chunk)
+    loss = ops.masked_mean(-stats["logprob"], mask)
+    metrics = {
+        "loss": loss,
+        "accuracy": ops.masked_mean(stats["is_top"], mask),
+        "num_tokens": jnp.sum(jnp.asarray(mask).astype(jnp.float32)),
+        "finite/logits": jnp.all(jnp.isfinite(stats["logsumexp"])),
+    }
+    return loss, metrics
 
 
 def make_train_step(model: CausalLM, optimizer: optax.GradientTransformation) -> Callable:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rlhf_jax.config import MeshConfig
@@ -44,8 +45,6 @@ def make_mesh(config: MeshConfig | None = None, devices: list | None = None) -> 
     devices = list(devices if devices is not None else jax.devices())
     shape = config.shape(len(devices))
     try:
-        from jax.experimental import mesh_utils
-
         array = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # odd device counts on CPU: plain reshape is fine there
         array = np.asarray(devices).reshape(shape)

@@ -452,7 +452,7 @@ def test_mesh_2x2x2_matches_one_device(nets, stages):
         for _ in range(2):
             state, metrics = step(state, sharding.shard_batch(batch, mesh), ref, rm_params)
             sharded.append({k: float(v) for k, v in metrics.items()})
-    kernel = state.policy.params["layers_0"]["mlp"]["up"]["kernel"]  # [embed, mlp] over (fsdp, tensor)
+    kernel = state.policy.params["layers"]["mlp"]["up"]["kernel"]  # [layers, embed, mlp] over (-, fsdp, tensor)
     assert not kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == 8
     for i, (one, many) in enumerate(zip(single, sharded)):
         for name in ("loss/policy", "loss/value", "objective/kl", "objective/scores", "ppo/ratio_max_dev"):
@@ -550,3 +550,20 @@ def test_normalize_reward_folds_gain_and_bias_into_the_score_head(tmp_path):
     assert float(jnp.std(before)) > 0 and abs(float(jnp.std(before)) - 1.0) > 1e-2  # there was something to fix
     assert abs(float(jnp.mean(after))) < 1e-5 and abs(float(jnp.std(after)) - 1.0) < 1e-4
     np.testing.assert_allclose(np.corrcoef(np.asarray(before), np.asarray(after))[0, 1], 1.0, atol=1e-5)
+
+
+def test_chunked_lm_head_keeps_the_first_ratio_exactly_one(nets, stages, monkeypatch):
+    """With the LM head forced into 2-position chunks (as a 49k vocabulary is chunked), the
+    rollout's log-probs and the update's still come from one function: ratio bitwise 1 with
+    lr 0, and the same losses as the full-logits head to float tolerance."""
+    from rlhf_jax.models import lm_head
+
+    batch = make_prompts()
+    _, (full,) = stages("frozen").run(batch, 1)
+    monkeypatch.setattr(lm_head, "CHUNK_BYTES", 2 * MB * V * 4)  # [MB, 2, V] float32 per chunk
+    assert lm_head.auto_chunk(MB, R, V) == 2
+    chunked_stage = PPOSetup(ppo_config(), nets, optim=OptimConfig(learning_rate=0.0, schedule="constant"))
+    _, (chunked,) = chunked_stage.run(batch, 1)
+    assert chunked["ppo/ratio_max_dev"] == 0.0 and chunked["objective/kl"] == 0.0
+    for name in ("loss/policy", "loss/value", "objective/entropy", "objective/scores"):
+        np.testing.assert_allclose(chunked[name], full[name], rtol=1e-5, atol=1e-6, err_msg=name)

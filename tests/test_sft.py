@@ -284,3 +284,34 @@ def test_tokenizer_larger_than_embedding(world, tmp_path):
     n = len(world.tok)
     with pytest.raises(ValueError, match=rf"tokenizer has {n} tokens but the model's vocab_size is {n - 6}"):
         run_sft(F.sft_config(world, tmp_path / "run", init=str(small)))
+
+
+def test_chunked_lm_head_matches_full_logits():
+    """``lm_objective`` with the LM head applied 3 positions at a time (recomputed in the
+    backward pass) gives the loss, accuracy and gradients of the full [B, T, V] logits."""
+    from rlhf_jax.config import ModelConfig
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.params import init_params
+    from rlhf_jax.sft import lm_objective
+
+    for tied in (True, False):
+        cfg = ModelConfig(family="llama", vocab_size=40, hidden_size=16, num_layers=1, num_heads=2,
+                          intermediate_size=32, activation="silu", tie_word_embeddings=tied)  # fmt: skip
+        model = CausalLM(cfg)
+        params = init_params(model, jax.random.key(1))
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, 40, (3, 11)).astype(np.int32)
+        mask = (np.arange(11)[None] < np.array([[11], [7], [4]])).astype(np.int32)
+        batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
+
+        def run(chunk):
+            fn = lambda p: lm_objective(model, p, batch, chunk=chunk)  # noqa: E731
+            return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+        (full, m_full), g_full = run(None)
+        (chunked, m_chunked), g_chunked = run(3)
+        np.testing.assert_allclose(float(chunked), float(full), rtol=1e-6)
+        assert float(m_chunked["accuracy"]) == float(m_full["accuracy"])
+        assert bool(m_chunked["finite/logits"]) and float(m_chunked["num_tokens"]) == float(m_full["num_tokens"])
+        for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_full)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -60,8 +60,8 @@ def test_mesh_step_matches_single_device(name, shape):
     for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params2)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
     # the parameters really are distributed (not silently replicated)
-    kernel = params2["layers_0"]["mlp"]["up"]["kernel"]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    kernel = params2["layers"]["mlp"]["up"]["kernel"]  # [layers, embed, mlp]: the scanned layer axis unsharded
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert len(kernel.sharding.device_set) == 8
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Collection, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from rlhf_jax.tasks import world_labels as wl
 from rlhf_jax.tasks.world_lang import (
@@ -326,9 +328,6 @@ class World:
         Returns:
           a ``transformers.PreTrainedTokenizerFast``.
         """
-        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
-
         texts = [d["text"] for d in self.pretraining_corpus(min(self.config.pretrain_docs, 5000))]
         prompts = self.prompts()
         texts += [p["prompt"] for p in prompts] + [d["response"] for d in self.demonstrations(prompts)]
