@@ -31,6 +31,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.data import check_vocab
 from rlhf_jax.models import CausalLM, from_pretrained, load_tokenizer, resize_vocab, stack_legacy_layers
+from rlhf_jax.models.gguf import as_hf_dir
 from rlhf_jax.models.params import init_params
 
 log = logging.getLogger(__name__)
@@ -244,13 +245,14 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
     """(model, params, tokenizer) from a run directory or a Hugging Face directory.
 
     Args:
-      source: a run directory written by a stage (has model.json) or an HF model dir.
+      source: a run directory written by a stage (has model.json), an HF model dir, or a
+        ``.gguf`` file (converted once through transformers' dequantizer, then cached).
       head: "lm" or "scalar"; None keeps the source's head. Switching an LM to "scalar"
         drops the unembedding and adds a fresh score head (reward model from SFT).
       dtype: compute dtype override ("float32", "bfloat16").
       which: "best" (by the run's validation metric, falling back to latest) or "latest".
     """
-    source = Path(source)
+    source = as_hf_dir(source)  # a .gguf file: its (cached) dequantized conversion, with a warning
     if not (source / MODEL_INFO).is_file():
         want = head or "lm"
         model, params = from_pretrained(source, jnp.float32, head=want)
