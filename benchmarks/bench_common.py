@@ -96,8 +96,20 @@ def run_peer(python: str, *, sizes: str, only: str, repeats: int, warmup: int, w
     """Run ``trl_baseline.py`` with ``python`` and return its JSON (``{"error": ...}`` on failure)."""
     if not PEER_SCRIPT.exists():
         return {"error": f"{PEER_SCRIPT} not found (the peer baseline lives in ../shared/bench)"}
-    cmd = [python, str(PEER_SCRIPT), "--sizes", sizes, "--only", only, "--repeats", str(repeats),
-           "--warmup", str(warmup), "--wait-quiet", str(wait_quiet_s)]  # fmt: skip
+    cmd = [
+        python,
+        str(PEER_SCRIPT),
+        "--sizes",
+        sizes,
+        "--only",
+        only,
+        "--repeats",
+        str(repeats),
+        "--warmup",
+        str(warmup),
+        "--wait-quiet",
+        str(wait_quiet_s),
+    ]
     print(f"[{time.strftime('%H:%M:%S')}] peer: {' '.join(cmd)}", flush=True)
     env = {**os.environ, "PYTHONPATH": ""}
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:

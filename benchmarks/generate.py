@@ -46,8 +46,17 @@ def measure_rlhf_jax(
     jids, jmask = jnp.asarray(ids), jnp.asarray(mask)
 
     def run():
-        out = generate(model, params, jids, jmask, next(keys), max_new_tokens=new, temperature=temperature,
-                       eos_token_id=None, pad_token_id=0)  # fmt: skip
+        out = generate(
+            model,
+            params,
+            jids,
+            jmask,
+            next(keys),
+            max_new_tokens=new,
+            temperature=temperature,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         out.tokens.block_until_ready()
 
     result = {"call_s": timed(run, warmup=warmup, repeats=repeats)}
@@ -90,17 +99,28 @@ def main(argv: list[str] | None = None) -> dict:
     new_tokens = args.batch * args.new
 
     results = {"config": {**vars(args), **SIZES[args.size]}, "device": str(jax.devices()[0].device_kind)}
-    results["rlhf_jax"] = measure_rlhf_jax(model, params, ids, mask, new=args.new, warmup=args.warmup,
-                                           repeats=args.repeats)  # fmt: skip
+    results["rlhf_jax"] = measure_rlhf_jax(
+        model, params, ids, mask, new=args.new, warmup=args.warmup, repeats=args.repeats
+    )
 
     if not args.skip_torch:
         tids, tmask = torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, device=device)
 
         def run_torch():
             with torch.no_grad():
-                hf_model.generate(tids, attention_mask=tmask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                  max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0,
-                                  eos_token_id=None, use_cache=True)  # fmt: skip
+                hf_model.generate(
+                    tids,
+                    attention_mask=tmask,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=args.new,
+                    min_new_tokens=args.new,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                    use_cache=True,
+                )
             if device == "cuda":
                 torch.cuda.synchronize()
 

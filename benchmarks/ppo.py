@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
             r = bench_rlhf_jax(args.size, ptx=ptx, warmup=args.warmup, repeats=args.repeats, exact_ratio=exact)
             results["rlhf_jax"][("ppo_ptx" if ptx else "ppo") + ("" if exact else "_inexact")] = r
     if args.peer_python:
-        results["peer"] = run_peer(args.peer_python, sizes=args.size, only="ppo", repeats=args.repeats,
-                                   warmup=args.warmup)  # fmt: skip
+        results["peer"] = run_peer(
+            args.peer_python, sizes=args.size, only="ppo", repeats=args.repeats, warmup=args.warmup
+        )
 
     print(f"{'implementation':<44} {'episodes/s':>10} {'iter s':>8} {'rollout s':>10} {'update s':>9}")
     rows = list(results["rlhf_jax"].values())

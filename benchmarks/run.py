@@ -61,8 +61,9 @@ def default_python(*candidates: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- rlhf_jax side
-def jax_side(size: str, only: set[str], *, warmup: int, repeats: int, ppo_warmup: int, ppo_repeats: int,
-             wait_quiet_s: float) -> dict:  # fmt: skip
+def jax_side(
+    size: str, only: set[str], *, warmup: int, repeats: int, ppo_warmup: int, ppo_repeats: int, wait_quiet_s: float
+) -> dict:
     import generate as gen_bench
     import jax
     import numpy as np
@@ -98,9 +99,12 @@ def jax_side(size: str, only: set[str], *, warmup: int, repeats: int, ppo_warmup
     if "ppo" in only:
         for ptx in (False, True):
             cfg = bench.ppo_config(batch=16, minibatch=8, prompt_len=64, new_tokens=64, ptx=ptx)
-            run("ppo_ptx" if ptx else "ppo",
-                lambda cfg=cfg: bench.measure_ppo(model_cfg, mesh, cfg, prompt_len=64, split=True,
-                                                  warmup=ppo_warmup, repeats=ppo_repeats))  # fmt: skip
+            run(
+                "ppo_ptx" if ptx else "ppo",
+                lambda cfg=cfg: bench.measure_ppo(
+                    model_cfg, mesh, cfg, prompt_len=64, split=True, warmup=ppo_warmup, repeats=ppo_repeats
+                ),
+            )
     return out
 
 
@@ -139,27 +143,59 @@ def build_rows(size: str, ours: dict, peer: dict, peer_ppo: dict, peak: float) -
     sft_flops = mfu.train_flops(cfg, sequences=8, seq_len=128)
     rm_flops = mfu.train_flops(cfg, sequences=16, seq_len=128, lm_head=False)
     gen_flops = mfu.generate_flops(cfg, batch=16, prompt_len=64, new_tokens=64)
-    specs = {ptx: bench.ppo_config(batch=16, minibatch=8, prompt_len=64, new_tokens=64, ptx=ptx) for ptx in (False, True)}
-    ppo_fl = {ptx: mfu.ppo_flops(cfg, s.hparams, prompt_len=64, ptx_seq_len=s.ptx_seq_len)["total"]
-              for ptx, s in specs.items()}  # fmt: skip
+    specs = {
+        ptx: bench.ppo_config(batch=16, minibatch=8, prompt_len=64, new_tokens=64, ptx=ptx) for ptx in (False, True)
+    }
+    ppo_fl = {
+        ptx: mfu.ppo_flops(cfg, s.hparams, prompt_len=64, ptx_seq_len=s.ptx_seq_len)["total"]
+        for ptx, s in specs.items()
+    }
     rows = []
 
-    def add(what, key, mine, theirs, unit, ours_s, theirs_s, flops, target=None, peer_entry=None, ours_entry=None,
-            extra_ours="", extra_theirs=""):  # fmt: skip
+    def add(
+        what,
+        key,
+        mine,
+        theirs,
+        unit,
+        ours_s,
+        theirs_s,
+        flops,
+        target=None,
+        peer_entry=None,
+        ours_entry=None,
+        extra_ours="",
+        extra_theirs="",
+    ):
         ratio = mine / theirs if mine and theirs else None
-        rows.append({
-            "size": size, "work": what, "key": key, "unit": unit, "rlhf_jax": mine, "peer": theirs, "ratio": ratio,
-            "target": target, "met": None if ratio is None or target is None else ratio >= target,
-            "rlhf_jax_time": ours_s, "peer_time": theirs_s,
-            "mfu_rlhf_jax": flops / ours_s["median"] / peak if ours_s and peak else None,
-            "mfu_peer": flops / theirs_s["median"] / peak if theirs_s and peak else None,
-            "load_rlhf_jax": _load(ours_entry), "load_peer": _load(peer_entry),
-            "extra_rlhf_jax": extra_ours, "extra_peer": extra_theirs,
-        })  # fmt: skip
+        rows.append(
+            {
+                "size": size,
+                "work": what,
+                "key": key,
+                "unit": unit,
+                "rlhf_jax": mine,
+                "peer": theirs,
+                "ratio": ratio,
+                "target": target,
+                "met": None if ratio is None or target is None else ratio >= target,
+                "rlhf_jax_time": ours_s,
+                "peer_time": theirs_s,
+                "mfu_rlhf_jax": flops / ours_s["median"] / peak if ours_s and peak else None,
+                "mfu_peer": flops / theirs_s["median"] / peak if theirs_s and peak else None,
+                "load_rlhf_jax": _load(ours_entry),
+                "load_peer": _load(peer_entry),
+                "extra_rlhf_jax": extra_ours,
+                "extra_peer": extra_theirs,
+            }
+        )
 
     sft = ours.get("sft", {})
-    for name, impl, target in (("sft_torch", "plain torch loop", TARGETS["sft"]), ("sft_trl", "TRL SFTTrainer", None),
-                               ("sft_hf", "transformers Trainer", None)):  # fmt: skip
+    for name, impl, target in (
+        ("sft_torch", "plain torch loop", TARGETS["sft"]),
+        ("sft_trl", "TRL SFTTrainer", None),
+        ("sft_hf", "transformers Trainer", None),
+    ):
         if name in p or (not p and name == "sft_torch" and "step_s" in sft):
             add(
                 f"SFT step 8 x 128 vs {impl}",
@@ -226,8 +262,11 @@ def build_rows(size: str, ours: dict, peer: dict, peer_ppo: dict, peak: float) -
 
     for ptx in (False, True):
         mine = ours.get("ppo_ptx" if ptx else "ppo", {})
-        peers = [("ppo_ptx_torch", "plain torch PPO-ptx", TARGETS["ppo_ptx"])] if ptx else [
-            ("ppo_trl", "TRL PPOTrainer", TARGETS["ppo"]), ("ppo_torch", "plain torch PPO", None)]  # fmt: skip
+        peers = (
+            [("ppo_ptx_torch", "plain torch PPO-ptx", TARGETS["ppo_ptx"])]
+            if ptx
+            else [("ppo_trl", "TRL PPOTrainer", TARGETS["ppo"]), ("ppo_torch", "plain torch PPO", None)]
+        )
         for name, impl, target in peers:
             theirs = pp.get(name)
             if theirs is None and (pp or "iter_s" not in mine or name == "ppo_torch"):
@@ -261,8 +300,19 @@ def render(rows: list[dict], peak: float, peak_source: str) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
-    header = ["size", "work", "rlhf_jax", "PyTorch side", "unit", "ratio", "target", "MFU rlhf_jax / peer",
-              "time rlhf_jax", "time peer", "foreign load (cores) rlhf_jax / peer"]  # fmt: skip
+    header = [
+        "size",
+        "work",
+        "rlhf_jax",
+        "PyTorch side",
+        "unit",
+        "ratio",
+        "target",
+        "MFU rlhf_jax / peer",
+        "time rlhf_jax",
+        "time peer",
+        "foreign load (cores) rlhf_jax / peer",
+    ]
     body = []
     for r in rows:
         verdict = "no peer figure" if r["met"] is None else "met" if r["met"] else "missed"
@@ -272,9 +322,21 @@ def render(rows: list[dict], peak: float, peak_source: str) -> str:
         t_ours = fmt_stats(r["rlhf_jax_time"]) + (f"; {r['extra_rlhf_jax']}" if r["extra_rlhf_jax"] else "")
         t_peer = fmt_stats(r["peer_time"]) + (f"; {r['extra_peer']}" if r["extra_peer"] else "")
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        body.append([r["size"], r["work"], num(r["rlhf_jax"]), num(r["peer"]), r["unit"], ratio, target,
-                     f"{pct(r['mfu_rlhf_jax'])} / {pct(r['mfu_peer'])}", t_ours, t_peer,
-                     f"{r['load_rlhf_jax']} / {r['load_peer']}"])  # fmt: skip
+        body.append(
+            [
+                r["size"],
+                r["work"],
+                num(r["rlhf_jax"]),
+                num(r["peer"]),
+                r["unit"],
+                ratio,
+                target,
+                f"{pct(r['mfu_rlhf_jax'])} / {pct(r['mfu_peer'])}",
+                t_ours,
+                t_peer,
+                f"{r['load_rlhf_jax']} / {r['load_peer']}",
+            ]
+        )
     head = f"Peak for MFU: {peak / 1e9:.0f} GFLOP/s ({peak_source}). Times: median [min-max].\n\n"
     return head + markdown(header, body) + "\n"
 
@@ -334,30 +396,57 @@ def main(argv: list[str] | None = None) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     result: dict = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv if argv is None else argv,
-        "env": {"python": platform.python_version(), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-                "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
-        "peer": {}, "peer_ppo": {}, "rlhf_jax": {},
-    }  # fmt: skip
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "argv": sys.argv if argv is None else argv,
+        "env": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "device": jax.devices()[0].device_kind,
+            "cpu_count": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        },
+        "peer": {},
+        "peer_ppo": {},
+        "rlhf_jax": {},
+    }
     # the peer side first (its own processes), then rlhf_jax: never both at once on a 2-core machine
     peer_only = ",".join(x for x in ("matmul", "sft", "rm", "gen") if x in only)
     if not args.no_peer and peer_only and args.peer_python:
-        result["peer"] = run_peer(args.peer_python, sizes=",".join(sizes), only=peer_only, repeats=args.repeats,
-                                  warmup=args.warmup, wait_quiet_s=args.wait_quiet)  # fmt: skip
+        result["peer"] = run_peer(
+            args.peer_python,
+            sizes=",".join(sizes),
+            only=peer_only,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            wait_quiet_s=args.wait_quiet,
+        )
     if not args.no_peer and "ppo" in only and args.peer_ppo_python:
-        result["peer_ppo"] = run_peer(args.peer_ppo_python, sizes=",".join(sizes), only="ppo",
-                                      repeats=args.ppo_repeats, warmup=args.ppo_warmup,
-                                      wait_quiet_s=args.wait_quiet)  # fmt: skip
+        result["peer_ppo"] = run_peer(
+            args.peer_ppo_python,
+            sizes=",".join(sizes),
+            only="ppo",
+            repeats=args.ppo_repeats,
+            warmup=args.ppo_warmup,
+            wait_quiet_s=args.wait_quiet,
+        )
     if "matmul" in only:
         result["rlhf_jax"]["matmul"] = jax_matmul(args.wait_quiet)
     for size in sizes:
-        result["rlhf_jax"][size] = jax_side(size, only, warmup=args.warmup, repeats=args.repeats,
-                                            ppo_warmup=args.ppo_warmup, ppo_repeats=args.ppo_repeats,
-                                            wait_quiet_s=args.wait_quiet)  # fmt: skip
+        result["rlhf_jax"][size] = jax_side(
+            size,
+            only,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            ppo_warmup=args.ppo_warmup,
+            ppo_repeats=args.ppo_repeats,
+            wait_quiet_s=args.wait_quiet,
+        )
 
-    peaks = {"jax": _get(result["rlhf_jax"], "matmul", "flops_best"),
-             "torch": (_get(result["peer"], "results", "matmul_fp32", "gflops_best") or 0) * 1e9 or None}  # fmt: skip
+    peaks = {
+        "jax": _get(result["rlhf_jax"], "matmul", "flops_best"),
+        "torch": (_get(result["peer"], "results", "matmul_fp32", "gflops_best") or 0) * 1e9 or None,
+    }
     best = max((v, k) for k, v in peaks.items() if v) if any(peaks.values()) else (None, None)
     peak, peak_source = best[0], f"best 2048^3 fp32 matmul of this run ({best[1]})"
     if peak is None:  # matmul not measured: measure it now, quietly

@@ -22,16 +22,42 @@ from rlhf_jax.config import OptimConfig, PPOConfig, PPOHyperparams, RewardConfig
 DATA, MODEL, RUNS = "data/tldr", "models/gpt2", "runs/gpt2_tldr"
 RUN = RunConfig(dtype="bfloat16", eval_every=500, save_every=500, keep_last=2, keep_best=1)
 
-SFT = SFTConfig(data=f"{DATA}/demonstrations.jsonl", init=MODEL, out=f"{RUNS}/sft", epochs=1, batch_size=64,
-                seq_len=512, dropout=0.0, ptx_data=f"{DATA}/text.jsonl", ptx_fraction=0.1,
-                optim=OptimConfig(learning_rate=3e-5), run=RUN)  # fmt: skip
-RM = RewardConfig(data=f"{DATA}/rankings.jsonl", init=f"{RUNS}/sft", out=f"{RUNS}/rm",
-                  demonstrations=f"{DATA}/demonstrations.jsonl", batch_size=64, max_prompt_len=448,
-                  max_response_len=64, optim=OptimConfig(learning_rate=9e-6), run=RUN)  # fmt: skip
-PPO = PPOConfig(prompts=f"{DATA}/prompts.jsonl", policy=f"{RUNS}/sft", reward=f"{RUNS}/rm", out=f"{RUNS}/ppo",
-                ptx_data=f"{DATA}/text.jsonl", max_steps=1000, max_prompt_len=448, ptx_seq_len=512,
-                hparams=PPOHyperparams(batch_size=64, minibatch_size=16, max_new_tokens=53, kl_coef=0.05),
-                run=RunConfig(dtype="bfloat16", eval_every=50, save_every=50))  # fmt: skip
+SFT = SFTConfig(
+    data=f"{DATA}/demonstrations.jsonl",
+    init=MODEL,
+    out=f"{RUNS}/sft",
+    epochs=1,
+    batch_size=64,
+    seq_len=512,
+    dropout=0.0,
+    ptx_data=f"{DATA}/text.jsonl",
+    ptx_fraction=0.1,
+    optim=OptimConfig(learning_rate=3e-5),
+    run=RUN,
+)
+RM = RewardConfig(
+    data=f"{DATA}/rankings.jsonl",
+    init=f"{RUNS}/sft",
+    out=f"{RUNS}/rm",
+    demonstrations=f"{DATA}/demonstrations.jsonl",
+    batch_size=64,
+    max_prompt_len=448,
+    max_response_len=64,
+    optim=OptimConfig(learning_rate=9e-6),
+    run=RUN,
+)
+PPO = PPOConfig(
+    prompts=f"{DATA}/prompts.jsonl",
+    policy=f"{RUNS}/sft",
+    reward=f"{RUNS}/rm",
+    out=f"{RUNS}/ppo",
+    ptx_data=f"{DATA}/text.jsonl",
+    max_steps=1000,
+    max_prompt_len=448,
+    ptx_seq_len=512,
+    hparams=PPOHyperparams(batch_size=64, minibatch_size=16, max_new_tokens=53, kl_coef=0.05),
+    run=RunConfig(dtype="bfloat16", eval_every=50, save_every=50),
+)
 
 
 if __name__ == "__main__":

@@ -52,10 +52,19 @@ def main(argv: list[str] | None = None) -> int:
             steps = 3 * kills + 4  # room for 1-3 steps of progress per leg
             root = args.out / f"{stage}_{rounds}"
             root.mkdir(parents=True)
-            ref = K.start_child(stage, world, root / "reference", slow=0.0, env=env, log=root / "reference.log",
-                                steps=steps)  # fmt: skip
-            stats = K.kill_cycle(stage, world, root / "killed", kills=kills, seed=args.seed + rounds, env=env,
-                                 steps=steps, sigterm_at=1 if stage == "ppo" else None)  # fmt: skip
+            ref = K.start_child(
+                stage, world, root / "reference", slow=0.0, env=env, log=root / "reference.log", steps=steps
+            )
+            stats = K.kill_cycle(
+                stage,
+                world,
+                root / "killed",
+                kills=kills,
+                seed=args.seed + rounds,
+                env=env,
+                steps=steps,
+                sigterm_at=1 if stage == "ppo" else None,
+            )
             if ref.wait(timeout=600) != 0:
                 raise SystemExit(f"reference run failed: see {root / 'reference.log'}")
             K.assert_same_run(root / "killed", root / "reference")

@@ -31,10 +31,19 @@ def prepare_tldr(out: Path) -> None:
 
     sft = load_dataset("trl-lib/tldr", split="train")  # columns: prompt, completion
     pref = load_dataset("trl-lib/tldr-preference", split="train")  # columns: prompt, chosen, rejected
-    print("demonstrations", _write(out / "demonstrations.jsonl",
-                                   ({"prompt": r["prompt"], "response": r["completion"].strip()} for r in sft)))
-    print("rankings", _write(out / "rankings.jsonl",
-                             ({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in pref)))
+    print(
+        "demonstrations",
+        _write(
+            out / "demonstrations.jsonl", ({"prompt": r["prompt"], "response": r["completion"].strip()} for r in sft)
+        ),
+    )
+    print(
+        "rankings",
+        _write(
+            out / "rankings.jsonl",
+            ({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in pref),
+        ),
+    )
     print("prompts", _write(out / "prompts.jsonl", ({"prompt": r["prompt"]} for r in sft)))
     print("text", _write(out / "text.jsonl", ({"text": r["prompt"] + r["completion"]} for r in sft)))
 
@@ -61,8 +70,9 @@ def prepare_hh(out: Path) -> None:
             continue  # not a comparison of two final assistant turns
         context = chosen[:-1]
         demos.append({"messages": chosen})
-        ranks.append({"messages": context, "responses": [chosen[-1]["content"], rejected[-1]["content"]],
-                      "ranks": [0, 1]})
+        ranks.append(
+            {"messages": context, "responses": [chosen[-1]["content"], rejected[-1]["content"]], "ranks": [0, 1]}
+        )
         prompts.append({"messages": context})
     print("demonstrations", _write(out / "demonstrations.jsonl", demos))
     print("rankings", _write(out / "rankings.jsonl", ranks))

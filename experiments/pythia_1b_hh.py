@@ -19,19 +19,43 @@ from __future__ import annotations
 from rlhf_jax.config import MeshConfig, OptimConfig, PPOConfig, PPOHyperparams, RewardConfig, RunConfig, SFTConfig
 
 DATA, MODEL, RUNS = "data/hh", "models/pythia-1b", "runs/pythia1b_hh"
-RUN = RunConfig(dtype="bfloat16", remat=True, mesh=MeshConfig(data=1, fsdp=-1, tensor=1), eval_every=500,
-                save_every=500)  # fmt: skip
+RUN = RunConfig(
+    dtype="bfloat16", remat=True, mesh=MeshConfig(data=1, fsdp=-1, tensor=1), eval_every=500, save_every=500
+)
 
-SFT = SFTConfig(data=f"{DATA}/demonstrations.jsonl", init=MODEL, out=f"{RUNS}/sft", epochs=2, batch_size=64,
-                seq_len=1024, dropout=0.0, optim=OptimConfig(learning_rate=1e-5), run=RUN)  # fmt: skip
-RM = RewardConfig(data=f"{DATA}/rankings.jsonl", init=f"{RUNS}/sft", out=f"{RUNS}/rm",
-                  demonstrations=f"{DATA}/demonstrations.jsonl", batch_size=64, max_prompt_len=768,
-                  max_response_len=256, optim=OptimConfig(learning_rate=9e-6), run=RUN)  # fmt: skip
-PPO = PPOConfig(prompts=f"{DATA}/prompts.jsonl", policy=f"{RUNS}/sft", reward=f"{RUNS}/rm", out=f"{RUNS}/ppo",
-                ptx_data=None,  # PPO-ptx: point at pretraining text, e.g. a Pile shard as {"text"} JSONL
-                max_steps=500, max_prompt_len=768,
-                hparams=PPOHyperparams(batch_size=256, minibatch_size=64, max_new_tokens=128, kl_coef=0.02),
-                run=RunConfig(dtype="bfloat16", remat=True, eval_every=25, save_every=25))  # fmt: skip
+SFT = SFTConfig(
+    data=f"{DATA}/demonstrations.jsonl",
+    init=MODEL,
+    out=f"{RUNS}/sft",
+    epochs=2,
+    batch_size=64,
+    seq_len=1024,
+    dropout=0.0,
+    optim=OptimConfig(learning_rate=1e-5),
+    run=RUN,
+)
+RM = RewardConfig(
+    data=f"{DATA}/rankings.jsonl",
+    init=f"{RUNS}/sft",
+    out=f"{RUNS}/rm",
+    demonstrations=f"{DATA}/demonstrations.jsonl",
+    batch_size=64,
+    max_prompt_len=768,
+    max_response_len=256,
+    optim=OptimConfig(learning_rate=9e-6),
+    run=RUN,
+)
+PPO = PPOConfig(
+    prompts=f"{DATA}/prompts.jsonl",
+    policy=f"{RUNS}/sft",
+    reward=f"{RUNS}/rm",
+    out=f"{RUNS}/ppo",
+    ptx_data=None,  # PPO-ptx: point at pretraining text, e.g. a Pile shard as {"text"} JSONL
+    max_steps=500,
+    max_prompt_len=768,
+    hparams=PPOHyperparams(batch_size=256, minibatch_size=64, max_new_tokens=128, kl_coef=0.02),
+    run=RunConfig(dtype="bfloat16", remat=True, eval_every=25, save_every=25),
+)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ from rlhf_jax.config import PPOConfig, RewardConfig, SFTConfig
 
 def run_stages(sft: SFTConfig, rm: RewardConfig, ppo: PPOConfig, usage: str, argv: list[str] | None = None) -> None:
     """Run one stage by name, or all three in order (each resumes if its run directory exists)."""
-    from rlhf_jax.drivers import run_ppo
-    from rlhf_jax.drivers import run_rm
-    from rlhf_jax.drivers import run_sft
+    from rlhf_jax.drivers import run_ppo, run_rm, run_sft
 
     argv = sys.argv[1:] if argv is None else argv
     stage = argv[0] if argv else "all"

@@ -35,25 +35,55 @@ from rlhf_jax.ppo import init_ppo_state, make_iteration, make_rollout, make_upda
 
 _GPT2 = dict(family="gpt2", qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=True)
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(**_GPT2, vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=256),
+    "tiny": ModelConfig(
+        **_GPT2, vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=256
+    ),
     # the peer baseline's two CPU models (../shared/bench/trl_baseline.py)
-    "small": ModelConfig(**_GPT2, vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=256),
-    "medium": ModelConfig(**_GPT2, vocab_size=8192, hidden_size=512, num_layers=6, num_heads=8, max_position_embeddings=256),
+    "small": ModelConfig(
+        **_GPT2, vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=256
+    ),
+    "medium": ModelConfig(
+        **_GPT2, vocab_size=8192, hidden_size=512, num_layers=6, num_heads=8, max_position_embeddings=256
+    ),
     # real sizes; GPT-2's vocabulary 50257 padded to 50304 (a multiple of 128, as nanoGPT does) so it shards evenly
-    "gpt2-124m": ModelConfig(**_GPT2, vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12,
-                             max_position_embeddings=1024),
-    "gpt2-355m": ModelConfig(**_GPT2, vocab_size=50304, hidden_size=1024, num_layers=24, num_heads=16,
-                             max_position_embeddings=1024),
+    "gpt2-124m": ModelConfig(
+        **_GPT2, vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12, max_position_embeddings=1024
+    ),
+    "gpt2-355m": ModelConfig(
+        **_GPT2, vocab_size=50304, hidden_size=1024, num_layers=24, num_heads=16, max_position_embeddings=1024
+    ),
     # TinyLlama-1.1B's shape: 22 layers, d 2048, GQA 32 query / 4 KV heads, SwiGLU 5632
-    "1b": ModelConfig(family="llama", vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
-                      intermediate_size=5632, activation="silu", max_position_embeddings=2048),
-}  # fmt: skip
+    "1b": ModelConfig(
+        family="llama",
+        vocab_size=32000,
+        hidden_size=2048,
+        num_layers=22,
+        num_heads=32,
+        num_kv_heads=4,
+        intermediate_size=5632,
+        activation="silu",
+        max_position_embeddings=2048,
+    ),
+}
 
 # Mesh shapes (data, fsdp, tensor) tried by --check-meshes, kept where they fit the device count.
 CHECK_MESHES: tuple[tuple[int, int, int], ...] = (
-    (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (2, 4, 1), (4, 1, 2), (4, 2, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2),
-    (4, 1, 1), (1, 4, 1), (2, 2, 1), (1, 2, 2), (1, 1, 1),
-)  # fmt: skip
+    (8, 1, 1),
+    (1, 8, 1),
+    (2, 2, 2),
+    (1, 4, 2),
+    (2, 4, 1),
+    (4, 1, 2),
+    (4, 2, 1),
+    (2, 1, 1),
+    (1, 2, 1),
+    (1, 1, 2),
+    (4, 1, 1),
+    (1, 4, 1),
+    (2, 2, 1),
+    (1, 2, 2),
+    (1, 1, 1),
+)
 
 Stage = Literal["sft", "rm", "ppo"]
 
@@ -120,8 +150,12 @@ def _sharded_step(model_cfg: ModelConfig, head: str, mesh: Any, optim: OptimConf
     optimizer = make_optimizer(optim, 10_000)
     state, shardings = sharded_train_state(model, random_params(model), optimizer, 0, mesh)
     batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
-    step = jax.jit(make_step(model, optimizer), in_shardings=(shardings, batch_sh),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))  # fmt: skip
+    step = jax.jit(
+        make_step(model, optimizer),
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
     return step, state, sharding.shard_batch(batch, mesh)
 
 
@@ -138,8 +172,17 @@ def _run_state_step(step: Callable, state: Any, batch: Any, mesh: Any, *, warmup
     return timing, first, metrics
 
 
-def measure_sft(model_cfg: ModelConfig, mesh: Any, *, batch_size: int, seq_len: int, optim: OptimConfig,
-                warmup: int, repeats: int, seed: int = 0) -> dict:  # fmt: skip
+def measure_sft(
+    model_cfg: ModelConfig,
+    mesh: Any,
+    *,
+    batch_size: int,
+    seq_len: int,
+    optim: OptimConfig,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+) -> dict:
     """One SFT step (causal LM loss on every token of ``batch_size x seq_len``)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, model_cfg.vocab_size, (batch_size, seq_len)).astype(np.int32)
@@ -147,31 +190,63 @@ def measure_sft(model_cfg: ModelConfig, mesh: Any, *, batch_size: int, seq_len: 
     step, state, dev_batch = _sharded_step(model_cfg, "lm", mesh, optim, sft.make_train_step, batch)
     timing, first, metrics = _run_state_step(step, state, dev_batch, mesh, warmup=warmup, repeats=repeats)
     flops = train_flops(model_cfg, sequences=batch_size, seq_len=seq_len)
-    return dict(step_s=timing, first_call_s=first, tokens_per_s=batch_size * seq_len / timing["median"],
-                flops=flops, loss=float(metrics["loss"]), batch=batch_size, seq=seq_len)  # fmt: skip
+    return dict(
+        step_s=timing,
+        first_call_s=first,
+        tokens_per_s=batch_size * seq_len / timing["median"],
+        flops=flops,
+        loss=float(metrics["loss"]),
+        batch=batch_size,
+        seq=seq_len,
+    )
 
 
 def ranking_batch(rng: np.random.Generator, *, prompts: int, k: int, seq_len: int, vocab: int) -> dict:
     """Random full-length ranked groups: [B, K, L] ids, distinct ranks (C(K,2) comparisons each)."""
     ids = rng.integers(3, vocab, (prompts, k, seq_len)).astype(np.int32)
     ranks = np.stack([rng.permutation(k) for _ in range(prompts)]).astype(np.int32)  # [B, K]
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "ranks": ranks,
-            "valid": np.ones((prompts, k), bool), "end_index": np.full((prompts, k), seq_len - 1, np.int32)}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "ranks": ranks,
+        "valid": np.ones((prompts, k), bool),
+        "end_index": np.full((prompts, k), seq_len - 1, np.int32),
+    }
 
 
-def measure_rm(model_cfg: ModelConfig, mesh: Any, *, prompts: int, k: int, seq_len: int, optim: OptimConfig,
-               warmup: int, repeats: int, seed: int = 0) -> dict:  # fmt: skip
+def measure_rm(
+    model_cfg: ModelConfig,
+    mesh: Any,
+    *,
+    prompts: int,
+    k: int,
+    seq_len: int,
+    optim: OptimConfig,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+) -> dict:
     """One reward-model step on ``prompts`` groups of ``k`` ranked responses (InstructGPT eq. 1)."""
-    batch = ranking_batch(np.random.default_rng(seed), prompts=prompts, k=k, seq_len=seq_len,
-                          vocab=model_cfg.vocab_size)  # fmt: skip
+    batch = ranking_batch(
+        np.random.default_rng(seed), prompts=prompts, k=k, seq_len=seq_len, vocab=model_cfg.vocab_size
+    )
     step, state, dev_batch = _sharded_step(model_cfg, "scalar", mesh, optim, reward.make_train_step, batch)
     timing, first, metrics = _run_state_step(step, state, dev_batch, mesh, warmup=warmup, repeats=repeats)
     comparisons = prompts * k * (k - 1) // 2
     med = timing["median"]
-    return dict(step_s=timing, first_call_s=first, prompts=prompts, k=k, seq=seq_len, comparisons=comparisons,
-                comparisons_per_s=comparisons / med, sequences_per_s=prompts * k / med,
-                tokens_per_s=prompts * k * seq_len / med, pair_accuracy=float(metrics["accuracy"]),
-                flops=train_flops(model_cfg, sequences=prompts * k, seq_len=seq_len, lm_head=False))  # fmt: skip
+    return dict(
+        step_s=timing,
+        first_call_s=first,
+        prompts=prompts,
+        k=k,
+        seq=seq_len,
+        comparisons=comparisons,
+        comparisons_per_s=comparisons / med,
+        sequences_per_s=prompts * k / med,
+        tokens_per_s=prompts * k * seq_len / med,
+        pair_accuracy=float(metrics["accuracy"]),
+        flops=train_flops(model_cfg, sequences=prompts * k, seq_len=seq_len, lm_head=False),
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -183,8 +258,17 @@ class PPOBenchSpec:
     ptx_seq_len: int | None = None
 
 
-def measure_ppo(model_cfg: ModelConfig, mesh: Any, spec: PPOBenchSpec, *, prompt_len: int, warmup: int,
-                repeats: int, split: bool = True, seed: int = 0) -> dict:  # fmt: skip
+def measure_ppo(
+    model_cfg: ModelConfig,
+    mesh: Any,
+    spec: PPOBenchSpec,
+    *,
+    prompt_len: int,
+    warmup: int,
+    repeats: int,
+    split: bool = True,
+    seed: int = 0,
+) -> dict:
     """One PPO(-ptx) iteration (rollout + update), and with ``split`` the rollout and the update timed apart.
 
     Policy, separate value network, frozen reference and reward model all of ``model_cfg``'s
@@ -211,20 +295,27 @@ def measure_ppo(model_cfg: ModelConfig, mesh: Any, spec: PPOBenchSpec, *, prompt
 
     rng = np.random.default_rng(seed)
     vocab, b = model_cfg.vocab_size, ppo.batch_size
-    host = {"prompt_ids": rng.integers(3, vocab - 1, (b, prompt_len)).astype(np.int32),
-            "prompt_mask": np.ones((b, prompt_len), np.int32)}  # fmt: skip
+    host = {
+        "prompt_ids": rng.integers(3, vocab - 1, (b, prompt_len)).astype(np.int32),
+        "prompt_mask": np.ones((b, prompt_len), np.int32),
+    }
     if spec.ptx_seq_len is not None:
         rows = ppo.updates_per_iteration * ppo.rows_per_ptx_minibatch
         ids = rng.integers(3, vocab - 1, (rows, spec.ptx_seq_len)).astype(np.int32)
-        host |= {"ptx_input_ids": ids, "ptx_attention_mask": np.ones_like(ids),
-                 "ptx_loss_mask": np.ones(ids.shape, np.float32)}  # fmt: skip
+        host |= {
+            "ptx_input_ids": ids,
+            "ptx_attention_mask": np.ones_like(ids),
+            "ptx_loss_mask": np.ones(ids.shape, np.float32),
+        }
     batch = sharding.shard_batch(host, mesh)
     batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in host.items()}
     eos, pad = vocab - 1, 0
-    iteration = jax.jit(make_iteration(ppo, policy, scalar, scalar, policy_opt, value_opt, eos_token_id=eos,
-                                       pad_token_id=pad),
-                        in_shardings=(state_sh, batch_sh, ref_sh, rm_sh),
-                        out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))  # fmt: skip
+    iteration = jax.jit(
+        make_iteration(ppo, policy, scalar, scalar, policy_opt, value_opt, eos_token_id=eos, pad_token_id=pad),
+        in_shardings=(state_sh, batch_sh, ref_sh, rm_sh),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
     holder = [state]
 
     def call_iteration():
@@ -237,15 +328,22 @@ def measure_ppo(model_cfg: ModelConfig, mesh: Any, spec: PPOBenchSpec, *, prompt
     )
     with sharding.use_mesh(mesh):
         timing, first = time_calls(call_iteration, warmup=warmup, repeats=repeats)
-        out |= dict(iter_s=timing, first_call_s=first, episodes_per_s=b / timing["median"],
-                    tokens_per_s=b * (prompt_len + ppo.max_new_tokens) / timing["median"])  # fmt: skip
+        out |= dict(
+            iter_s=timing,
+            first_call_s=first,
+            episodes_per_s=b / timing["median"],
+            tokens_per_s=b * (prompt_len + ppo.max_new_tokens) / timing["median"],
+        )
         if split:  # the two halves jitted apart, the update donating a fresh copy of the state (as the iteration does)
             rollout = jax.jit(make_rollout(ppo, policy, scalar, scalar, eos_token_id=eos, pad_token_id=pad))
             update = jax.jit(make_update(ppo, policy, scalar, policy_opt, value_opt), donate_argnums=(0,))
             ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")} or None
             ro = rollout(holder[0], batch["prompt_ids"], batch["prompt_mask"], ref, rm)
-            out["rollout_s"], _ = time_calls(lambda: rollout(holder[0], batch["prompt_ids"], batch["prompt_mask"], ref, rm),
-                                             warmup=warmup, repeats=repeats)  # fmt: skip
+            out["rollout_s"], _ = time_calls(
+                lambda: rollout(holder[0], batch["prompt_ids"], batch["prompt_mask"], ref, rm),
+                warmup=warmup,
+                repeats=repeats,
+            )
             times = []
             for i in range(warmup + repeats):
                 fresh = jax.block_until_ready(jax.tree.map(lambda x: x.copy(), holder[0]))
@@ -257,14 +355,26 @@ def measure_ppo(model_cfg: ModelConfig, mesh: Any, spec: PPOBenchSpec, *, prompt
     return out
 
 
-def ppo_config(*, batch: int, minibatch: int, prompt_len: int, new_tokens: int, ptx: bool,
-               ptx_seq_len: int | None = None) -> PPOBenchSpec:  # fmt: skip
+def ppo_config(
+    *, batch: int, minibatch: int, prompt_len: int, new_tokens: int, ptx: bool, ptx_seq_len: int | None = None
+) -> PPOBenchSpec:
     """The peer baseline's PPO settings: 1 epoch, T 0.7, beta 0.05, lr 1e-5 constant, no clipping,
     ptx = ``minibatch`` rows of ``prompt_len + new_tokens`` per minibatch with coefficient 27.8."""
-    hparams = PPOHyperparams(batch_size=batch, minibatch_size=minibatch, ppo_epochs=1, max_new_tokens=new_tokens,
-                             temperature=0.7, kl_coef=0.05, ptx_coef=27.8, ptx_rows=minibatch)  # fmt: skip
-    return PPOBenchSpec(hparams=hparams, optim=OptimConfig(learning_rate=1e-5, schedule="constant", max_grad_norm=None),
-                        ptx_seq_len=(ptx_seq_len or prompt_len + new_tokens) if ptx else None)  # fmt: skip
+    hparams = PPOHyperparams(
+        batch_size=batch,
+        minibatch_size=minibatch,
+        ppo_epochs=1,
+        max_new_tokens=new_tokens,
+        temperature=0.7,
+        kl_coef=0.05,
+        ptx_coef=27.8,
+        ptx_rows=minibatch,
+    )
+    return PPOBenchSpec(
+        hparams=hparams,
+        optim=OptimConfig(learning_rate=1e-5, schedule="constant", max_grad_norm=None),
+        ptx_seq_len=(ptx_seq_len or prompt_len + new_tokens) if ptx else None,
+    )
 
 
 # ----------------------------------------------------------------------------- the command
@@ -302,26 +412,48 @@ def run_bench(args: BenchArgs) -> dict:
             raise ValueError(f"--seq-len {args.seq_len} > {preset}'s {model_cfg.max_position_embeddings} positions")
         # --check-meshes: 2 rows per device, so that every mesh's batch axes divide the RM's B / 2 prompts
         batch_size = 2 * len(devices) if args.check_meshes else args.batch_size
-        shapes = (meshes_that_fit(len(devices), model_cfg, batch_size // 2) if args.check_meshes
-                  else [parse_mesh(m).shape(len(devices)) for m in args.meshes])  # fmt: skip
+        shapes = (
+            meshes_that_fit(len(devices), model_cfg, batch_size // 2)
+            if args.check_meshes
+            else [parse_mesh(m).shape(len(devices)) for m in args.meshes]
+        )
         for shape in shapes:
             if (batch_size // 2) % (shape[0] * shape[1]):
-                raise ValueError(f"mesh {shape}: data x fsdp = {shape[0] * shape[1]} must divide the RM's "
-                                 f"{batch_size // 2} prompts (--batch-size / 2)")  # fmt: skip
+                raise ValueError(
+                    f"mesh {shape}: data x fsdp = {shape[0] * shape[1]} must divide the RM's "
+                    f"{batch_size // 2} prompts (--batch-size / 2)"
+                )
             mesh = sharding.make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]), devices)
             row: dict[str, Any] = dict(preset=preset, mesh=list(shape), params=model_cfg.num_params())
             warmup, repeats = (1, 1) if args.check_meshes else (args.warmup, args.repeats)
             if "sft" in args.stages:
-                row["sft"] = measure_sft(model_cfg, mesh, batch_size=batch_size, seq_len=args.seq_len, optim=optim,
-                                         warmup=warmup, repeats=repeats)  # fmt: skip
+                row["sft"] = measure_sft(
+                    model_cfg,
+                    mesh,
+                    batch_size=batch_size,
+                    seq_len=args.seq_len,
+                    optim=optim,
+                    warmup=warmup,
+                    repeats=repeats,
+                )
             if "rm" in args.stages:
-                row["rm"] = measure_rm(model_cfg, mesh, prompts=max(batch_size // 2, 1), k=args.rm_k,
-                                       seq_len=args.seq_len, optim=optim, warmup=warmup, repeats=repeats)  # fmt: skip
+                row["rm"] = measure_rm(
+                    model_cfg,
+                    mesh,
+                    prompts=max(batch_size // 2, 1),
+                    k=args.rm_k,
+                    seq_len=args.seq_len,
+                    optim=optim,
+                    warmup=warmup,
+                    repeats=repeats,
+                )
             if "ppo" in args.stages:
-                cfg = ppo_config(batch=2 * batch_size, minibatch=batch_size, prompt_len=half, new_tokens=half,
-                                 ptx=args.ppo_ptx)  # fmt: skip
-                row["ppo"] = measure_ppo(model_cfg, mesh, cfg, prompt_len=half, warmup=warmup, repeats=repeats,
-                                         split=args.ppo_split)  # fmt: skip
+                cfg = ppo_config(
+                    batch=2 * batch_size, minibatch=batch_size, prompt_len=half, new_tokens=half, ptx=args.ppo_ptx
+                )
+                row["ppo"] = measure_ppo(
+                    model_cfg, mesh, cfg, prompt_len=half, warmup=warmup, repeats=repeats, split=args.ppo_split
+                )
             for stage in ("sft", "rm", "ppo"):
                 if stage in row:
                     r = row[stage]
@@ -332,9 +464,19 @@ def run_bench(args: BenchArgs) -> dict:
             row["peak_memory_bytes"], row["memory_source"] = peak_memory_bytes(list(mesh.devices.flat))
             rows.append(row)
             print(format_row(row), flush=True)
-    result = dict(device=devices[0].device_kind, platform=devices[0].platform, num_devices=len(devices),
-                  process_count=jax.process_count(), peak_flops=peak, peak_source=peak_source, dtype=args.dtype,
-                  remat=args.remat, check_meshes=args.check_meshes, args=dataclasses.asdict(args), rows=rows)  # fmt: skip
+    result = dict(
+        device=devices[0].device_kind,
+        platform=devices[0].platform,
+        num_devices=len(devices),
+        process_count=jax.process_count(),
+        peak_flops=peak,
+        peak_source=peak_source,
+        dtype=args.dtype,
+        remat=args.remat,
+        check_meshes=args.check_meshes,
+        args=dataclasses.asdict(args),
+        rows=rows,
+    )
     write_outputs(result, Path(args.out))
     return result
 

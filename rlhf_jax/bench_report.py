@@ -48,7 +48,7 @@ def markdown_table(result: dict) -> str:
             lines.append(
                 f"| {row['preset']} | {row['params'] / 1e6:.1f}M | {tuple(row['mesh'])} | {what} | {t['median'] * 1e3:.1f} ms "
                 f"| {r['first_call_s']:.1f} s | {r['tokens_per_s']:,.0f} | {extra} | {100 * r['mfu']:.1f}% | {mem} |"
-            )  # fmt: skip
+            )
     lines.append("")
     lines.append(f"Peak memory: {result['rows'][0]['memory_source'] if result['rows'] else '-'}.")
     return "\n".join(lines) + "\n"
@@ -69,8 +69,13 @@ def plot(result: dict, path: Path) -> None:
         values = [row[stage]["tokens_per_s"] for row in rows]
         bars = ax.bar(range(len(rows)), values, color="tab:blue")
         for bar, row in zip(bars, rows):
-            ax.annotate(f"{100 * row[stage]['mfu']:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+            ax.annotate(
+                f"{100 * row[stage]['mfu']:.0f}%",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{stage.upper()}: tokens/s (label: MFU)")

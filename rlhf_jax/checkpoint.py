@@ -155,7 +155,9 @@ class Checkpointer:
             try:
                 out = self._manager.restore(
                     s,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                    ),
                 )
                 for bad in steps:
                     if bad > s:
@@ -219,8 +221,14 @@ def abstract_like(tree: Any) -> Any:
 MODEL_INFO = "model.json"
 
 
-def write_model_info(run_dir: str | os.PathLike, model: Any, tokenizer: Any = None, *,
-                     params_path: tuple[str, ...] = ("params",), extra: dict | None = None) -> None:  # fmt: skip
+def write_model_info(
+    run_dir: str | os.PathLike,
+    model: Any,
+    tokenizer: Any = None,
+    *,
+    params_path: tuple[str, ...] = ("params",),
+    extra: dict | None = None,
+) -> None:
     """Record in ``run_dir`` what the checkpoints hold: model config, head, where the params sit.
 
     ``params_path`` is the key path of the deployable params inside the saved state
@@ -228,7 +236,12 @@ def write_model_info(run_dir: str | os.PathLike, model: Any, tokenizer: Any = No
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    info = {"model": dataclasses.asdict(model.config), "head": model.head, "params_path": list(params_path), **(extra or {})}
+    info = {
+        "model": dataclasses.asdict(model.config),
+        "head": model.head,
+        "params_path": list(params_path),
+        **(extra or {}),
+    }
     (run_dir / MODEL_INFO).write_text(json.dumps(info, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(run_dir / "tokenizer")

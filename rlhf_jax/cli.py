@@ -73,16 +73,40 @@ class PipelineArgs:
     def config(self) -> PipelineConfig:
         run = RunConfig(seed=self.seed)
         return PipelineConfig(
-            out=self.out, rounds=self.rounds, labeler=self.labeler, samples_per_prompt=self.samples_per_prompt,
+            out=self.out,
+            rounds=self.rounds,
+            labeler=self.labeler,
+            samples_per_prompt=self.samples_per_prompt,
             comparison_prompts=self.comparison_prompts,
-            sft=SFTConfig(data=self.demonstrations, init=self.init, out="", max_steps=self.sft_steps,
-                          seq_len=self.max_prompt_len + self.max_response_len, run=run),
-            rm=RewardConfig(data=self.rankings, init="", out="", max_steps=self.rm_steps, demonstrations=self.demonstrations,
-                            max_prompt_len=self.max_prompt_len, max_response_len=self.max_response_len, run=run),
-            ppo=PPOConfig(prompts=self.prompts, policy="", reward="", out="", ptx_data=self.ptx_data,
-                          max_steps=self.ppo_steps, max_prompt_len=self.max_prompt_len,
-                          hparams=PPOHyperparams(max_new_tokens=self.max_response_len)),
-        )  # fmt: skip
+            sft=SFTConfig(
+                data=self.demonstrations,
+                init=self.init,
+                out="",
+                max_steps=self.sft_steps,
+                seq_len=self.max_prompt_len + self.max_response_len,
+                run=run,
+            ),
+            rm=RewardConfig(
+                data=self.rankings,
+                init="",
+                out="",
+                max_steps=self.rm_steps,
+                demonstrations=self.demonstrations,
+                max_prompt_len=self.max_prompt_len,
+                max_response_len=self.max_response_len,
+                run=run,
+            ),
+            ppo=PPOConfig(
+                prompts=self.prompts,
+                policy="",
+                reward="",
+                out="",
+                ptx_data=self.ptx_data,
+                max_steps=self.ppo_steps,
+                max_prompt_len=self.max_prompt_len,
+                hparams=PPOHyperparams(max_new_tokens=self.max_response_len),
+            ),
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -126,22 +150,59 @@ def _smoke(args: SmokeArgs) -> None:
     base = tiny.make_model_dir(root / "base", vocab_size=len(tok), tokenizer=tok, seed=args.seed)
     files = tiny.write_data(root / "data", seed=args.seed)
     run = RunConfig(seed=args.seed, eval_every=max(1, args.steps // 3), save_every=args.steps, log_every=5)
-    sft_dir = run_sft(SFTConfig(data=str(files["demonstrations"]), init=str(base), out=str(root / "sft"),
-                                max_steps=args.steps, batch_size=16, seq_len=24, run=run,
-                                optim=dataclasses.replace(SFTConfig.optim, learning_rate=3e-3)))  # fmt: skip
-    rm_dir = run_rm(RewardConfig(data=str(files["rankings"]), init=str(sft_dir), out=str(root / "rm"),
-                                 demonstrations=str(files["demonstrations"]), max_steps=args.steps, batch_size=8,
-                                 max_prompt_len=8, max_response_len=8, run=run,
-                                 optim=dataclasses.replace(RewardConfig.optim, learning_rate=1e-3)))  # fmt: skip
-    ppo_dir = run_ppo(PPOConfig(prompts=str(files["prompts"]), policy=str(sft_dir), reward=str(rm_dir),
-                                out=str(root / "ppo"), ptx_data=str(files["text"]), max_steps=max(2, args.steps // 5),
-                                max_prompt_len=8, ptx_seq_len=24, run=dataclasses.replace(run, eval_every=3, save_every=3),
-                                hparams=PPOHyperparams(batch_size=16, minibatch_size=8, max_new_tokens=8)))  # fmt: skip
+    sft_dir = run_sft(
+        SFTConfig(
+            data=str(files["demonstrations"]),
+            init=str(base),
+            out=str(root / "sft"),
+            max_steps=args.steps,
+            batch_size=16,
+            seq_len=24,
+            run=run,
+            optim=dataclasses.replace(SFTConfig.optim, learning_rate=3e-3),
+        )
+    )
+    rm_dir = run_rm(
+        RewardConfig(
+            data=str(files["rankings"]),
+            init=str(sft_dir),
+            out=str(root / "rm"),
+            demonstrations=str(files["demonstrations"]),
+            max_steps=args.steps,
+            batch_size=8,
+            max_prompt_len=8,
+            max_response_len=8,
+            run=run,
+            optim=dataclasses.replace(RewardConfig.optim, learning_rate=1e-3),
+        )
+    )
+    ppo_dir = run_ppo(
+        PPOConfig(
+            prompts=str(files["prompts"]),
+            policy=str(sft_dir),
+            reward=str(rm_dir),
+            out=str(root / "ppo"),
+            ptx_data=str(files["text"]),
+            max_steps=max(2, args.steps // 5),
+            max_prompt_len=8,
+            ptx_seq_len=24,
+            run=dataclasses.replace(run, eval_every=3, save_every=3),
+            hparams=PPOHyperparams(batch_size=16, minibatch_size=8, max_new_tokens=8),
+        )
+    )
     model, params, tok = checkpoint.load_model(sft_dir)
     enc = tok(["w5 w6 w7", "w9 w3"], padding=True, return_tensors="np", padding_side="left")
-    out = generate(model, params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]),
-                   jax.random.key(args.seed), max_new_tokens=8, temperature=0.0,
-                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    out = generate(
+        model,
+        params,
+        jnp.asarray(enc["input_ids"]),
+        jnp.asarray(enc["attention_mask"]),
+        jax.random.key(args.seed),
+        max_new_tokens=8,
+        temperature=0.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     sft_metrics = [m for m in read_metrics(sft_dir) if "train/loss" in m]
     rm_metrics = [m for m in read_metrics(rm_dir) if "val/accuracy" in m]
     print(f"SFT loss {sft_metrics[0]['train/loss']:.3f} -> {sft_metrics[-1]['train/loss']:.3f}")
@@ -150,13 +211,18 @@ def _smoke(args: SmokeArgs) -> None:
     for prompt, row, m in zip(["w5 w6 w7", "w9 w3"], out.tokens.tolist(), out.mask.tolist()):
         print(f"  {prompt!r} -> {tok.decode([t for t, k in zip(row, m) if k])!r}")
     ppo_metrics = [m for m in read_metrics(ppo_dir) if "objective/scores" in m]
-    print(f"PPO-ptx RM score {ppo_metrics[0]['objective/scores']:.3f} -> {ppo_metrics[-1]['objective/scores']:.3f}, "
-          f"KL {ppo_metrics[-1]['objective/kl']:.3f}")
+    print(
+        f"PPO-ptx RM score {ppo_metrics[0]['objective/scores']:.3f} -> {ppo_metrics[-1]['objective/scores']:.3f}, "
+        f"KL {ppo_metrics[-1]['objective/kl']:.3f}"
+    )
     print(f"run directories under {root}")
 
 
 COMMANDS = {
-    "demo": (DemoConfig, "The whole InstructGPT pipeline on the built-in task, on CPU, with a report (--quick: test-sized)."),
+    "demo": (
+        DemoConfig,
+        "The whole InstructGPT pipeline on the built-in task, on CPU, with a report (--quick: test-sized).",
+    ),
     "sft": (SFTConfig, "Supervised fine-tuning on demonstrations (or --mode pretrain on text)."),
     "rm": (RewardConfig, "Reward model on K-way rankings (all C(K,2) pairs of a prompt in one batch element)."),
     "dpo": (DPOConfig, "Direct preference optimisation on rankings against the frozen --init as the reference."),
@@ -165,7 +231,10 @@ COMMANDS = {
     "pipeline": (PipelineArgs, PipelineArgs.__doc__),
     "export": (ExportArgs, ExportArgs.__doc__),
     "smoke": (SmokeArgs, SmokeArgs.__doc__),
-    "bench": (BenchArgs, BenchArgs.__doc__ + " --check-meshes: compile and run every mesh shape that fits (CPU: fake devices)."),
+    "bench": (
+        BenchArgs,
+        BenchArgs.__doc__ + " --check-meshes: compile and run every mesh shape that fits (CPU: fake devices).",
+    ),
 }
 
 # Run configs whose algorithm hyperparameters (a nested ``hparams`` dataclass: what the pure

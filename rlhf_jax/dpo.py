@@ -69,8 +69,13 @@ def sequence_logps(model: CausalLM, params: Any, batch: dict) -> jax.Array:
     return _logps_and_finite(model, params, batch)[0]
 
 
-def ranking_dpo_loss(logps: jax.Array, ref_logps: jax.Array, ranks: jax.Array, valid: jax.Array,
-                     hparams: DPOHyperparams = DPOHyperparams()) -> tuple[jax.Array, dict]:  # fmt: skip
+def ranking_dpo_loss(
+    logps: jax.Array,
+    ref_logps: jax.Array,
+    ranks: jax.Array,
+    valid: jax.Array,
+    hparams: DPOHyperparams = DPOHyperparams(),
+) -> tuple[jax.Array, dict]:
     """The DPO loss of K ranked responses per prompt, Plackett-Luce or all pairs (``hparams.k_way``).
 
     Args:
@@ -102,8 +107,15 @@ def ranking_dpo_loss(logps: jax.Array, ref_logps: jax.Array, ranks: jax.Array, v
     (cw, cl), (rw, rl) = pick(logps), pick(ref_logps)
 
     def one_pair(c, r, rc, rr):  # scalars -> dpo_loss on a batch of one pair
-        return losses.dpo_loss(c[None], r[None], rc[None], rr[None], beta=hparams.beta, loss_type=hparams.loss_type,
-                               label_smoothing=hparams.label_smoothing)  # fmt: skip
+        return losses.dpo_loss(
+            c[None],
+            r[None],
+            rc[None],
+            rr[None],
+            beta=hparams.beta,
+            loss_type=hparams.loss_type,
+            label_smoothing=hparams.label_smoothing,
+        )
 
     per_pair, m = jax.vmap(one_pair)(cw, cl, rw, rl)  # [B*P] and metrics [B*P]
     b, p = pair.shape
@@ -113,22 +125,33 @@ def ranking_dpo_loss(logps: jax.Array, ref_logps: jax.Array, ranks: jax.Array, v
     counted = n_pairs > 0
     loss = ops.masked_mean(per_prompt, counted)
     over_pairs = lambda name: ops.masked_mean(jnp.where(pair, m[name].reshape(b, p), 0.0), pair)  # noqa: E731
-    metrics = {"loss": loss, **{name: over_pairs(name) for name in
-                                ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")},
-               "num_pairs": jnp.sum(pair).astype(jnp.float32),
-               "num_prompts": jnp.sum(counted).astype(jnp.float32)}  # fmt: skip
+    metrics = {
+        "loss": loss,
+        **{
+            name: over_pairs(name)
+            for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+        },
+        "num_pairs": jnp.sum(pair).astype(jnp.float32),
+        "num_prompts": jnp.sum(counted).astype(jnp.float32),
+    }
     return loss, metrics
 
 
 def metric_weights(hparams: DPOHyperparams) -> dict[str, str]:
     """metric -> the count it is a mean over (``num_prompts`` / ``num_pairs``): for weighted evaluation."""
     ends = "num_prompts" if hparams.k_way == "pl" else "num_pairs"
-    return {"loss": "num_prompts", "rewards/accuracies": "num_pairs", "rewards/margins": "num_pairs",
-            "rewards/chosen": ends, "rewards/rejected": ends}  # fmt: skip
+    return {
+        "loss": "num_prompts",
+        "rewards/accuracies": "num_pairs",
+        "rewards/margins": "num_pairs",
+        "rewards/chosen": ends,
+        "rewards/rejected": ends,
+    }
 
 
-def dpo_objective(model: CausalLM, params: Any, batch: dict, ref_logps: jax.Array,
-                  hparams: DPOHyperparams = DPOHyperparams()) -> tuple[jax.Array, dict]:  # fmt: skip
+def dpo_objective(
+    model: CausalLM, params: Any, batch: dict, ref_logps: jax.Array, hparams: DPOHyperparams = DPOHyperparams()
+) -> tuple[jax.Array, dict]:
     """:func:`ranking_dpo_loss` of the policy's :func:`sequence_logps` against ``ref_logps`` [B, K]
     (no gradient through them); metrics add the ``finite/logits`` flag."""
     logps, finite = _logps_and_finite(model, params, batch)
@@ -144,8 +167,9 @@ def _reference(model: CausalLM, batch: dict, ref_params: Any) -> jax.Array:
     return sequence_logps(model, ref_params, batch)
 
 
-def make_train_step(model: CausalLM, optimizer: optax.GradientTransformation,
-                    hparams: DPOHyperparams = DPOHyperparams()) -> Callable:  # fmt: skip
+def make_train_step(
+    model: CausalLM, optimizer: optax.GradientTransformation, hparams: DPOHyperparams = DPOHyperparams()
+) -> Callable:
     """``step(state, batch[, ref_params]) -> (state, metrics)``: the reference log-probs come from
     ``batch["ref_logps"]`` (cached), else from a forward pass of ``ref_params``.
 
@@ -169,5 +193,12 @@ def make_eval_step(model: CausalLM, hparams: DPOHyperparams = DPOHyperparams()) 
     return eval_step
 
 
-__all__ = ["dpo_objective", "make_eval_step", "make_train_step", "metric_weights", "ranking_dpo_loss",
-           "response_mask", "sequence_logps"]  # fmt: skip
+__all__ = [
+    "dpo_objective",
+    "make_eval_step",
+    "make_train_step",
+    "metric_weights",
+    "ranking_dpo_loss",
+    "response_mask",
+    "sequence_logps",
+]

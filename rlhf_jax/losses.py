@@ -58,9 +58,7 @@ def token_cross_entropy(logits: chex.Array, targets: chex.Array) -> jax.Array:
     return -ops.gather_logprobs(logits, targets)
 
 
-def masked_lm_loss(
-    logits: chex.Array, targets: chex.Array, loss_mask: chex.Array
-) -> tuple[jax.Array, Metrics]:
+def masked_lm_loss(logits: chex.Array, targets: chex.Array, loss_mask: chex.Array) -> tuple[jax.Array, Metrics]:
     """Token-averaged language-modelling loss (SFT, and the ptx term of PPO-ptx).
 
     ``L = sum_t m_t * (-log pi(y_t | y_<t)) / sum_t m_t`` over all real tokens of the
@@ -173,9 +171,7 @@ def k_way_ranking_loss(
     r = jnp.where(is_valid, jnp.asarray(rewards).astype(jnp.float32), 0.0)  # [B, K]
     ranks = jnp.asarray(ranks)
     # pairs[b, i, j]: slot i is ranked strictly better than slot j, both valid.  [B, K, K]
-    pairs = (
-        is_valid[:, :, None] & is_valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
-    ).astype(jnp.float32)
+    pairs = (is_valid[:, :, None] & is_valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])).astype(jnp.float32)
     diff = r[:, :, None] - r[:, None, :]  # [B, K, K]: r_i - r_j
     pair_loss = -jax.nn.log_sigmoid(diff - margin)  # [B, K, K]
 
@@ -300,26 +296,26 @@ def value_loss(
 ) -> tuple[jax.Array, Metrics]:
     """Clipped value-function loss, as in lm-human-preferences, over real tokens.
 
-    ``v_clip = v_old + clip(v - v_old, -eps, eps)`` and
-    ``L = 0.5 * mean_m( max((v - R)^2, (v_clip - R)^2) )``. Where the clipped error is the
-    larger one the gradient is 0 (the update is already out of the trust region).
-``old_values`` and ``returns`` are data: gradients are stopped through them.
+        ``v_clip = v_old + clip(v - v_old, -eps, eps)`` and
+        ``L = 0.5 * mean_m( max((v - R)^2, (v_clip - R)^2) )``. Where the clipped error is the
+        larger one the gradient is 0 (the update is already out of the trust region).
+    ``old_values`` and ``returns`` are data: gradients are stopped through them.
 
-    Args:
-      values: ``[B, T]`` current value predictions.
-      old_values: ``[B, T]`` value predictions at rollout time.
-      returns: ``[B, T]`` regression targets (advantages + old values).
-      mask: ``[B, T]``, 1 = response token.
-      clip_eps: value clip range (0.2 in Ziegler et al.).
+        Args:
+          values: ``[B, T]`` current value predictions.
+          old_values: ``[B, T]`` value predictions at rollout time.
+          returns: ``[B, T]`` regression targets (advantages + old values).
+          mask: ``[B, T]``, 1 = response token.
+          clip_eps: value clip range (0.2 in Ziegler et al.).
 
-    Returns:
-      ``(loss, metrics)``: metrics ``value_loss`` and ``vf_clipfrac`` (fraction of tokens
-      where the clipped error is the larger).
+        Returns:
+          ``(loss, metrics)``: metrics ``value_loss`` and ``vf_clipfrac`` (fraction of tokens
+          where the clipped error is the larger).
 
-    >>> loss, m = value_loss(jnp.array([[1.0, 0.1]]), jnp.zeros((1, 2)), jnp.ones((1, 2)),
-    ...                      jnp.ones((1, 2)), clip_eps=0.2)
-    >>> print(round(float(loss), 4), float(m["vf_clipfrac"]))
-    0.3625 0.5
+        >>> loss, m = value_loss(jnp.array([[1.0, 0.1]]), jnp.zeros((1, 2)), jnp.ones((1, 2)),
+        ...                      jnp.ones((1, 2)), clip_eps=0.2)
+        >>> print(round(float(loss), 4), float(m["vf_clipfrac"]))
+        0.3625 0.5
     """
     chex.assert_rank([values, old_values, returns, mask], 2)
     chex.assert_equal_shape([values, old_values, returns, mask])

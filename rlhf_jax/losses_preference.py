@@ -193,9 +193,7 @@ def plackett_luce_dpo_loss(
     loss = ops.masked_mean(per_prompt, counted)
 
     # pairs[b, i, j]: slot i ranked strictly better than slot j, both valid.  [B, K, K]
-    pairs = (is_valid[:, :, None] & is_valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])).astype(
-        jnp.float32
-    )
+    pairs = (is_valid[:, :, None] & is_valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])).astype(jnp.float32)
     diff = s[:, :, None] - s[:, None, :]  # [B, K, K]: s_i - s_j
     worst = jnp.take_along_axis(s_sorted, jnp.maximum(n_valid - 1, 0)[:, None], axis=1)[:, 0]  # [B]
     metrics = {

@@ -77,8 +77,9 @@ def generate_flops(cfg: ModelConfig, *, batch: int, prompt_len: int, new_tokens:
     return prefill + forward_flops(cfg, tokens=steps, context=prompt_len + new_tokens / 2, head_tokens=steps)
 
 
-def ppo_flops(cfg: ModelConfig, ppo: PPOHyperparams, *, prompt_len: int,
-              ptx_seq_len: int | None = None) -> dict[str, float]:  # fmt: skip
+def ppo_flops(
+    cfg: ModelConfig, ppo: PPOHyperparams, *, prompt_len: int, ptx_seq_len: int | None = None
+) -> dict[str, float]:
     """Rollout, update and total model FLOPs of one PPO iteration (separate value network);
     with ``ptx_seq_len``, PPO-ptx's pretraining rows of that length too."""
     b, r = ppo.batch_size, ppo.max_new_tokens

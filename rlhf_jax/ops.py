@@ -210,4 +210,3 @@ def last_token_index(mask: chex.Array) -> jax.Array:
     chex.assert_rank(mask, 2)
     positions = jnp.arange(mask.shape[-1], dtype=jnp.int32)
     return jnp.max(jnp.where(jnp.asarray(mask) != 0, positions, 0), axis=-1)
-

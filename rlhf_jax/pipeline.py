@@ -77,23 +77,36 @@ def collect_comparisons(cfg: PipelineConfig, round_dir: Path, policy_dir: Path) 
         texts = [r["prompt"] for r in prompts]
         groups: list[list[tuple[str, bool]]] = [[] for _ in texts]
         for k in range(cfg.samples_per_prompt):
-            outs = sample_responses(model, params, tok, texts, key=jax.random.key(1000 + k),
-                                    max_prompt_len=cfg.ppo.max_prompt_len,
-                                    max_new_tokens=cfg.ppo.hparams.max_new_tokens, temperature=cfg.ppo.hparams.temperature)  # fmt: skip
+            outs = sample_responses(
+                model,
+                params,
+                tok,
+                texts,
+                key=jax.random.key(1000 + k),
+                max_prompt_len=cfg.ppo.max_prompt_len,
+                max_new_tokens=cfg.ppo.hparams.max_new_tokens,
+                temperature=cfg.ppo.hparams.temperature,
+            )
             for g, o in zip(groups, outs):
                 g.append(strip_eos(o, tok.eos_token))
-        rows = [{"prompt": t, "responses": [r for r, _ in g], "ended": [e for _, e in g], "user_id": p.get("user_id")}
-                for t, g, p in zip(texts, groups, prompts)]  # fmt: skip
+        rows = [
+            {"prompt": t, "responses": [r for r, _ in g], "ended": [e for _, e in g], "user_id": p.get("user_id")}
+            for t, g, p in zip(texts, groups, prompts)
+        ]
         _write_jsonl(to_rank, rows)
     if cfg.labeler == "file":
-        log.warning("pipeline: rank %s and write %s (add \"ranks\", 0 = best), then run again", to_rank, ranked)
+        log.warning('pipeline: rank %s and write %s (add "ranks", 0 = best), then run again', to_rank, ranked)
         return None
     world = World(WorldConfig(seed=cfg.world_seed))
     rows = _read_jsonl(to_rank)
     usable = [r for r in rows if len(set(r["responses"])) >= 2 and all(r["responses"])]
-    recs = world.rankings([r["prompt"] for r in usable], [r["responses"] for r in usable],
-                          [r.get("user_id") for r in usable], seed=len(rows),
-                          ended=[r["ended"] for r in usable])  # fmt: skip
+    recs = world.rankings(
+        [r["prompt"] for r in usable],
+        [r["responses"] for r in usable],
+        [r.get("user_id") for r in usable],
+        seed=len(rows),
+        ended=[r["ended"] for r in usable],
+    )
     return _write_jsonl(ranked, recs)
 
 
@@ -112,7 +125,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             comparisons.append(new)
         merged = _write_jsonl(round_dir / "all_rankings.jsonl", [row for p in comparisons for row in _read_jsonl(p)])
         rm_dir = run_rm(dataclasses.replace(cfg.rm, data=str(merged), init=str(sft_dir), out=str(round_dir / "rm")))
-        policy_dir = run_ppo(dataclasses.replace(cfg.ppo, policy=str(sft_dir), reward=str(rm_dir),
-                                                 out=str(round_dir / "ppo")))  # fmt: skip
+        policy_dir = run_ppo(
+            dataclasses.replace(cfg.ppo, policy=str(sft_dir), reward=str(rm_dir), out=str(round_dir / "ppo"))
+        )
         log.info("pipeline: round %d done: %s", r, policy_dir)
     return policy_dir

@@ -131,8 +131,9 @@ class ResponseOutputs(NamedTuple):
     values: jax.Array | None
 
 
-def response_forward(model: CausalLM, params: Any, sequences: jax.Array, mask: jax.Array, prompt_len: int,
-                     temperature: float = 1.0) -> ResponseOutputs:  # fmt: skip
+def response_forward(
+    model: CausalLM, params: Any, sequences: jax.Array, mask: jax.Array, prompt_len: int, temperature: float = 1.0
+) -> ResponseOutputs:
     """One forward pass over prompt + response; position ``P - 1 + t`` predicts response token t.
 
     A large vocabulary's LM head runs in chunks (``models.lm_head``): the [B, R, V] logits
@@ -140,8 +141,13 @@ def response_forward(model: CausalLM, params: Any, sequences: jax.Array, mask: j
     """
     b, t = sequences.shape
     chunk = auto_chunk(b, t - prompt_len, model.config.vocab_size) if model.head != "scalar" else None
-    out = model.apply({"params": params}, sequences, attention_mask=mask, head_slice=(prompt_len - 1, t - 1),
-                      compute_logits=chunk is None)  # fmt: skip
+    out = model.apply(
+        {"params": params},
+        sequences,
+        attention_mask=mask,
+        head_slice=(prompt_len - 1, t - 1),
+        compute_logits=chunk is None,
+    )
     if model.head == "scalar":
         return ResponseOutputs(None, None, out.values)
     targets = sequences[:, prompt_len:]  # [B, R]
@@ -149,8 +155,9 @@ def response_forward(model: CausalLM, params: Any, sequences: jax.Array, mask: j
         logits = out.logits / temperature  # [B, R, V]
         return ResponseOutputs(ops.gather_logprobs(logits, targets), ops.entropy_from_logits(logits), out.values)
     hidden = out.hidden_states[:, prompt_len - 1 : t - 1]  # [B, R, D]
-    stats = token_stats(hidden, unembedding(params, model.config), targets, model.config, temperature=temperature,
-                        chunk=chunk)  # fmt: skip
+    stats = token_stats(
+        hidden, unembedding(params, model.config), targets, model.config, temperature=temperature, chunk=chunk
+    )
     return ResponseOutputs(stats["logprob"], stats["entropy"], out.values)
 
 
@@ -169,12 +176,21 @@ def check_networks(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None
         if value is None and head != "lm+scalar":
             raise ValueError("estimator 'gae' needs a value network, or a policy with a shared value head (lm+scalar)")
     elif value is not None or head != "lm":
-        raise ValueError(f"estimator {cfg.estimator!r} is critic-free: pass value=None and a policy with an LM head "
-                         f"only (got value={type(value).__name__ if value is not None else None}, head={head!r})")  # fmt: skip
+        raise ValueError(
+            f"estimator {cfg.estimator!r} is critic-free: pass value=None and a policy with an LM head "
+            f"only (got value={type(value).__name__ if value is not None else None}, head={head!r})"
+        )
 
 
-def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, rm: CausalLM | RewardSum, *,
-                 eos_token_id: int, pad_token_id: int) -> Callable:  # fmt: skip
+def make_rollout(
+    cfg: PPOHyperparams,
+    policy: CausalLM,
+    value: CausalLM | None,
+    rm: CausalLM | RewardSum,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> Callable:
     """``rollout(state, prompt_ids [N,P], prompt_mask [N,P], ref_params, rm_params) -> Rollout``.
 
     N = ``cfg.num_prompts``: each prompt is sampled ``cfg.group_size`` times, B = N x G episodes.
@@ -187,16 +203,29 @@ def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, 
 
     def rollout(state: PPOState, prompt_ids, prompt_mask, ref_params, rm_params) -> Rollout:
         if prompt_ids.shape[0] * group != cfg.batch_size:
-            raise ValueError(f"rollout: {prompt_ids.shape[0]} prompts x group_size {group} != batch_size "
-                             f"{cfg.batch_size} episodes; pass batch_size / group_size = {cfg.num_prompts} prompts")  # fmt: skip
+            raise ValueError(
+                f"rollout: {prompt_ids.shape[0]} prompts x group_size {group} != batch_size "
+                f"{cfg.batch_size} episodes; pass batch_size / group_size = {cfg.num_prompts} prompts"
+            )
         if group > 1:  # [N, P] -> [N*G, P]: rows n*G .. n*G+G-1 are prompt n
             prompt_ids, prompt_mask = jnp.repeat(prompt_ids, group, axis=0), jnp.repeat(prompt_mask, group, axis=0)
         rm_tuple = (rm_params,) if bare else tuple(rm_params)
         p = prompt_ids.shape[1]
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration)
-        gen = generate(policy, state.policy.params, prompt_ids, prompt_mask, key, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, with_logprobs=False)  # fmt: skip
+        gen = generate(
+            policy,
+            state.policy.params,
+            prompt_ids,
+            prompt_mask,
+            key,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            with_logprobs=False,
+        )
         seq = jnp.concatenate([prompt_ids, gen.tokens], axis=1)  # [B, P+R]
         seq_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), gen.mask], axis=1)
         resp_mask = gen.mask.astype(jnp.float32)  # [B, R]
@@ -205,8 +234,11 @@ def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, 
             s, m = xs
             pol = response_forward(policy, state.policy.params, s, m, p, cfg.temperature)
             ref = response_forward(policy.clone(head="lm"), ref_params, s, m, p, cfg.temperature)
-            out = {"old_logprobs": pol.logprobs, "ref_logprobs": ref.logprobs,
-                   "components": reward.components(rm_tuple, s, m, p)}  # fmt: skip
+            out = {
+                "old_logprobs": pol.logprobs,
+                "ref_logprobs": ref.logprobs,
+                "components": reward.components(rm_tuple, s, m, p),
+            }
             if cfg.uses_critic:
                 out["values"] = (
                     pol.values if value is None else response_forward(value, state.value.params, s, m, p).values
@@ -234,8 +266,9 @@ def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, 
             scores = jnp.where(has_eos, scores, cfg.no_eos_penalty)
         # KL in the reward: -beta * KL_t at every token (InstructGPT); in the loss: the plain score
         kl_coef = 0.0 if cfg.kl_in_loss else state.kl_coef
-        rewards, kl = rl.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, resp_mask, kl_coef=kl_coef,
-                                           kind=cfg.kl_estimator)  # fmt: skip
+        rewards, kl = rl.kl_shaped_rewards(
+            scores, old_logprobs, ref_logprobs, resp_mask, kl_coef=kl_coef, kind=cfg.kl_estimator
+        )
         if cfg.whiten_rewards and cfg.estimator in ("gae", "reinforce_pp"):  # per-token rewards only
             rewards = ops.masked_whiten(rewards, resp_mask, shift_mean=False)
         returns = None
@@ -249,10 +282,20 @@ def make_rollout(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, 
             seq_adv = rl.group_advantages(seq_rewards.reshape(-1, group), estimator=cfg.estimator)  # [N, G]
             advantages = seq_adv.reshape(-1)[:, None] * resp_mask  # [B, R]
         return Rollout(
-            sequences=seq, sequence_mask=seq_mask, response_mask=resp_mask, old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs, values=values, rewards=rewards, advantages=advantages, returns=returns,
-            kl=kl, scores=scores, has_eos=has_eos, score_components=outs["components"],
-        )  # fmt: skip
+            sequences=seq,
+            sequence_mask=seq_mask,
+            response_mask=resp_mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+            kl=kl,
+            scores=scores,
+            has_eos=has_eos,
+            score_components=outs["components"],
+        )
 
     return rollout
 
@@ -267,8 +310,18 @@ def aggregate(per_token: jax.Array, mask: jax.Array, aggregation: str) -> jax.Ar
     return ops.masked_sum(per_token, mask) / (per_token.shape[0] * per_token.shape[1])  # token_sum
 
 
-def ppo_objective(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, policy_params, value_params,
-                  mb: dict, ptx: dict | None, prompt_len: int, *, kl_coef: float | jax.Array = 0.0):  # fmt: skip
+def ppo_objective(
+    cfg: PPOHyperparams,
+    policy: CausalLM,
+    value: CausalLM | None,
+    policy_params,
+    value_params,
+    mb: dict,
+    ptx: dict | None,
+    prompt_len: int,
+    *,
+    kl_coef: float | jax.Array = 0.0,
+):
     """policy loss [+ kl_coef * KL] + vf_coef * value loss + ptx_coef * ptx loss.
 
     The value term only with a critic (in ``policy_total`` with a shared head); the KL term
@@ -281,14 +334,21 @@ def ppo_objective(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
     # (residuals kept for the backward pass) and round it differently from the rollout's
     # forward-only pass; recomputed, the forward is the same program, so the first
     # minibatch's ratio is exactly 1 (Llama-style models differ by ~1e-7 without it).
-    forward = lambda pp: response_forward(policy, pp, mb["sequences"], mb["sequence_mask"], prompt_len,  # noqa: E731
-                                          cfg.temperature)  # fmt: skip
+    forward = lambda pp: response_forward(
+        policy,
+        pp,
+        mb["sequences"],
+        mb["sequence_mask"],
+        prompt_len,  # noqa: E731
+        cfg.temperature,
+    )
     if cfg.exact_ratio:
         forward = jax.checkpoint(forward)
     logprobs, entropy, shared_values = forward(policy_params)
     mask = mb["response_mask"]
-    pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
-                                                 clip_eps=cfg.clip_eps, aggregation=cfg.policy_aggregation)  # fmt: skip
+    pg_loss, pg_metrics = losses.ppo_policy_loss(
+        logprobs, mb["old_logprobs"], mb["advantages"], mask, clip_eps=cfg.clip_eps, aggregation=cfg.policy_aggregation
+    )
     ratio = jnp.exp(logprobs - mb["old_logprobs"])
     metrics = {
         "loss/policy": pg_loss,
@@ -327,8 +387,13 @@ def ppo_objective(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
     return policy_total, (value_total, metrics)
 
 
-def make_update(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
-                policy_opt: optax.GradientTransformation, value_opt: optax.GradientTransformation | None) -> Callable:  # fmt: skip
+def make_update(
+    cfg: PPOHyperparams,
+    policy: CausalLM,
+    value: CausalLM | None,
+    policy_opt: optax.GradientTransformation,
+    value_opt: optax.GradientTransformation | None,
+) -> Callable:
     """``update(state, rollout, ptx_batch | None) -> (state, metrics)``: epochs x minibatches scans.
 
     Metrics are means over the minibatches, except the ``finite/*`` flags: those of the first
@@ -361,8 +426,9 @@ def make_update(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
         metrics["ppo/grad_norm"] = optax.tree.norm(p_grads)
         metrics["finite/grads"] = norm_finite(metrics["ppo/grad_norm"]) & norm_finite(metrics.get("val/grad_norm", 0.0))
         new_policy = apply_gradients(state.policy, p_grads, policy_opt)
-        ema = jax.tree.map(lambda e, w: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * w,
-                           state.ema_params, new_policy.params)  # fmt: skip
+        ema = jax.tree.map(
+            lambda e, w: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * w, state.ema_params, new_policy.params
+        )
         return state.replace(policy=new_policy, value=new_value, ema_params=ema), metrics
 
     def update(state: PPOState, ro: Rollout, ptx_batch: dict | None):
@@ -388,9 +454,17 @@ def make_update(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None,
     return update
 
 
-def make_iteration(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None, rm: CausalLM,
-                   policy_opt: optax.GradientTransformation, value_opt: optax.GradientTransformation | None, *,
-                   eos_token_id: int, pad_token_id: int) -> Callable:  # fmt: skip
+def make_iteration(
+    cfg: PPOHyperparams,
+    policy: CausalLM,
+    value: CausalLM | None,
+    rm: CausalLM,
+    policy_opt: optax.GradientTransformation,
+    value_opt: optax.GradientTransformation | None,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> Callable:
     """``iteration(state, batch, ref_params, rm_params) -> (state, metrics)``: rollout + update + KL control.
 
     ``batch``: ``prompt_ids``/``prompt_mask`` [N, P] (N = batch_size / group_size); with ptx also ``ptx_input_ids``,
@@ -415,15 +489,17 @@ def make_iteration(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None
         kl_coef = state.kl_coef
         if cfg.adaptive_kl:
             kl_coef = rl.update_kl_coef(kl_coef, mean_kl, cfg.batch_size, target=cfg.kl_target, horizon=cfg.kl_horizon)
-        metrics.update({
-            "objective/kl": mean_kl,
-            "objective/scores": jnp.mean(ro.scores),
-            "objective/rlhf_reward": jnp.mean(ro.scores - state.kl_coef * seq_kl),
-            "objective/non_score_reward": jnp.mean(jnp.sum(ro.rewards * mask, axis=1) - ro.scores),
-            "episode/response_length": jnp.mean(jnp.sum(mask, axis=1)),
-            "episode/eos_rate": jnp.mean(ro.has_eos.astype(jnp.float32)),
-            "kl_coef": state.kl_coef,
-        })  # fmt: skip
+        metrics.update(
+            {
+                "objective/kl": mean_kl,
+                "objective/scores": jnp.mean(ro.scores),
+                "objective/rlhf_reward": jnp.mean(ro.scores - state.kl_coef * seq_kl),
+                "objective/non_score_reward": jnp.mean(jnp.sum(ro.rewards * mask, axis=1) - ro.scores),
+                "episode/response_length": jnp.mean(jnp.sum(mask, axis=1)),
+                "episode/eos_rate": jnp.mean(ro.has_eos.astype(jnp.float32)),
+                "kl_coef": state.kl_coef,
+            }
+        )
         if len(reward.names) > 1:  # each reward's unweighted mean score
             metrics.update({f"objective/scores/{n}": jnp.mean(v) for n, v in ro.score_components.items()})
         if cfg.uses_critic:
@@ -434,9 +510,11 @@ def make_iteration(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None
             metrics["val/mean"] = ops.masked_mean(ro.values, mask)
         new_state = new_state.replace(kl_coef=kl_coef, iteration=state.iteration + 1)
         # The rollout's checks come first; the update's are blamed only when the rollout was finite.
-        rollout = {"reward": all_finite((ro.scores, ro.score_components)),
-                   "logits": all_finite((ro.old_logprobs, ro.ref_logprobs)),
-                   "advantages": all_finite((ro.advantages, ro.returns))}  # fmt: skip
+        rollout = {
+            "reward": all_finite((ro.scores, ro.score_components)),
+            "logits": all_finite((ro.old_logprobs, ro.ref_logprobs)),
+            "advantages": all_finite((ro.advantages, ro.returns)),
+        }
         update = {k[len("finite/") :]: metrics.pop(k) for k in list(metrics) if k.startswith("finite/")}
         names = list(dict.fromkeys([*rollout, *update]))
         true = jnp.asarray(True)
@@ -446,8 +524,9 @@ def make_iteration(cfg: PPOHyperparams, policy: CausalLM, value: CausalLM | None
     return iteration
 
 
-def init_ppo_state(policy_params: Any, value_params: Any | None, policy_opt, value_opt, *, kl_coef: float,
-                   seed: int) -> PPOState:  # fmt: skip
+def init_ppo_state(
+    policy_params: Any, value_params: Any | None, policy_opt, value_opt, *, kl_coef: float, seed: int
+) -> PPOState:
     """The state before the first iteration; the reference policy and the RM are not part of it."""
     return PPOState(
         policy=init_train_state(policy_params, policy_opt, seed),

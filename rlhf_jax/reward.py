@@ -49,13 +49,15 @@ def ranking_rewards(model: CausalLM, params: Any, batch: dict) -> jax.Array:
 def reward_objective(model: CausalLM, params: Any, batch: dict, hparams: RewardHyperparams = RewardHyperparams()):
     """K-way ranking loss of the batch's scores; metrics add the ``finite/reward`` flag."""
     rewards = ranking_rewards(model, params, batch)  # [B, K]
-    loss, metrics = losses.k_way_ranking_loss(rewards, batch["ranks"], batch["valid"], margin=hparams.margin,
-                                              center_coef=hparams.center_coef)  # fmt: skip
+    loss, metrics = losses.k_way_ranking_loss(
+        rewards, batch["ranks"], batch["valid"], margin=hparams.margin, center_coef=hparams.center_coef
+    )
     return loss, {**metrics, "finite/reward": all_finite(rewards)}
 
 
-def make_train_step(model: CausalLM, optimizer: optax.GradientTransformation,
-                    hparams: RewardHyperparams = RewardHyperparams()) -> Callable:  # fmt: skip
+def make_train_step(
+    model: CausalLM, optimizer: optax.GradientTransformation, hparams: RewardHyperparams = RewardHyperparams()
+) -> Callable:
     """``step(state, batch) -> (state, metrics)``; skipped when the scores, loss or gradients are not finite."""
 
     def train_step(state: TrainState, batch: dict):
@@ -78,14 +80,27 @@ def demonstration_bias(model: CausalLM, params: Any, dataset: Any, *, batch_size
     """The bias that makes the demonstrations (prompt + response + EOS) score mean 0 (host loop)."""
     score = jax.jit(lambda p, ids, m: score_sequences(model, p, ids, m))
     ids, mask = dataset.arrays["input_ids"], dataset.arrays["attention_mask"]
-    scores = [np.asarray(score(params, ids[i : i + batch_size], mask[i : i + batch_size]))
-              for i in range(0, len(ids), batch_size)]  # fmt: skip
+    scores = [
+        np.asarray(score(params, ids[i : i + batch_size], mask[i : i + batch_size]))
+        for i in range(0, len(ids), batch_size)
+    ]
     return float(rl.reward_bias(jnp.asarray(np.concatenate(scores))))
 
 
-def sample_and_score(policy: CausalLM, policy_params: Any, rm: CausalLM, rm_params: Any, prompt_ids: jax.Array,
-                     prompt_mask: jax.Array, key: jax.Array, *, max_new_tokens: int, temperature: float,
-                     eos_token_id: int, pad_token_id: int) -> tuple[GenerationOutput, jax.Array]:  # fmt: skip
+def sample_and_score(
+    policy: CausalLM,
+    policy_params: Any,
+    rm: CausalLM,
+    rm_params: Any,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> tuple[GenerationOutput, jax.Array]:
     """Sample a response per prompt and score prompt + response with the RM.
 
     Args:
@@ -96,9 +111,18 @@ def sample_and_score(policy: CausalLM, policy_params: Any, rm: CausalLM, rm_para
       (the generation, with tokens and mask [B, R]; RM scores [B] read at each sequence's
       last real token, the EOS when one was emitted).
     """
-    gen = generate(policy, policy_params, prompt_ids, prompt_mask, key, max_new_tokens=max_new_tokens,
-                   temperature=temperature, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                   with_logprobs=False)  # fmt: skip
+    gen = generate(
+        policy,
+        policy_params,
+        prompt_ids,
+        prompt_mask,
+        key,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        with_logprobs=False,
+    )
     sequences = jnp.concatenate([prompt_ids, gen.tokens], axis=1)  # [B, P+R]
     mask = jnp.concatenate([prompt_mask.astype(jnp.int32), gen.mask], axis=1)
     return gen, score_sequences(rm, rm_params, sequences, mask)

@@ -170,8 +170,9 @@ class RewardSum:
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "names", names)
 
-    def components(self, params: Sequence[Any], sequences: jax.Array, sequence_mask: jax.Array,
-                   prompt_len: int) -> dict[str, jax.Array]:  # fmt: skip
+    def components(
+        self, params: Sequence[Any], sequences: jax.Array, sequence_mask: jax.Array, prompt_len: int
+    ) -> dict[str, jax.Array]:
         """Each component's unweighted score ``[B]`` by name, for prompt + response ``[B, P+R]``."""
         if len(params) != len(self.models):
             raise ValueError(f"RewardSum: {len(params)} param trees for {len(self.models)} reward models")

@@ -85,8 +85,16 @@ def sample_categorical(key: jax.Array, logits: jax.Array, *, block: int = 128) -
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
-                     "with_logprobs"),
+    static_argnames=(
+        "model",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_token_id",
+        "pad_token_id",
+        "with_logprobs",
+    ),
 )
 def generate(
     model: CausalLM,

@@ -28,8 +28,9 @@ from rlhf_jax.models.transformer import unembedding
 from rlhf_jax.optim import TrainState, gradient_step, logits_finite
 
 
-def lm_objective(model: CausalLM, params: Any, batch: dict, *, dropout_key: jax.Array | None = None,
-                 chunk: int | None | str = "auto"):  # fmt: skip
+def lm_objective(
+    model: CausalLM, params: Any, batch: dict, *, dropout_key: jax.Array | None = None, chunk: int | None | str = "auto"
+):
     """Masked next-token cross-entropy: ``mean_{t: loss_mask} -log p(x_t | x_<t)``.
 
     Args:
@@ -50,9 +51,14 @@ def lm_objective(model: CausalLM, params: Any, batch: dict, *, dropout_key: jax.
     if chunk == "auto":
         chunk = auto_chunk(b, t - 1, model.config.vocab_size)
     out = model.apply(
-        {"params": params}, ids, attention_mask=batch["attention_mask"], deterministic=dropout_key is None,
-        rngs=rngs, head_slice=(0, t - 1), compute_logits=chunk is None,
-    )  # fmt: skip
+        {"params": params},
+        ids,
+        attention_mask=batch["attention_mask"],
+        deterministic=dropout_key is None,
+        rngs=rngs,
+        head_slice=(0, t - 1),
+        compute_logits=chunk is None,
+    )
     targets, mask = ids[:, 1:], batch["loss_mask"][:, 1:]  # position t predicts token t + 1
     if chunk is None:
         logits = out.logits  # [B, T-1, V]

@@ -11,13 +11,15 @@ sharding-in-types annotations throughout.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rlhf_jax.config import MeshConfig
 
@@ -55,7 +57,7 @@ def make_mesh(config: MeshConfig | None = None, devices: list | None = None) -> 
 def use_mesh(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[None]:
     """Trace/run under ``mesh`` with the logical rules active (for the model's constraints)."""
     set_mesh = getattr(jax, "set_mesh", None)  # jax >= 0.7; `with mesh:` before that
-    with (set_mesh(mesh) if set_mesh is not None else mesh), nn.logical_axis_rules(rules):
+    with set_mesh(mesh) if set_mesh is not None else mesh, nn.logical_axis_rules(rules):
         yield
 
 
@@ -121,7 +123,9 @@ def initialize_distributed(**kwargs: Any) -> None:
             raise
 
 
-def shard_state(init_fn: Callable[[Any], Any], boxed_init_fn: Callable[[], Any], params: Any, mesh: Mesh) -> tuple[Any, Any]:
+def shard_state(
+    init_fn: Callable[[Any], Any], boxed_init_fn: Callable[[], Any], params: Any, mesh: Mesh
+) -> tuple[Any, Any]:
     """Build a state from ``params`` directly into its shardings.
 
     Args:

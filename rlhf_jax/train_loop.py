@@ -253,8 +253,9 @@ class _MetricsLog:
 
     def count_skips(self, step: int) -> None:
         """Host-read the guard's flags of the steps not counted yet (``step`` is the latest)."""
-        flags = jax.device_get([{k: v for k, v in m.items() if k.startswith("nonfinite/")}
-                                for m in self.pending[self.counted :]])  # fmt: skip
+        flags = jax.device_get(
+            [{k: v for k, v in m.items() if k.startswith("nonfinite/")} for m in self.pending[self.counted :]]
+        )
         first = step - len(self.pending) + self.counted + 1
         for i, f in enumerate(flags):
             self.skips.add(first + i, f)
@@ -286,8 +287,13 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
     there) in ``run_dir``, resuming from its latest checkpoint if it has one; returns the final state."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=run_cfg.keep_last, keep_best=run_cfg.keep_best,
-                        best_metric=stage.best_metric, best_mode=stage.best_mode)  # fmt: skip
+    ckpt = Checkpointer(
+        run_dir / "checkpoints",
+        keep_last=run_cfg.keep_last,
+        keep_best=run_cfg.keep_best,
+        best_metric=stage.best_metric,
+        best_mode=stage.best_mode,
+    )
     skips = SkipCounter(stage.name, run_cfg.max_consecutive_skips)
     try:
         state, start = _resume(stage, ckpt, skips, run_cfg)
@@ -380,5 +386,8 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
 
 def _batch_ids(stage: Stage) -> dict:
     """iterator name -> example ids of the batch it served last (``BatchIterator.last_ids``)."""
-    return {name: np.asarray(it.last_ids).tolist() for name, it in stage.iterators.items()
-            if getattr(it, "last_ids", None) is not None}  # fmt: skip
+    return {
+        name: np.asarray(it.last_ids).tolist()
+        for name, it in stage.iterators.items()
+        if getattr(it, "last_ids", None) is not None
+    }

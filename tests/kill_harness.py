@@ -50,16 +50,31 @@ def _config(stage: str, world: Path, out: Path, steps: int):
     from tests import stage_fixtures as F
 
     files = {k: str(world / "data" / f"{k}.jsonl") for k in ("demonstrations", "prompts", "text")}
-    run = F.run_config(save_every=1, keep_last=2, keep_best=0, split_fractions=(1.0, 0.0, 0.0),
-                       mesh=MeshConfig())  # fmt: skip
+    run = F.run_config(save_every=1, keep_last=2, keep_best=0, split_fractions=(1.0, 0.0, 0.0), mesh=MeshConfig())
     if stage == "sft":
         w = SimpleNamespace(base=world / "base", files={"demonstrations": files["demonstrations"]})
         return F.sft_config(w, out, max_steps=steps, batch_size=8, dropout=0.1, run=run)
-    return PPOConfig(prompts=files["prompts"], policy=str(world / "base"), reward=str(world / "base"), out=str(out),
-                     ptx_data=files["text"], max_steps=steps, max_prompt_len=8, ptx_seq_len=12, run=run,
-                     hparams=PPOHyperparams(batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=5,
-                                            adaptive_kl=True, kl_target=0.01, kl_horizon=50),
-                     optim=dataclasses.replace(PPOConfig.optim, learning_rate=3e-3, warmup_steps=1))  # fmt: skip
+    return PPOConfig(
+        prompts=files["prompts"],
+        policy=str(world / "base"),
+        reward=str(world / "base"),
+        out=str(out),
+        ptx_data=files["text"],
+        max_steps=steps,
+        max_prompt_len=8,
+        ptx_seq_len=12,
+        run=run,
+        hparams=PPOHyperparams(
+            batch_size=8,
+            minibatch_size=4,
+            ppo_epochs=2,
+            max_new_tokens=5,
+            adaptive_kl=True,
+            kl_target=0.01,
+            kl_horizon=50,
+        ),
+        optim=dataclasses.replace(PPOConfig.optim, learning_rate=3e-3, warmup_steps=1),
+    )
 
 
 def _widen_windows(seconds: float) -> None:
@@ -134,20 +149,29 @@ def child_env(cache_dir: Path | None) -> dict:
 
     env = F.subprocess_env(1)
     if cache_dir is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
     return env
 
 
-def start_child(stage: str, world: Path, out: Path, *, slow: float, env: dict, log: Path,
-                steps: int | None = None) -> subprocess.Popen:  # fmt: skip
+def start_child(
+    stage: str, world: Path, out: Path, *, slow: float, env: dict, log: Path, steps: int | None = None
+) -> subprocess.Popen:
     """The child training ``stage`` in ``out`` (``steps`` defaults to STEPS[stage]), stderr appended to ``log``."""
     from tests import stage_fixtures as F
 
     args = [stage, str(world), str(out), str(slow), str(steps or STEPS[stage])]
     with log.open("a") as f:
-        return subprocess.Popen([sys.executable, "-m", "tests.kill_harness", *args], env=env, cwd=F.REPO,
-                                stdout=subprocess.DEVNULL, stderr=f)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.kill_harness", *args],
+            env=env,
+            cwd=F.REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+        )
 
 
 def _tmp_dirs(ckpt_dir: Path) -> list[Path]:
@@ -192,8 +216,19 @@ def check_run_dir(out: Path, stats: KillStats) -> int | None:
     return steps[-1] if steps else None
 
 
-def kill_cycle(stage: str, world: Path, out: Path, *, kills: int, seed: int, env: dict, slow: float = 0.3,
-               sigterm_at: int | None = None, steps: int | None = None, timeout: float = 240.0) -> KillStats:  # fmt: skip
+def kill_cycle(
+    stage: str,
+    world: Path,
+    out: Path,
+    *,
+    kills: int,
+    seed: int,
+    env: dict,
+    slow: float = 0.3,
+    sigterm_at: int | None = None,
+    steps: int | None = None,
+    timeout: float = 240.0,
+) -> KillStats:
     """Train ``stage`` in ``out`` to the end, killed ``kills`` times (cycling through KILL_KINDS);
     the ``sigterm_at``-th interruption (if given) is a SIGTERM instead, which must save and exit
     with EXIT_PREEMPTED within 30 s. Returns the statistics; raises on any violation."""

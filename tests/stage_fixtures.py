@@ -14,9 +14,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import jax
 import numpy as np
@@ -80,20 +80,43 @@ def run_config(**changes) -> RunConfig:
     return RunConfig(**kw)
 
 
-def sft_config(world: SimpleNamespace, out: Path, *, run: RunConfig | None = None, lr: float = 3e-3,
-               **changes) -> SFTConfig:  # fmt: skip
-    kw = dict(data=str(world.files["demonstrations"]), init=str(world.base), out=str(out), max_steps=12,
-              batch_size=16, seq_len=SFT_SEQ_LEN, run=run or run_config(),
-              optim=dataclasses.replace(SFTConfig.optim, learning_rate=lr))  # fmt: skip
+def sft_config(
+    world: SimpleNamespace, out: Path, *, run: RunConfig | None = None, lr: float = 3e-3, **changes
+) -> SFTConfig:
+    kw = dict(
+        data=str(world.files["demonstrations"]),
+        init=str(world.base),
+        out=str(out),
+        max_steps=12,
+        batch_size=16,
+        seq_len=SFT_SEQ_LEN,
+        run=run or run_config(),
+        optim=dataclasses.replace(SFTConfig.optim, learning_rate=lr),
+    )
     kw.update(changes)
     return SFTConfig(**kw)
 
 
-def rm_config(world: SimpleNamespace, out: Path, *, init: str | Path | None = None, run: RunConfig | None = None,
-              lr: float = 1e-3, **changes) -> RewardConfig:  # fmt: skip
-    kw = dict(data=str(world.files["rankings"]), init=str(init or world.base), out=str(out), max_steps=12,
-              batch_size=8, max_prompt_len=RM_PROMPT_LEN, max_response_len=RM_RESPONSE_LEN, run=run or run_config(),
-              optim=dataclasses.replace(RewardConfig.optim, learning_rate=lr))  # fmt: skip
+def rm_config(
+    world: SimpleNamespace,
+    out: Path,
+    *,
+    init: str | Path | None = None,
+    run: RunConfig | None = None,
+    lr: float = 1e-3,
+    **changes,
+) -> RewardConfig:
+    kw = dict(
+        data=str(world.files["rankings"]),
+        init=str(init or world.base),
+        out=str(out),
+        max_steps=12,
+        batch_size=8,
+        max_prompt_len=RM_PROMPT_LEN,
+        max_response_len=RM_RESPONSE_LEN,
+        run=run or run_config(),
+        optim=dataclasses.replace(RewardConfig.optim, learning_rate=lr),
+    )
     kw.update(changes)
     return RewardConfig(**kw)
 
@@ -101,14 +124,40 @@ def rm_config(world: SimpleNamespace, out: Path, *, init: str | Path | None = No
 def cli_args(cfg: SFTConfig | RewardConfig, **run_changes) -> list[str]:
     """The command-line flags that reproduce ``cfg`` (the subset the tiny configs set)."""
     run = dataclasses.replace(cfg.run, **run_changes)
-    args = ["--data", cfg.data, "--init", cfg.init, "--out", cfg.out, "--max-steps", str(cfg.max_steps),
-            "--batch-size", str(cfg.batch_size), "--optim.learning-rate", repr(cfg.optim.learning_rate),
-            "--optim.schedule", cfg.optim.schedule, "--optim.final-lr-fraction", repr(cfg.optim.final_lr_fraction),
-            "--run.seed", str(run.seed), "--run.log-every", str(run.log_every),
-            "--run.eval-every", str(run.eval_every), "--run.save-every", str(run.save_every),
-            "--run.mesh.data", str(run.mesh.data), "--run.mesh.fsdp", str(run.mesh.fsdp),
-            "--run.mesh.tensor", str(run.mesh.tensor),
-            "--run.split-fractions", *map(str, run.split_fractions)]  # fmt: skip
+    args = [
+        "--data",
+        cfg.data,
+        "--init",
+        cfg.init,
+        "--out",
+        cfg.out,
+        "--max-steps",
+        str(cfg.max_steps),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--optim.learning-rate",
+        repr(cfg.optim.learning_rate),
+        "--optim.schedule",
+        cfg.optim.schedule,
+        "--optim.final-lr-fraction",
+        repr(cfg.optim.final_lr_fraction),
+        "--run.seed",
+        str(run.seed),
+        "--run.log-every",
+        str(run.log_every),
+        "--run.eval-every",
+        str(run.eval_every),
+        "--run.save-every",
+        str(run.save_every),
+        "--run.mesh.data",
+        str(run.mesh.data),
+        "--run.mesh.fsdp",
+        str(run.mesh.fsdp),
+        "--run.mesh.tensor",
+        str(run.mesh.tensor),
+        "--run.split-fractions",
+        *map(str, run.split_fractions),
+    ]
     args.append("--run.progress" if run.progress else "--run.no-progress")
     if run.stop_at_step is not None:
         args += ["--run.stop-at-step", str(run.stop_at_step)]
@@ -133,8 +182,14 @@ def subprocess_env(num_devices: int | None = None) -> dict:
 
 def run_cli(args: list[str], *, num_devices: int | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -m rlhf_jax.cli ARGS`` in a new process."""
-    return subprocess.run([sys.executable, "-m", "rlhf_jax.cli", *args], env=subprocess_env(num_devices),
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_jax.cli", *args],
+        env=subprocess_env(num_devices),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 class Background:
@@ -146,8 +201,13 @@ class Background:
     def __init__(self, args: list[str], log_path: Path, *, num_devices: int | None = None) -> None:
         self.log_path = Path(log_path)
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", *args], env=subprocess_env(num_devices),
-                                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._log)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rlhf_jax.cli", *args],
+            env=subprocess_env(num_devices),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
 
     def result(self, timeout: float = 240) -> tuple[int, str]:
         """(exit status, stderr)."""
@@ -206,4 +266,3 @@ def write_good_then_bad(path, good: dict, bad_lines: list[str], *, n_good: int =
 MESH_1x8x1 = MeshConfig(data=1, fsdp=8, tensor=1)
 MESH_2x2x2 = MeshConfig(data=2, fsdp=2, tensor=2)
 MESH_8x1x1 = MeshConfig(data=8, fsdp=1, tensor=1)
-

@@ -42,9 +42,18 @@ def _best_of_eligible(row) -> float:
 def test_keeps_the_best_scoring_sample_and_loads_as_sft_data(world, prompts, tmp_path):
     path, rows = prompts
     # the toy RM: the base model with its deterministically initialised scalar head
-    out = run_sample(str(world.base), str(world.base), str(path), str(tmp_path / "best.jsonl"), best_of=4,
-                     max_new_tokens=6, max_prompt_len=MAX_PROMPT_LEN, batch_size=8, require_eos=False,
-                     progress=False)  # fmt: skip
+    out = run_sample(
+        str(world.base),
+        str(world.base),
+        str(path),
+        str(tmp_path / "best.jsonl"),
+        best_of=4,
+        max_new_tokens=6,
+        max_prompt_len=MAX_PROMPT_LEN,
+        batch_size=8,
+        require_eos=False,
+        progress=False,
+    )
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert not (tmp_path / "best.jsonl.tmp").exists()
     # the long prompt is left out (and a prompt whose 4 samples all hold a special token would be)
@@ -74,9 +83,28 @@ def test_keeps_the_best_scoring_sample_and_loads_as_sft_data(world, prompts, tmp
 def test_require_eos_through_the_cli_and_scores_match_a_rescoring(world, prompts, tmp_path, capsys):
     path, _ = prompts
     out = tmp_path / "best.jsonl"
-    cli.main(["sample", "--policy", str(world.base), "--reward", str(world.base), "--prompts", str(path),
-              "--out", str(out), "--best-of", "8", "--max-new-tokens", "8", "--max-prompt-len", str(MAX_PROMPT_LEN),
-              "--batch-size", "4", "--no-progress"])  # fmt: skip
+    cli.main(
+        [
+            "sample",
+            "--policy",
+            str(world.base),
+            "--reward",
+            str(world.base),
+            "--prompts",
+            str(path),
+            "--out",
+            str(out),
+            "--best-of",
+            "8",
+            "--max-new-tokens",
+            "8",
+            "--max-prompt-len",
+            str(MAX_PROMPT_LEN),
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert capsys.readouterr().out.strip() == str(out)
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert written, "no prompt had a sample that ended with EOS"

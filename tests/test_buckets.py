@@ -49,7 +49,9 @@ def test_trim_keeps_every_real_token_and_cuts_to_the_bucket(left, k):
     assert out["input_ids"].shape[-1] == 64  # the longest row, 37, in the 64 bucket
     assert out["attention_mask"].sum() == batch["attention_mask"].sum() == sum(lengths)
     real = batch["attention_mask"] > 0
-    np.testing.assert_array_equal(np.sort(out["input_ids"][out["attention_mask"] > 0]), np.sort(batch["input_ids"][real]))
+    np.testing.assert_array_equal(
+        np.sort(out["input_ids"][out["attention_mask"] > 0]), np.sort(batch["input_ids"][real])
+    )
     np.testing.assert_array_equal(out["other"], batch["other"])  # arrays outside ``keys`` untouched
     if left:  # left-padded rows keep their right end
         np.testing.assert_array_equal(out["input_ids"], batch["input_ids"][..., -64:])

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import checkpoint, sharding, train_loop
 from rlhf_jax.checkpoint import Checkpointer, CheckpointRestoreError, abstract_like
@@ -176,11 +177,13 @@ def test_restore_onto_another_mesh(tmp_path):
     mesh8 = sharding.make_mesh(F.MESH_1x8x1)
     state = _state(5)
     placed = {
-        "params": {"w": jax.device_put(state["params"]["w"], NamedSharding(mesh8, P("fsdp", None))),
-                   "b": jax.device_put(state["params"]["b"], NamedSharding(mesh8, P()))},
+        "params": {
+            "w": jax.device_put(state["params"]["w"], NamedSharding(mesh8, P("fsdp", None))),
+            "b": jax.device_put(state["params"]["b"], NamedSharding(mesh8, P())),
+        },
         "step": jax.device_put(state["step"], NamedSharding(mesh8, P())),
         "rng": jax.device_put(state["rng"], NamedSharding(mesh8, P())),
-    }  # fmt: skip
+    }
     assert len(placed["params"]["w"].sharding.device_set) == 8
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(5, placed, {"note": "fsdp8"})
@@ -231,8 +234,9 @@ def test_run_resume_from_damaged_latest_names_the_step(world, tmp_path):
         _within(120, run_sft, bigger)
     assert not (tmp_path / "run" / "checkpoints" / "4").exists()  # never a silent restart from scratch
     # configured to fall back: resumes from step 2 (not from scratch), trains steps 3 and 4 again
-    fallback = F.sft_config(world, tmp_path / "run", max_steps=4,
-                            run=F.run_config(save_every=1, keep_last=3, restore_fallback=True))  # fmt: skip
+    fallback = F.sft_config(
+        world, tmp_path / "run", max_steps=4, run=F.run_config(save_every=1, keep_last=3, restore_fallback=True)
+    )
     _within(120, run_sft, fallback)
     with Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [2, 3, 4]
@@ -256,10 +260,17 @@ def test_load_model_best_is_ranked_by_the_runs_own_metric(world, tmp_path):
         return {"params": new, "step": st["step"] + 1}, {"loss": jnp.mean(batch["x"])}
 
     stage = train_loop.Stage(
-        name="toy", state=jax.device_put(state, replicated), state_shardings=jax.tree.map(lambda _: replicated, state),
-        train_step=train_step, next_batch=lambda: {"x": np.zeros((8, 1), np.float32)}, iterators={}, total_steps=4,
-        evaluate=lambda st: {"val/loss": val_loss[int(st["step"]) - 1]}, best_metric="val/loss", best_mode="min",
-    )  # fmt: skip
+        name="toy",
+        state=jax.device_put(state, replicated),
+        state_shardings=jax.tree.map(lambda _: replicated, state),
+        train_step=train_step,
+        next_batch=lambda: {"x": np.zeros((8, 1), np.float32)},
+        iterators={},
+        total_steps=4,
+        evaluate=lambda st: {"val/loss": val_loss[int(st["step"]) - 1]},
+        best_metric="val/loss",
+        best_mode="min",
+    )
     out = tmp_path / "toy"
     checkpoint.write_model_info(out, model, tok)
     train_loop.run(stage, F.run_config(eval_every=1, keep_last=1, keep_best=1), mesh, out)
@@ -294,8 +305,16 @@ def fsdp8_checkpoint(world, tmp_path_factory):
     path = tmp_path_factory.mktemp("fsdp8") / "checkpoints"
     with Checkpointer(path) as ckpt:
         ckpt.save(1, state, {"note": "fsdp8"})
-    return SimpleNamespace(path=path, state=jax.device_get(state), loss=float(metrics["loss"]), model=model,
-                           params=params, optimizer=optimizer, step=step, batch=batch)  # fmt: skip
+    return SimpleNamespace(
+        path=path,
+        state=jax.device_get(state),
+        loss=float(metrics["loss"]),
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        step=step,
+        batch=batch,
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 1), (1, 4, 2), "one_device"])

@@ -32,8 +32,16 @@ def test_console_script_help():
 
 def test_subcommand_help(capsys):
     text = _help(capsys, "sft")
-    for flag in ("--data", "--init", "--out", "--max-steps", "--batch-size", "--run.stop-at-step", "--run.mesh.fsdp",
-                 "--optim.learning-rate"):  # fmt: skip
+    for flag in (
+        "--data",
+        "--init",
+        "--out",
+        "--max-steps",
+        "--batch-size",
+        "--run.stop-at-step",
+        "--run.mesh.fsdp",
+        "--optim.learning-rate",
+    ):
         assert flag in text, flag
     text = _help(capsys, "rm")
     for flag in ("--data", "--init", "--out", "--max-steps", "--demonstrations", "--max-k"):
@@ -115,7 +123,8 @@ def test_checkpoint_without_pad_token_gets_one_and_room_for_it(tmp_path):
     assert model.config.vocab_size == len(loaded) == len(tok) + 1
     _, original = from_pretrained(model_dir)
     ids = jnp.asarray([[5, 6, 7]])
-    old = np.asarray(model.clone(config=model.config.replace(vocab_size=len(tok))).apply(
-        {"params": original}, ids).logits)  # fmt: skip
+    old = np.asarray(
+        model.clone(config=model.config.replace(vocab_size=len(tok))).apply({"params": original}, ids).logits
+    )
     new = np.asarray(model.apply({"params": params}, ids).logits)
     np.testing.assert_allclose(new[..., : len(tok)], old, atol=1e-6)  # old tokens' logits unchanged

@@ -404,8 +404,9 @@ def make_bpe_tokenizer():
     core.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    core.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                                        initial_alphabet=alphabet))  # fmt: skip
+    core.train_from_iterator(
+        [" ".join(WORDS)] * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=alphabet)
+    )
     bpe = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<pad>")
     bpe.add_special_tokens({"additional_special_tokens": specials[2:]})
     bpe.chat_template = (
@@ -425,8 +426,12 @@ def test_special_token_spelling_in_data_is_plain_text():
     assert (ds.arrays["input_ids"] == eos).sum() == 1  # only the EOS that closes the response
     assert (tokenize_prompts([{"prompt": hostile}], bpe, max_prompt_len=64).arrays["input_ids"] != eos).all()
     assert (tokenize_text([{"text": hostile}] * 2, bpe, seq_len=8).arrays["input_ids"] == eos).sum() <= 2
-    ds = tokenize_rankings([{"prompt": hostile, "responses": [hostile, "hi"], "ranks": [0, 1]}], bpe,
-                           max_prompt_len=32, max_response_len=32)  # fmt: skip
+    ds = tokenize_rankings(
+        [{"prompt": hostile, "responses": [hostile, "hi"], "ranks": [0, 1]}],
+        bpe,
+        max_prompt_len=32,
+        max_response_len=32,
+    )
     assert (ds.arrays["input_ids"] == eos).sum() == 2  # one per response
     ds = tokenize_prompts([{"messages": [MSG_U, MSG_A, MSG_U]}], bpe, max_prompt_len=16)
     assert (ds.arrays["input_ids"] == eos).sum() == 1  # a chat template's own special tokens stay special

@@ -95,9 +95,11 @@ def pairs(world, lm, tmp_path_factory):
     """{"prompt", "chosen", "rejected"} rows through the loader (K = 2), with the chosen one
     put in slot 1 of one group, and the hand-gathered per-pair log-probs."""
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    rows = [{"prompt": "w2 w3", "chosen": "w1 w1", "rejected": "w4 w5 w6"},
-            {"prompt": "w7", "chosen": "w8 w1", "rejected": "w9"},
-            {"prompt": "w10 w11 w12", "responses": ["w13 w14", "w1 w15"], "ranks": [1, 0]}]  # fmt: skip
+    rows = [
+        {"prompt": "w2 w3", "chosen": "w1 w1", "rejected": "w4 w5 w6"},
+        {"prompt": "w7", "chosen": "w8 w1", "rejected": "w9"},
+        {"prompt": "w10 w11 w12", "responses": ["w13 w14", "w1 w15"], "ranks": [1, 0]},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records, _ = data.load_records(str(path), "rankings")
     batch = _tokenize(records, lm.tok)
@@ -110,14 +112,22 @@ def pairs(world, lm, tmp_path_factory):
     return SimpleNamespace(batch=batch, ref_logps=jnp.asarray(ref), hand=hand)
 
 
-@pytest.mark.parametrize("hp", [DPOHyperparams(beta=0.5), DPOHyperparams(beta=0.5, k_way="pairs"),
-                                DPOHyperparams(beta=0.5, k_way="pairs", label_smoothing=0.2),
-                                DPOHyperparams(beta=0.5, k_way="pairs", loss_type="ipo"),
-                                DPOHyperparams(beta=0.5, k_way="pairs", loss_type="hinge")], ids=str)  # fmt: skip
+@pytest.mark.parametrize(
+    "hp",
+    [
+        DPOHyperparams(beta=0.5),
+        DPOHyperparams(beta=0.5, k_way="pairs"),
+        DPOHyperparams(beta=0.5, k_way="pairs", label_smoothing=0.2),
+        DPOHyperparams(beta=0.5, k_way="pairs", loss_type="ipo"),
+        DPOHyperparams(beta=0.5, k_way="pairs", loss_type="hinge"),
+    ],
+    ids=str,
+)
 def test_k2_objective_is_dpo_loss_on_the_log_probs(lm, pairs, hp):
     loss, m = jax.jit(lambda p, b, r: dpo.dpo_objective(lm.model, p, b, r, hp))(lm.policy, pairs.batch, pairs.ref_logps)
-    want, want_m = losses.dpo_loss(*pairs.hand, beta=hp.beta, loss_type=hp.loss_type,
-                                   label_smoothing=hp.label_smoothing)  # fmt: skip
+    want, want_m = losses.dpo_loss(
+        *pairs.hand, beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing
+    )
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
     for name, value in want_m.items():
         np.testing.assert_allclose(float(m[name]), float(value), rtol=1e-5, atol=1e-6, err_msg=name)
@@ -141,8 +151,11 @@ def test_pl_and_pairs_differ_for_k_above_two_and_agree_where_they_must(lm):
     ranks, valid = np.asarray(batch["ranks"]), np.asarray(batch["valid"])
     per_prompt = []
     for b in range(3):
-        terms = [float(-jax.nn.log_sigmoid(s[b, i] - s[b, j])) for i, j in itertools.permutations(range(4), 2)
-                 if valid[b, i] and valid[b, j] and ranks[b, i] < ranks[b, j]]  # fmt: skip
+        terms = [
+            float(-jax.nn.log_sigmoid(s[b, i] - s[b, j]))
+            for i, j in itertools.permutations(range(4), 2)
+            if valid[b, i] and valid[b, j] and ranks[b, i] < ranks[b, j]
+        ]
         per_prompt.append(np.mean(terms))
     np.testing.assert_allclose(float(pw[0]), np.mean(per_prompt), rtol=1e-5)
 
@@ -178,8 +191,9 @@ def test_step_with_cached_reference_equals_step_with_reference_params(lm):
 
 def test_reference_logps_cached_and_reused(world, lm, tmp_path, caplog):
     records, _ = data.load_records(str(world.files["rankings"]), "rankings")
-    ds = data.tokenize_rankings(records[:16], lm.tok, max_prompt_len=F.RM_PROMPT_LEN,
-                                max_response_len=F.RM_RESPONSE_LEN)  # fmt: skip
+    ds = data.tokenize_rankings(
+        records[:16], lm.tok, max_prompt_len=F.RM_PROMPT_LEN, max_response_len=F.RM_RESPONSE_LEN
+    )
     cfg = _cfg(world, tmp_path / "run")
     mesh = sharding.make_mesh(cfg.run.mesh)
     path = tmp_path / "run" / REF_FILE
@@ -203,23 +217,68 @@ def test_reference_logps_cached_and_reused(world, lm, tmp_path, caplog):
 def _cfg(world, out, **run_changes) -> DPOConfig:
     """16 steps on 6 of the 8 users (48 groups of K=4), validated on the other 2 every 8 steps."""
     run = F.run_config(split_fractions=(0.75, 0.25, 0.0), eval_every=8, mesh=F.MESH_1x8x1, **run_changes)
-    return DPOConfig(data=str(world.files["rankings"]), init=str(world.base), out=str(out), max_steps=N_STEPS,
-                     batch_size=8, max_prompt_len=F.RM_PROMPT_LEN, max_response_len=F.RM_RESPONSE_LEN, run=run,
-                     hparams=DPOHyperparams(beta=0.1), optim=OptimConfig(learning_rate=1e-3, schedule="constant"))  # fmt: skip
+    return DPOConfig(
+        data=str(world.files["rankings"]),
+        init=str(world.base),
+        out=str(out),
+        max_steps=N_STEPS,
+        batch_size=8,
+        max_prompt_len=F.RM_PROMPT_LEN,
+        max_response_len=F.RM_RESPONSE_LEN,
+        run=run,
+        hparams=DPOHyperparams(beta=0.1),
+        optim=OptimConfig(learning_rate=1e-3, schedule="constant"),
+    )
 
 
 def _cli_args(cfg: DPOConfig) -> list[str]:
     run = cfg.run
-    return ["dpo", "--data", cfg.data, "--init", cfg.init, "--out", cfg.out, "--max-steps", str(cfg.max_steps),
-            "--batch-size", str(cfg.batch_size), "--max-prompt-len", str(cfg.max_prompt_len),
-            "--max-response-len", str(cfg.max_response_len), "--beta", repr(cfg.hparams.beta),
-            "--k-way", cfg.hparams.k_way, "--loss-type", cfg.hparams.loss_type,
-            "--optim.learning-rate", repr(cfg.optim.learning_rate), "--optim.schedule", cfg.optim.schedule,
-            "--optim.warmup-steps", str(cfg.optim.warmup_steps), "--run.seed", str(run.seed),
-            "--run.log-every", str(run.log_every), "--run.eval-every", str(run.eval_every),
-            "--run.save-every", str(run.save_every), "--run.mesh.data", str(run.mesh.data),
-            "--run.mesh.fsdp", str(run.mesh.fsdp), "--run.mesh.tensor", str(run.mesh.tensor),
-            "--run.split-fractions", *map(str, run.split_fractions), "--run.no-progress"]  # fmt: skip
+    return [
+        "dpo",
+        "--data",
+        cfg.data,
+        "--init",
+        cfg.init,
+        "--out",
+        cfg.out,
+        "--max-steps",
+        str(cfg.max_steps),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--max-prompt-len",
+        str(cfg.max_prompt_len),
+        "--max-response-len",
+        str(cfg.max_response_len),
+        "--beta",
+        repr(cfg.hparams.beta),
+        "--k-way",
+        cfg.hparams.k_way,
+        "--loss-type",
+        cfg.hparams.loss_type,
+        "--optim.learning-rate",
+        repr(cfg.optim.learning_rate),
+        "--optim.schedule",
+        cfg.optim.schedule,
+        "--optim.warmup-steps",
+        str(cfg.optim.warmup_steps),
+        "--run.seed",
+        str(run.seed),
+        "--run.log-every",
+        str(run.log_every),
+        "--run.eval-every",
+        str(run.eval_every),
+        "--run.save-every",
+        str(run.save_every),
+        "--run.mesh.data",
+        str(run.mesh.data),
+        "--run.mesh.fsdp",
+        str(run.mesh.fsdp),
+        "--run.mesh.tensor",
+        str(run.mesh.tensor),
+        "--run.split-fractions",
+        *map(str, run.split_fractions),
+        "--run.no-progress",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +295,11 @@ def runs(world, tmp_path_factory):
         try:
             run_dpo(_cfg(world, root / "straight"))
             rc_stderr = resume.result()
-            return {"first_k": {"step": step, "state_step": int(state["step"]), "meta": meta}, "resume": rc_stderr,
-                    "ref_file": [first_ref, ref_file()]}  # fmt: skip
+            return {
+                "first_k": {"step": step, "state_step": int(state["step"]), "meta": meta},
+                "resume": rc_stderr,
+                "ref_file": [first_ref, ref_file()],
+            }
         finally:
             resume.close()
 
@@ -283,8 +345,11 @@ def test_exact_resume_in_a_new_process(runs):
     assert F.train_losses(runs.root / "resumed") == F.train_losses(runs.straight)
 
     def val(run_dir):
-        return [(m["step"], m["val/rewards/accuracies"], m["val/loss"]) for m in train_loop.read_metrics(run_dir)
-                if "val/loss" in m]  # fmt: skip
+        return [
+            (m["step"], m["val/rewards/accuracies"], m["val/loss"])
+            for m in train_loop.read_metrics(run_dir)
+            if "val/loss" in m
+        ]
 
     assert val(runs.root / "resumed") == val(runs.straight)
 
@@ -312,11 +377,23 @@ def test_cli_help(capsys):
         cli.main(["dpo", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--data", "--init", "--out", "--beta", "--loss-type", "--label-smoothing", "--k-way",
-                 "--optim.learning-rate"):  # fmt: skip
+    for flag in (
+        "--data",
+        "--init",
+        "--out",
+        "--beta",
+        "--loss-type",
+        "--label-smoothing",
+        "--k-way",
+        "--optim.learning-rate",
+    ):
         assert flag in text, flag
     assert "hparams." not in text  # flat flags, as for ppo and rm
-    args = cli._as_base(cli.tyro.cli(cli._flat_hparams(DPOConfig), args=["--data", "d", "--init", "i", "--out", "o",
-                                                                            "--beta", "0.3", "--k-way", "pairs"]))  # fmt: skip
+    args = cli._as_base(
+        cli.tyro.cli(
+            cli._flat_hparams(DPOConfig),
+            args=["--data", "d", "--init", "i", "--out", "o", "--beta", "0.3", "--k-way", "pairs"],
+        )
+    )
     assert type(args) is DPOConfig and args.hparams == DPOHyperparams(beta=0.3, k_way="pairs")
     assert dataclasses.replace(args).optim.learning_rate == 1e-6

@@ -36,8 +36,9 @@ def test_kill_9_at_random_moments_then_resume_bitwise(world, tmp_path, stage):
         if reference.poll() is None:
             reference.kill()
             reference.wait()
-    stats = K.kill_cycle(stage, world, tmp_path / "killed", kills=KILLS[stage], seed=0, env=env,
-                         sigterm_at=2 if stage == "ppo" else None)  # fmt: skip
+    stats = K.kill_cycle(
+        stage, world, tmp_path / "killed", kills=KILLS[stage], seed=0, env=env, sigterm_at=2 if stage == "ppo" else None
+    )
     assert stats.kills == KILLS[stage] and stats.corrupt_restores == 0
     assert stats.kills_during_save >= 1 and stats.kills_during_delete >= 1, stats
     assert stats.resumes == KILLS[stage] + stats.sigterms

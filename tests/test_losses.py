@@ -151,7 +151,6 @@ _k_way_and_grad = jax.jit(jax.value_and_grad(losses.k_way_ranking_loss, has_aux=
 
 
 class LossesMatchLoopsTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_token_cross_entropy_and_lm_loss(self):
         rng = np.random.default_rng(0)
@@ -281,7 +280,6 @@ class LossesMatchLoopsTest(chex.TestCase):
 
 
 class PolicyAggregationTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_aggregations_match_loop(self):
         rng = np.random.default_rng(8)
@@ -313,13 +311,21 @@ class PolicyAggregationTest(chex.TestCase):
         adv = rng.normal(size=(3, 5)).astype(np.float32)
         mask = np.array([[1, 1, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], np.float32)
         for aggregation in ("token_mean", "sequence_mean", "token_sum"):
-            grad = jax.jit(jax.grad(lambda x, agg=aggregation: losses.ppo_policy_loss(
-                x, jnp.zeros_like(x), adv, mask, clip_eps=0.2, aggregation=agg)[0]))(lp)
+            grad = jax.jit(
+                jax.grad(
+                    lambda x, agg=aggregation: losses.ppo_policy_loss(
+                        x, jnp.zeros_like(x), adv, mask, clip_eps=0.2, aggregation=agg
+                    )[0]
+                )
+            )(lp)
             for b in range(3):
                 for t in range(5):
                     r, a = math.exp(float(lp[b, t])), float(adv[b, t])
-                    weight = {"token_mean": 1 / mask.sum(), "sequence_mean": 1 / (2 * mask[b].sum() or 1),
-                              "token_sum": 1 / 15}[aggregation]
+                    weight = {
+                        "token_mean": 1 / mask.sum(),
+                        "sequence_mean": 1 / (2 * mask[b].sum() or 1),
+                        "token_sum": 1 / 15,
+                    }[aggregation]
                     clipped = (a > 0 and r > 1.2) or (a < 0 and r < 0.8)
                     want = 0.0 if clipped or not mask[b, t] else -a * r * weight
                     np.testing.assert_allclose(grad[b, t], want, rtol=1e-5, atol=1e-8, err_msg=aggregation)
@@ -328,7 +334,8 @@ class PolicyAggregationTest(chex.TestCase):
         x = jnp.arange(6.0).reshape(2, 3) / 10
         for aggregation in ("token_mean", "sequence_mean", "token_sum"):
             fn = lambda v, agg=aggregation: losses.ppo_policy_loss(  # noqa: E731
-                v, jnp.zeros_like(v), jnp.ones_like(v), jnp.zeros((2, 3)), clip_eps=0.2, aggregation=agg)[0]
+                v, jnp.zeros_like(v), jnp.ones_like(v), jnp.zeros((2, 3)), clip_eps=0.2, aggregation=agg
+            )[0]
             value, grad = jax.jit(jax.value_and_grad(fn))(x)
             self.assertEqual(float(value), 0.0)
             np.testing.assert_array_equal(grad, np.zeros((2, 3)))
@@ -340,13 +347,18 @@ class PolicyAggregationTest(chex.TestCase):
         x, old, target = (rng.normal(size=(2, 4)).astype(np.float32) for _ in range(3))
         mask = np.ones((2, 4), np.float32)
         for aggregation in ("token_mean", "sequence_mean", "token_sum"):
-            grads = jax.grad(lambda lp, o, a, agg=aggregation: losses.ppo_policy_loss(
-                lp, o, a, mask, clip_eps=0.2, aggregation=agg)[0], argnums=(0, 1, 2))(x, old, target)
+            grads = jax.grad(
+                lambda lp, o, a, agg=aggregation: losses.ppo_policy_loss(lp, o, a, mask, clip_eps=0.2, aggregation=agg)[
+                    0
+                ],
+                argnums=(0, 1, 2),
+            )(x, old, target)
             self.assertTrue(bool(jnp.any(grads[0] != 0.0)))
             np.testing.assert_array_equal(grads[1], 0.0)  # old_logprobs
             np.testing.assert_array_equal(grads[2], 0.0)  # advantages
-        grads = jax.grad(lambda v, o, r: losses.value_loss(v, o, r, mask, clip_eps=0.2)[0],
-                         argnums=(0, 1, 2))(x, old, target)
+        grads = jax.grad(lambda v, o, r: losses.value_loss(v, o, r, mask, clip_eps=0.2)[0], argnums=(0, 1, 2))(
+            x, old, target
+        )
         self.assertTrue(bool(jnp.any(grads[0] != 0.0)))
         np.testing.assert_array_equal(grads[1], 0.0)  # old_values
         np.testing.assert_array_equal(grads[2], 0.0)  # returns
@@ -354,13 +366,13 @@ class PolicyAggregationTest(chex.TestCase):
 
 # ----------------------------------------------------------------------------- properties
 
+
 def _arrays(shape, lo, hi):
     return hnp.arrays(np.float32, shape, elements=finite(min_value=lo, max_value=hi))
 
 
 @FEW
-@given(log_ratio=_arrays((_B, _T), -2.0, 2.0), adv=_arrays((_B, _T), -3.0, 3.0),
-       mask=hnp.arrays(np.bool_, (_B, _T)))
+@given(log_ratio=_arrays((_B, _T), -2.0, 2.0), adv=_arrays((_B, _T), -3.0, 3.0), mask=hnp.arrays(np.bool_, (_B, _T)))
 def test_ppo_gradient_is_zero_when_clipped_and_exact_inside(log_ratio, adv, mask):
     old = np.zeros((_B, _T), np.float32)
     grad = np.asarray(_ppo_grad(log_ratio, old, adv, mask.astype(np.float32)))
@@ -389,8 +401,13 @@ def test_ppo_at_ratio_one_is_minus_mean_advantage(adv, lp):
 
 
 @FEW
-@given(lp=_arrays((_B, _T), -3.0, 0.0), old=_arrays((_B, _T), -3.0, 0.0), adv=_arrays((_B, _T), -3.0, 3.0),
-       mask=hnp.arrays(np.bool_, (_B, _T)), junk=_arrays((_B, 3), -50.0, 50.0))
+@given(
+    lp=_arrays((_B, _T), -3.0, 0.0),
+    old=_arrays((_B, _T), -3.0, 0.0),
+    adv=_arrays((_B, _T), -3.0, 3.0),
+    mask=hnp.arrays(np.bool_, (_B, _T)),
+    junk=_arrays((_B, 3), -50.0, 50.0),
+)
 def test_ppo_padding_changes_nothing(lp, old, adv, mask, junk):
     mask = mask.astype(np.float32)
     loss, metrics = _ppo(lp, old, adv, mask)
@@ -405,8 +422,11 @@ def test_ppo_padding_changes_nothing(lp, old, adv, mask, junk):
 
 
 @FEW
-@given(a=finite(min_value=-1e4, max_value=1e4), shift=finite(min_value=-100.0, max_value=100.0),
-       diff=finite(min_value=-1e4, max_value=1e4))
+@given(
+    a=finite(min_value=-1e4, max_value=1e4),
+    shift=finite(min_value=-100.0, max_value=100.0),
+    diff=finite(min_value=-1e4, max_value=1e4),
+)
 def test_pairwise_ties_shift_invariance_and_large_differences(a, shift, diff):
     value, grad = _pairwise_and_grad(jnp.array([a]), jnp.array([a]))
     np.testing.assert_allclose(value, math.log(2), rtol=1e-6)
@@ -506,9 +526,9 @@ def test_unknown_kl_kind_raises():
 def extract_snippet(path, heading=SNIPPET_HEADING):
     """The first ```python block after ``heading`` and the ```text block following it."""
     text = pathlib.Path(path).read_text()
-    section = text[text.index(heading) + len(heading):]
+    section = text[text.index(heading) + len(heading) :]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    expected = re.search(r"```text\n(.*?)```", section[code.end():], re.DOTALL)
+    expected = re.search(r"```text\n(.*?)```", section[code.end() :], re.DOTALL)
     return code.group(1), (expected.group(1) if expected else None)
 
 
@@ -519,4 +539,3 @@ def test_readme_snippet_runs_and_prints_what_it_says():
         exec(compile(code, str(SNIPPET_PATH), "exec"), {"__name__": "__snippet__"})  # noqa: S102
     assert expected is not None, "the snippet should show its expected output in a ```text block"
     assert out.getvalue().strip() == expected.strip()
-

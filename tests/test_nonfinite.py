@@ -35,20 +35,43 @@ from tests.poison import PoisonedLM
 
 STEPS = 4
 FAULT_STEP = 2
-GPT2 = ModelConfig(family="gpt2", vocab_size=24, hidden_size=32, num_layers=1, num_heads=2, qkv_bias=True,
-                   out_bias=True, mlp_bias=True, tie_word_embeddings=True, max_position_embeddings=32)  # fmt: skip
+GPT2 = ModelConfig(
+    family="gpt2",
+    vocab_size=24,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+    tie_word_embeddings=True,
+    max_position_embeddings=32,
+)
 
 
 # Each case poisons one quantity of one stage: a trigger token (distinct per case, so one
 # compiled step per stage serves all its cases) makes a PoisonedLM's output non-finite.
-CASES = [("sft", "logits", "nan"), ("sft", "grads", "inf"), ("rm", "reward", "nan"), ("rm", "grads", "-inf"),
-         ("ppo", "reward", "nan"), ("ppo", "logits", "inf"), ("ppo", "advantages", "nan"),
-         ("ppo", "grads", "nan")]  # fmt: skip
+CASES = [
+    ("sft", "logits", "nan"),
+    ("sft", "grads", "inf"),
+    ("rm", "reward", "nan"),
+    ("rm", "grads", "-inf"),
+    ("ppo", "reward", "nan"),
+    ("ppo", "logits", "inf"),
+    ("ppo", "advantages", "nan"),
+    ("ppo", "grads", "nan"),
+]
 # (stage, quantity) -> (which network of the stage, which of its outputs); the others follow from it
-POISONED_OUTPUT = {("sft", "logits"): ("policy", "logits"), ("sft", "grads"): ("policy", "grads"),
-                   ("rm", "reward"): ("rm", "values"), ("rm", "grads"): ("rm", "grads"),
-                   ("ppo", "reward"): ("rm", "values"), ("ppo", "logits"): ("policy", "logits"),
-                   ("ppo", "advantages"): ("value", "values"), ("ppo", "grads"): ("policy", "grads")}  # fmt: skip
+POISONED_OUTPUT = {
+    ("sft", "logits"): ("policy", "logits"),
+    ("sft", "grads"): ("policy", "grads"),
+    ("rm", "reward"): ("rm", "values"),
+    ("rm", "grads"): ("rm", "grads"),
+    ("ppo", "reward"): ("rm", "values"),
+    ("ppo", "logits"): ("policy", "logits"),
+    ("ppo", "advantages"): ("value", "values"),
+    ("ppo", "grads"): ("policy", "grads"),
+}
 VOCAB = {"sft": GPT2.vocab_size, "rm": GPT2.vocab_size, "ppo": T.V}
 
 
@@ -60,8 +83,11 @@ def trigger_token(stage: str, quantity: str) -> int:
 
 def triggers(stage: str, network: str) -> tuple[tuple[int, str, str], ...]:
     """The ``PoisonedLM.triggers`` of one network of ``stage``."""
-    return tuple((trigger_token(s, q), POISONED_OUTPUT[s, q][1], v) for s, q, v in CASES
-                 if s == stage and POISONED_OUTPUT[s, q][0] == network)  # fmt: skip
+    return tuple(
+        (trigger_token(s, q), POISONED_OUTPUT[s, q][1], v)
+        for s, q, v in CASES
+        if s == stage and POISONED_OUTPUT[s, q][0] == network
+    )
 
 
 def without_triggers(stage: str, batch: dict) -> dict:
@@ -101,10 +127,13 @@ def _sft_setup() -> SimpleNamespace:
     params = init_params(model, jax.random.key(0))
     rng = np.random.default_rng(0)
     ids = rng.integers(2, GPT2.vocab_size, (8, 8)).astype(np.int32)
-    base = without_triggers("sft", {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)})
+    base = without_triggers(
+        "sft", {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    )
     state = init_train_state(jax.device_get(params), optimizer, seed=0)
-    return SimpleNamespace(state=state, step=sft.make_train_step(model, optimizer), base=base, ids_key="input_ids",
-                           frozen=())  # fmt: skip
+    return SimpleNamespace(
+        state=state, step=sft.make_train_step(model, optimizer), base=base, ids_key="input_ids", frozen=()
+    )
 
 
 def _rm_setup() -> SimpleNamespace:
@@ -114,24 +143,39 @@ def _rm_setup() -> SimpleNamespace:
     rng = np.random.default_rng(1)
     b, k, length = 8, 2, 6
     ids = rng.integers(2, GPT2.vocab_size, (b, k, length)).astype(np.int32)
-    base = {"input_ids": ids, "attention_mask": np.ones_like(ids), "ranks": np.tile(np.arange(k), (b, 1)),
-            "valid": np.ones((b, k), bool), "end_index": np.full((b, k), length - 1, np.int32)}  # fmt: skip
+    base = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "ranks": np.tile(np.arange(k), (b, 1)),
+        "valid": np.ones((b, k), bool),
+        "end_index": np.full((b, k), length - 1, np.int32),
+    }
     state = init_train_state(jax.device_get(params), optimizer, seed=0)
-    return SimpleNamespace(state=state, step=reward.make_train_step(model, optimizer), base=without_triggers("rm", base),
-                           ids_key="input_ids", frozen=())  # fmt: skip
+    return SimpleNamespace(
+        state=state,
+        step=reward.make_train_step(model, optimizer),
+        base=without_triggers("rm", base),
+        ids_key="input_ids",
+        frozen=(),
+    )
 
 
 def _ppo_setup() -> SimpleNamespace:
     nets = T.nets.__wrapped__()
     # no EOS penalty: every episode's reward is the (poisoned) RM score, not only those that ended
     cfg = T.ppo_config(ptx_coef=1.0, adaptive_kl=True, no_eos_penalty=None)
-    setup = T.PPOSetup(cfg, nets, policy=PoisonedLM(T.MODEL, triggers=triggers("ppo", "policy")),
-                       value=PoisonedLM(T.MODEL, head="scalar", triggers=triggers("ppo", "value")),
-                       rm=PoisonedLM(T.MODEL, head="scalar", triggers=triggers("ppo", "rm")))  # fmt: skip
+    setup = T.PPOSetup(
+        cfg,
+        nets,
+        policy=PoisonedLM(T.MODEL, triggers=triggers("ppo", "policy")),
+        value=PoisonedLM(T.MODEL, head="scalar", triggers=triggers("ppo", "value")),
+        rm=PoisonedLM(T.MODEL, head="scalar", triggers=triggers("ppo", "rm")),
+    )
     base = without_triggers("ppo", {**T.make_prompts(), **T.make_ptx(cfg)})
     assert (base["prompt_mask"][0] == 1).all()  # the first row's first slot is a real prompt token
-    return SimpleNamespace(state=setup.state0, step=setup.fn, base=base, ids_key="prompt_ids",
-                           frozen=(nets.policy_params, nets.rm_params))  # fmt: skip
+    return SimpleNamespace(
+        state=setup.state0, step=setup.fn, base=base, ids_key="prompt_ids", frozen=(nets.policy_params, nets.rm_params)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +199,15 @@ def _run(setup: SimpleNamespace, name: str, out: Path, poison: tuple[int, set[in
     batches = FaultyBatches(setup.base, setup.ids_key)
     batches.poison = poison
     stage = train_loop.Stage(
-        name=name, state=jax.device_put(jax.device_get(setup.state), replicated),
-        state_shardings=jax.tree.map(lambda _: replicated, setup.state), train_step=setup.step,
-        next_batch=batches, iterators={"faults": batches}, total_steps=STEPS,
+        name=name,
+        state=jax.device_put(jax.device_get(setup.state), replicated),
+        state_shardings=jax.tree.map(lambda _: replicated, setup.state),
+        train_step=setup.step,
+        next_batch=batches,
+        iterators={"faults": batches},
+        total_steps=STEPS,
         frozen=tuple(jax.device_put(f, replicated) for f in setup.frozen),
-    )  # fmt: skip
+    )
     run = F.run_config(save_every=1, keep_last=STEPS, keep_best=0, **run_changes)
     train_loop.run(stage, run, mesh, out)
 
@@ -199,8 +247,11 @@ def test_nonfinite_step_is_skipped_then_too_many_stop_the_run(setups, tmp_path, 
     assert all(rows[s]["nonfinite/skipped"] == 0.0 for s in rows if s != FAULT_STEP)
 
     # poisoned from FAULT_STEP on, at most 2 skips in a row: the run stops at the second one
-    with pytest.raises(train_loop.NonFiniteError, match=rf"{name}: step {FAULT_STEP + 1}: 2 consecutive .* "
-                                                        rf"first non-finite quantity: {quantity} "):  # fmt: skip
+    with pytest.raises(
+        train_loop.NonFiniteError,
+        match=rf"{name}: step {FAULT_STEP + 1}: 2 consecutive .* "
+        rf"first non-finite quantity: {quantity} ",
+    ):
         _run(setup, name, tmp_path / "stop", (token, set(range(FAULT_STEP, STEPS + 1))), max_consecutive_skips=2)
     states = _checkpoints(tmp_path / "stop")
     assert sorted(states) == [1, FAULT_STEP]  # the step that stopped the run saved nothing
@@ -211,10 +262,19 @@ def test_nonfinite_step_is_skipped_then_too_many_stop_the_run(setups, tmp_path, 
 
 def test_skip_nonfinite_is_a_bitwise_select():
     """The helper alone: any non-finite flag returns the old state bitwise (ints and -0.0 too)."""
-    old = {"w": jnp.asarray([-0.0, 1.5, 3.0]), "count": jnp.asarray(7, jnp.int32), "key": jnp.asarray([1, 2], jnp.uint32)}
-    new = {"w": jnp.asarray([0.0, 2.5, np.nan]), "count": jnp.asarray(8, jnp.int32), "key": jnp.asarray([3, 4], jnp.uint32)}
-    state, metrics = jax.jit(skip_nonfinite)(new, old, {"finite/loss": jnp.asarray(True),
-                                                        "finite/grads": jnp.asarray(False), "loss": 1.0})  # fmt: skip
+    old = {
+        "w": jnp.asarray([-0.0, 1.5, 3.0]),
+        "count": jnp.asarray(7, jnp.int32),
+        "key": jnp.asarray([1, 2], jnp.uint32),
+    }
+    new = {
+        "w": jnp.asarray([0.0, 2.5, np.nan]),
+        "count": jnp.asarray(8, jnp.int32),
+        "key": jnp.asarray([3, 4], jnp.uint32),
+    }
+    state, metrics = jax.jit(skip_nonfinite)(
+        new, old, {"finite/loss": jnp.asarray(True), "finite/grads": jnp.asarray(False), "loss": 1.0}
+    )
     for k, want in old.items():
         assert np.asarray(state[k]).tobytes() == np.asarray(want).tobytes(), k
     assert float(metrics["nonfinite/skipped"]) == 1.0 and float(metrics["nonfinite/grads"]) == 1.0
@@ -254,9 +314,14 @@ def test_a_nonfinite_state_is_never_saved(tmp_path):
         return {"w": w, "step": st["step"] + 1}, {"loss": jnp.mean(w)}
 
     stage = train_loop.Stage(
-        name="toy", state=jax.device_put(state, replicated), state_shardings=jax.tree.map(lambda _: replicated, state),
-        train_step=unguarded_step, next_batch=lambda: {"x": np.ones((2, 1), np.float32)}, iterators={}, total_steps=3,
-    )  # fmt: skip
+        name="toy",
+        state=jax.device_put(state, replicated),
+        state_shardings=jax.tree.map(lambda _: replicated, state),
+        train_step=unguarded_step,
+        next_batch=lambda: {"x": np.ones((2, 1), np.float32)},
+        iterators={},
+        total_steps=3,
+    )
     with pytest.raises(train_loop.NonFiniteError, match="toy: step 2: the train state is not finite; not saving it"):
         train_loop.run(stage, F.run_config(save_every=1, keep_last=3), mesh, tmp_path)
     with Checkpointer(tmp_path / "checkpoints") as ckpt:

@@ -76,7 +76,6 @@ def random_mask(rng, batch, length, kind):
 
 
 class MaskedReductionTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_mean_sum_var_match_loops(self):
         rng = np.random.default_rng(0)
@@ -151,7 +150,6 @@ class MaskedReductionTest(chex.TestCase):
 
 
 class LogprobTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_gather_logprobs_matches_loop(self):
         rng = np.random.default_rng(3)
@@ -195,7 +193,6 @@ class LogprobTest(chex.TestCase):
 
 
 class LastTokenIndexTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_matches_loop_for_all_padding_kinds(self):
         rng = np.random.default_rng(6)
@@ -236,5 +233,3 @@ def test_shape_mismatch_is_an_error():
         pass
     else:
         raise AssertionError("expected a chex shape assertion")
-
-

@@ -31,14 +31,41 @@ def setup(tmp_path_factory):
     (root / "data" / "rankings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     run = RunConfig(progress=False, log_every=1, eval_every=1000, save_every=1000, split_fractions=(1.0, 0.0, 0.0))
     cfg = PipelineConfig(
-        out=str(root / "pipe"), rounds=2, samples_per_prompt=4, comparison_prompts=16,
-        sft=SFTConfig(data=str(files["demonstrations"]), init=str(base), out="", max_steps=4, batch_size=16, seq_len=32,
-                      run=run, optim=OptimConfig(learning_rate=1e-3)),
-        rm=RewardConfig(data=str(root / "data" / "rankings.jsonl"), init="", out="", max_steps=3, batch_size=8,
-                        max_prompt_len=16, max_response_len=16, run=run),
-        ppo=PPOConfig(prompts=str(files["prompts"]), policy="", reward="", out="", max_steps=2, max_prompt_len=16,
-                      run=run, hparams=PPOHyperparams(batch_size=8, minibatch_size=4, max_new_tokens=8)),
-    )  # fmt: skip
+        out=str(root / "pipe"),
+        rounds=2,
+        samples_per_prompt=4,
+        comparison_prompts=16,
+        sft=SFTConfig(
+            data=str(files["demonstrations"]),
+            init=str(base),
+            out="",
+            max_steps=4,
+            batch_size=16,
+            seq_len=32,
+            run=run,
+            optim=OptimConfig(learning_rate=1e-3),
+        ),
+        rm=RewardConfig(
+            data=str(root / "data" / "rankings.jsonl"),
+            init="",
+            out="",
+            max_steps=3,
+            batch_size=8,
+            max_prompt_len=16,
+            max_response_len=16,
+            run=run,
+        ),
+        ppo=PPOConfig(
+            prompts=str(files["prompts"]),
+            policy="",
+            reward="",
+            out="",
+            max_steps=2,
+            max_prompt_len=16,
+            run=run,
+            hparams=PPOHyperparams(batch_size=8, minibatch_size=4, max_new_tokens=8),
+        ),
+    )
     return root, cfg
 
 

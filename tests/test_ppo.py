@@ -43,8 +43,17 @@ V = 16  # small vocabulary: a random policy emits EOS often enough to see both k
 B, MB, P, R = 8, 4, 6, 6  # episodes, minibatch, prompt slots, new tokens
 PROMPT_LENS = (6, 3, 1, 4, 5, 2, 6, 3)  # left-padded, mixed lengths
 PTX_T = 10
-MODEL = ModelConfig(family="llama", vocab_size=V, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                    intermediate_size=64, activation="silu", max_position_embeddings=64)  # fmt: skip
+MODEL = ModelConfig(
+    family="llama",
+    vocab_size=V,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=64,
+    activation="silu",
+    max_position_embeddings=64,
+)
 
 
 OPTIM = OptimConfig(learning_rate=3e-3, schedule="constant")  # constant lr, no warmup
@@ -88,8 +97,9 @@ def make_ptx(cfg: PPOHyperparams, seed: int = 1) -> dict:
 @functools.partial(jax.jit, static_argnums=0)
 def _lm_loss(policy: CausalLM, params, ptx: dict) -> jax.Array:
     logits = policy.apply({"params": params}, ptx["ptx_input_ids"], attention_mask=ptx["ptx_attention_mask"]).logits
-    loss, _ = losses.masked_lm_loss(logits[:, :-1], jnp.asarray(ptx["ptx_input_ids"][:, 1:]),
-                                    jnp.asarray(ptx["ptx_loss_mask"][:, 1:]))  # fmt: skip
+    loss, _ = losses.masked_lm_loss(
+        logits[:, :-1], jnp.asarray(ptx["ptx_input_ids"][:, 1:]), jnp.asarray(ptx["ptx_loss_mask"][:, 1:])
+    )
     return loss
 
 
@@ -124,18 +134,36 @@ def nets() -> SimpleNamespace:
 class PPOSetup:
     """One PPO configuration: its optimizers, initial state and the jitted iteration (compiled once)."""
 
-    def __init__(self, cfg: PPOHyperparams, nets: SimpleNamespace, *, rm=None, rm_params=None, optim=OPTIM,
-                 policy=None, value=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: PPOHyperparams,
+        nets: SimpleNamespace,
+        *,
+        rm=None,
+        rm_params=None,
+        optim=OPTIM,
+        policy=None,
+        value=None,
+    ) -> None:
         self.cfg, self.nets = cfg, nets
         self.rm = nets.rm if rm is None else rm
         self.rm_params = nets.rm_params if rm_params is None else rm_params
         steps = MAX_STEPS * cfg.updates_per_iteration
         self.policy_opt = make_optimizer(optim, steps)
         self.value_opt = make_optimizer(optim, steps)
-        self.state0 = init_ppo_state(nets.policy_params, nets.value_params, self.policy_opt, self.value_opt,
-                                     kl_coef=cfg.kl_coef, seed=0)  # fmt: skip
-        self.fn = make_iteration(cfg, policy or nets.policy, value or nets.rm, self.rm, self.policy_opt, self.value_opt,
-                                 eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
+        self.state0 = init_ppo_state(
+            nets.policy_params, nets.value_params, self.policy_opt, self.value_opt, kl_coef=cfg.kl_coef, seed=0
+        )
+        self.fn = make_iteration(
+            cfg,
+            policy or nets.policy,
+            value or nets.rm,
+            self.rm,
+            self.policy_opt,
+            self.value_opt,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
         self.step = jax.jit(self.fn)
 
     def run(self, batch: dict, n: int, state=None, ref_params=None):
@@ -357,8 +385,9 @@ def test_rollout_does_not_depend_on_left_padding(nets, stages, rollout_fn):
     np.testing.assert_array_equal(np.asarray(ro_b.response_mask), np.asarray(ro_a.response_mask))
     np.testing.assert_array_equal(np.asarray(ro_b.has_eos), np.asarray(ro_a.has_eos))
     for name in ("scores", "rewards", "old_logprobs", "ref_logprobs", "values", "kl"):
-        np.testing.assert_allclose(np.asarray(getattr(ro_b, name)), np.asarray(getattr(ro_a, name)),
-                                   rtol=0, atol=1e-5, err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(getattr(ro_b, name)), np.asarray(getattr(ro_a, name)), rtol=0, atol=1e-5, err_msg=name
+        )
 
 
 # ----------------------------------------------------------------------------- learning
@@ -435,18 +464,31 @@ def test_mesh_2x2x2_matches_one_device(nets, stages):
     cfg = stage.cfg
 
     def boxed_state():
-        return init_ppo_state(init_params(nets.policy, 0, boxed=True), init_params(nets.rm, 0, boxed=True),
-                              stage.policy_opt, stage.value_opt, kl_coef=cfg.kl_coef, seed=0)  # fmt: skip
+        return init_ppo_state(
+            init_params(nets.policy, 0, boxed=True),
+            init_params(nets.rm, 0, boxed=True),
+            stage.policy_opt,
+            stage.value_opt,
+            kl_coef=cfg.kl_coef,
+            seed=0,
+        )
 
-    init = lambda pv: init_ppo_state(pv[0], pv[1], stage.policy_opt, stage.value_opt,  # noqa: E731
-                                     kl_coef=cfg.kl_coef, seed=0)  # fmt: skip
+    init = lambda pv: init_ppo_state(
+        pv[0],
+        pv[1],
+        stage.policy_opt,
+        stage.value_opt,  # noqa: E731
+        kl_coef=cfg.kl_coef,
+        seed=0,
+    )
     state, state_sh = sharding.shard_state(init, boxed_state, (nets.policy_params, nets.value_params), mesh)
     ref_sh = sharding.param_shardings(lambda: init_params(nets.policy, 0, boxed=True), mesh)
     rm_sh = sharding.param_shardings(lambda: init_params(nets.rm, 0, boxed=True), mesh)
     ref, rm_params = jax.device_put(nets.policy_params, ref_sh), jax.device_put(nets.rm_params, rm_sh)
     batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in batch}
-    step = jax.jit(stage.fn, in_shardings=(state_sh, batch_sh, ref_sh, rm_sh),
-                   out_shardings=(state_sh, sharding.replicated(mesh)))  # fmt: skip
+    step = jax.jit(
+        stage.fn, in_shardings=(state_sh, batch_sh, ref_sh, rm_sh), out_shardings=(state_sh, sharding.replicated(mesh))
+    )
     sharded = []
     with sharding.use_mesh(mesh):
         for _ in range(2):
@@ -474,27 +516,79 @@ def _resume_config(world: SimpleNamespace, out: Path, **run_changes) -> PPOConfi
     # A data-parallel mesh over the 8 fake devices: it compiles fastest (the (2, 2, 2) mesh is
     # checked against one device above).
     run = F.run_config(split_fractions=(1.0, 0.0, 0.0), mesh=MeshConfig(data=8, fsdp=1, tensor=1), **run_changes)
-    hparams = PPOHyperparams(batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=5, adaptive_kl=True,
-                             kl_target=0.01, kl_horizon=50)  # fmt: skip
-    return PPOConfig(prompts=str(world.files["prompts"]), policy=str(world.base), reward=str(world.base), out=str(out),
-                     ptx_data=str(world.files["text"]), max_steps=4, max_prompt_len=8, ptx_seq_len=12, run=run,
-                     hparams=hparams, optim=dataclasses.replace(PPOConfig.optim, learning_rate=3e-3, warmup_steps=2))  # fmt: skip
+    hparams = PPOHyperparams(
+        batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=5, adaptive_kl=True, kl_target=0.01, kl_horizon=50
+    )
+    return PPOConfig(
+        prompts=str(world.files["prompts"]),
+        policy=str(world.base),
+        reward=str(world.base),
+        out=str(out),
+        ptx_data=str(world.files["text"]),
+        max_steps=4,
+        max_prompt_len=8,
+        ptx_seq_len=12,
+        run=run,
+        hparams=hparams,
+        optim=dataclasses.replace(PPOConfig.optim, learning_rate=3e-3, warmup_steps=2),
+    )
 
 
 def _cli_args(cfg: PPOConfig) -> list[str]:
     run, hp = cfg.run, cfg.hparams
-    args = ["ppo", "--prompts", cfg.prompts, "--policy", cfg.policy, "--reward", *cfg.reward, "--out", cfg.out,
-            "--ptx-data", cfg.ptx_data, "--max-steps", str(cfg.max_steps), "--batch-size", str(hp.batch_size),
-            "--minibatch-size", str(hp.minibatch_size), "--ppo-epochs", str(hp.ppo_epochs),
-            "--max-prompt-len", str(cfg.max_prompt_len), "--max-new-tokens", str(hp.max_new_tokens),
-            "--ptx-seq-len", str(cfg.ptx_seq_len), "--adaptive-kl", "--kl-target", repr(hp.kl_target),
-            "--kl-horizon", str(hp.kl_horizon), "--optim.learning-rate", repr(cfg.optim.learning_rate),
-            "--optim.warmup-steps", str(cfg.optim.warmup_steps),
-            "--run.seed", str(run.seed), "--run.log-every", str(run.log_every),
-            "--run.eval-every", str(run.eval_every), "--run.save-every", str(run.save_every),
-            "--run.split-fractions", *map(str, run.split_fractions), "--run.no-progress",
-            "--run.mesh.data", str(run.mesh.data), "--run.mesh.fsdp", str(run.mesh.fsdp),
-            "--run.mesh.tensor", str(run.mesh.tensor)]  # fmt: skip
+    args = [
+        "ppo",
+        "--prompts",
+        cfg.prompts,
+        "--policy",
+        cfg.policy,
+        "--reward",
+        *cfg.reward,
+        "--out",
+        cfg.out,
+        "--ptx-data",
+        cfg.ptx_data,
+        "--max-steps",
+        str(cfg.max_steps),
+        "--batch-size",
+        str(hp.batch_size),
+        "--minibatch-size",
+        str(hp.minibatch_size),
+        "--ppo-epochs",
+        str(hp.ppo_epochs),
+        "--max-prompt-len",
+        str(cfg.max_prompt_len),
+        "--max-new-tokens",
+        str(hp.max_new_tokens),
+        "--ptx-seq-len",
+        str(cfg.ptx_seq_len),
+        "--adaptive-kl",
+        "--kl-target",
+        repr(hp.kl_target),
+        "--kl-horizon",
+        str(hp.kl_horizon),
+        "--optim.learning-rate",
+        repr(cfg.optim.learning_rate),
+        "--optim.warmup-steps",
+        str(cfg.optim.warmup_steps),
+        "--run.seed",
+        str(run.seed),
+        "--run.log-every",
+        str(run.log_every),
+        "--run.eval-every",
+        str(run.eval_every),
+        "--run.save-every",
+        str(run.save_every),
+        "--run.split-fractions",
+        *map(str, run.split_fractions),
+        "--run.no-progress",
+        "--run.mesh.data",
+        str(run.mesh.data),
+        "--run.mesh.fsdp",
+        str(run.mesh.fsdp),
+        "--run.mesh.tensor",
+        str(run.mesh.tensor),
+    ]
     return args
 
 
@@ -511,8 +605,14 @@ def test_run_ppo_resume_is_exact(tmp_path):
     first, _, step = F.read_checkpoint(legs.out)
     assert step == 2 and int(first["iteration"]) == 2
     cfg2 = dataclasses.replace(legs, run=dataclasses.replace(legs.run, stop_at_step=None))
-    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", *_cli_args(cfg2)], env=F.subprocess_env(),
-                          cwd=F.REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_jax.cli", *_cli_args(cfg2)],
+        env=F.subprocess_env(),
+        cwd=F.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from step 2" in proc.stderr, proc.stderr[-4000:]
 

@@ -69,10 +69,26 @@ class Setup:
         self.opt = make_optimizer(optim, steps)
         self.value = nets.rm if cfg.uses_critic else None
         value_opt = make_optimizer(optim, steps) if cfg.uses_critic else None
-        self.state0 = init_ppo_state(nets.policy_params, nets.value_params if cfg.uses_critic else None, self.opt,
-                                     value_opt, kl_coef=cfg.kl_coef, seed=0)  # fmt: skip
-        self.step = jax.jit(make_iteration(cfg, nets.policy, self.value, ParamCountRM(), self.opt, value_opt,
-                                           eos_token_id=T.EOS, pad_token_id=T.PAD))  # fmt: skip
+        self.state0 = init_ppo_state(
+            nets.policy_params,
+            nets.value_params if cfg.uses_critic else None,
+            self.opt,
+            value_opt,
+            kl_coef=cfg.kl_coef,
+            seed=0,
+        )
+        self.step = jax.jit(
+            make_iteration(
+                cfg,
+                nets.policy,
+                self.value,
+                ParamCountRM(),
+                self.opt,
+                value_opt,
+                eos_token_id=T.EOS,
+                pad_token_id=T.PAD,
+            )
+        )
         self.batch = prompts(cfg.num_prompts)
 
     def run(self, n: int, state=None, rm_params=RM_PARAMS):
@@ -112,8 +128,11 @@ def setups(nets):  # noqa: F811
 
 
 def test_hyperparameters_resolve_auto_per_estimator_and_validate_groups():
-    gae, grpo, dr = PPOHyperparams(), PPOHyperparams(estimator="grpo", group_size=4), PPOHyperparams(
-        estimator="dr_grpo", group_size=4)  # fmt: skip
+    gae, grpo, dr = (
+        PPOHyperparams(),
+        PPOHyperparams(estimator="grpo", group_size=4),
+        PPOHyperparams(estimator="dr_grpo", group_size=4),
+    )
     assert (gae.kl_in_loss, gae.kl_estimator, gae.policy_aggregation, gae.uses_critic) == (
         False,
         "k1",
@@ -273,8 +292,14 @@ def _grpo_config(world: SimpleNamespace, out: Path, **run_changes) -> PPOConfig:
         cfg.hparams, estimator="grpo", group_size=2, batch_size=16, minibatch_size=8, no_eos_penalty=None
     )  # the score is exactly the weighted sum
     base = str(world.base)  # two reward models: the same run twice (seeded heads), weighed 1 and 0.5
-    return dataclasses.replace(cfg, hparams=hp, max_steps=2, reward=(base, base), reward_weights=(1.0, 0.5, 2.0),
-                               rule_reward=("rlhf_jax.rewards:length_penalty",))  # fmt: skip
+    return dataclasses.replace(
+        cfg,
+        hparams=hp,
+        max_steps=2,
+        reward=(base, base),
+        reward_weights=(1.0, 0.5, 2.0),
+        rule_reward=("rlhf_jax.rewards:length_penalty",),
+    )
 
 
 def test_run_ppo_grpo_with_several_rewards_resumes_exactly(tmp_path):

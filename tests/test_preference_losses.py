@@ -118,17 +118,23 @@ def central_difference(fn, x, step=1e-4):
 
 
 class DPOTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_matches_loop(self):
         rng = np.random.default_rng(0)
         c, r, rc, rr = (rng.normal(size=6).astype(np.float32) - 10 for _ in range(4))
-        cases = [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2), ("ipo", 0.1, 0.0), ("ipo", 0.7, 0.0),
-                 ("hinge", 0.5, 0.0), ("hinge", 2.0, 0.0)]
+        cases = [
+            ("sigmoid", 0.1, 0.0),
+            ("sigmoid", 0.5, 0.2),
+            ("ipo", 0.1, 0.0),
+            ("ipo", 0.7, 0.0),
+            ("hinge", 0.5, 0.0),
+            ("hinge", 2.0, 0.0),
+        ]
         for loss_type, beta, ls in cases:
             # beta and label smoothing traced under jit
-            fn = self.variant(lambda *a, lt=loss_type: losses.dpo_loss(
-                *a[:4], beta=a[4], loss_type=lt, label_smoothing=a[5]))
+            fn = self.variant(
+                lambda *a, lt=loss_type: losses.dpo_loss(*a[:4], beta=a[4], loss_type=lt, label_smoothing=a[5])
+            )
             loss, metrics = fn(c, r, rc, rr, np.float32(beta), np.float32(ls))
             want, want_metrics = naive_dpo(c, r, rc, rr, beta, loss_type, ls)
             msg = f"{loss_type} beta={beta} ls={ls}"
@@ -141,10 +147,20 @@ class DPOTest(chex.TestCase):
         rng = np.random.default_rng(1)
         inputs = [rng.normal(size=5).astype(np.float32) for _ in range(4)]
         c, r, rc, rr = inputs
-        for loss_type, beta, ls in (("sigmoid", 0.3, 0.0), ("sigmoid", 0.3, 0.1), ("ipo", 0.5, 0.0),
-                                    ("hinge", 0.4, 0.0)):
-            grads = jax.jit(jax.grad(lambda *a, lt=loss_type, b=beta, s=ls: losses.dpo_loss(
-                *a, beta=b, loss_type=lt, label_smoothing=s)[0], argnums=(0, 1, 2, 3)))(*inputs)
+        for loss_type, beta, ls in (
+            ("sigmoid", 0.3, 0.0),
+            ("sigmoid", 0.3, 0.1),
+            ("ipo", 0.5, 0.0),
+            ("hinge", 0.4, 0.0),
+        ):
+            grads = jax.jit(
+                jax.grad(
+                    lambda *a, lt=loss_type, b=beta, s=ls: losses.dpo_loss(*a, beta=b, loss_type=lt, label_smoothing=s)[
+                        0
+                    ],
+                    argnums=(0, 1, 2, 3),
+                )
+            )(*inputs)
             for i in range(5):
                 h = (float(c[i]) - float(rc[i])) - (float(r[i]) - float(rr[i]))
                 assert abs(1 - beta * h) > 1e-3  # hinge: away from the kink
@@ -155,16 +171,20 @@ class DPOTest(chex.TestCase):
     def test_large_differences_are_finite(self):
         c, r = jnp.array([0.0, -1e4, 1e4]), jnp.array([-1e4, 0.0, -1e4])
         zeros = jnp.zeros(3)
-        value, grads = jax.value_and_grad(lambda c, r: losses.dpo_loss(c, r, zeros, zeros, beta=1.0)[0],
-                                          argnums=(0, 1))(c, r)
+        value, grads = jax.value_and_grad(
+            lambda c, r: losses.dpo_loss(c, r, zeros, zeros, beta=1.0)[0], argnums=(0, 1)
+        )(c, r)
         np.testing.assert_allclose(value, 1e4 / 3, rtol=1e-5)  # only the second pair costs: -log sigmoid(-1e4)
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
     def test_bad_arguments_raise(self):
         x = jnp.zeros(2)
-        for kwargs, match in (({"beta": 0.1, "loss_type": "kto"}, "kto"), ({"beta": 0.0}, "beta"),
-                              ({"beta": 0.1, "loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid"),
-                              ({"beta": 0.1, "label_smoothing": 1.5}, "label_smoothing")):
+        for kwargs, match in (
+            ({"beta": 0.1, "loss_type": "kto"}, "kto"),
+            ({"beta": 0.0}, "beta"),
+            ({"beta": 0.1, "loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid"),
+            ({"beta": 0.1, "label_smoothing": 1.5}, "label_smoothing"),
+        ):
             with self.assertRaisesRegex(ValueError, match):
                 losses.dpo_loss(x, x, x, x, **kwargs)
         with self.assertRaises(AssertionError):  # chex: shapes must agree
@@ -178,7 +198,6 @@ _pl_and_grad = jax.jit(jax.value_and_grad(losses.plackett_luce_dpo_loss, argnums
 
 
 class PlackettLuceTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_matches_loop(self):
         rng = np.random.default_rng(2)
@@ -186,8 +205,9 @@ class PlackettLuceTest(chex.TestCase):
         for k in ks:
             logps, ref, ranks, valid = random_rankings(rng, 4, k)
             for beta in (0.1, 1.0):
-                loss, metrics = self.variant(
-                    lambda *a: losses.plackett_luce_dpo_loss(*a[:4], beta=a[4]))(logps, ref, ranks, valid, beta)
+                loss, metrics = self.variant(lambda *a: losses.plackett_luce_dpo_loss(*a[:4], beta=a[4]))(
+                    logps, ref, ranks, valid, beta
+                )
                 want, want_metrics = naive_pl(logps, ref, ranks, valid, beta)
                 np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6, err_msg=f"K={k} beta={beta}")
                 np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5, atol=1e-6)
@@ -202,8 +222,9 @@ class PlackettLuceTest(chex.TestCase):
         pick = lambda x, idx: x[np.arange(7), idx]  # noqa: E731
         for beta in (0.1, 0.5, 3.0):
             pl, pl_metrics = _pl(logps, ref, ranks, np.ones((7, 2)), beta=beta)
-            dpo, dpo_metrics = losses.dpo_loss(pick(logps, best), pick(logps, worst), pick(ref, best),
-                                               pick(ref, worst), beta=beta)
+            dpo, dpo_metrics = losses.dpo_loss(
+                pick(logps, best), pick(logps, worst), pick(ref, best), pick(ref, worst), beta=beta
+            )
             np.testing.assert_allclose(pl, dpo, rtol=1e-5)
             for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
                 np.testing.assert_allclose(pl_metrics[name], dpo_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -245,7 +266,8 @@ class PlackettLuceTest(chex.TestCase):
     def test_no_counted_prompt_gives_zero_loss_and_zero_gradients(self):
         logps = jnp.array([[-1.0, -2.0], [-3.0, -4.0]])
         (loss, metrics), (grad, grad_ref) = _pl_and_grad(
-            logps, jnp.zeros((2, 2)), jnp.array([[0, 1], [1, 0]]), jnp.array([[1, 0], [0, 0]]), beta=0.1)
+            logps, jnp.zeros((2, 2)), jnp.array([[0, 1], [1, 0]]), jnp.array([[1, 0], [0, 0]]), beta=0.1
+        )
         self.assertEqual(float(loss), 0.0)
         self.assertTrue(all(bool(jnp.isfinite(v)) for v in metrics.values()))
         np.testing.assert_array_equal(grad, 0.0)
@@ -256,7 +278,8 @@ class PlackettLuceTest(chex.TestCase):
         batches = [random_rankings(rng, 3, 4) for _ in range(2)]
         logps, ref, ranks, valid = (np.stack(a) for a in zip(*batches))
         loss, metrics = jax.jit(jax.vmap(functools.partial(losses.plackett_luce_dpo_loss, beta=0.2)))(
-            logps, ref, ranks, valid)
+            logps, ref, ranks, valid
+        )
         for g in range(2):
             np.testing.assert_allclose(loss[g], naive_pl(logps[g], ref[g], ranks[g], valid[g], 0.2)[0], rtol=1e-5)
         self.assertEqual(metrics["rewards/accuracies"].shape, (2,))

@@ -30,9 +30,7 @@ import pytest
 from rlhf_jax import train_loop
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config import MeshConfig, PPOConfig, PPOHyperparams
-from rlhf_jax.drivers import run_ppo
-from rlhf_jax.drivers import run_rm
-from rlhf_jax.drivers import run_sft
+from rlhf_jax.drivers import run_ppo, run_rm, run_sft
 from rlhf_jax.tasks import tiny
 from tests import stage_fixtures as F
 
@@ -57,8 +55,11 @@ def compilation_cache(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(sharding, "make_mesh", functools.partial(sharding.make_mesh, devices=jax.devices()[:1]))
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     old = {n: getattr(jax.config, n) for n in names}
     new = dict(zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)))
     for n, v in new.items():
@@ -80,8 +81,15 @@ def _world(root: Path) -> SimpleNamespace:
 
 
 def _run_cfg(**changes):
-    return F.run_config(trace_data=True, save_every=1, keep_last=N, keep_best=0, split_fractions=(1.0, 0.0, 0.0),
-                        mesh=MeshConfig(), **changes)  # fmt: skip
+    return F.run_config(
+        trace_data=True,
+        save_every=1,
+        keep_last=N,
+        keep_best=0,
+        split_fractions=(1.0, 0.0, 0.0),
+        mesh=MeshConfig(),
+        **changes,
+    )
 
 
 def _sft(world, out: Path, **run_changes):
@@ -94,12 +102,27 @@ def _rm(world, out: Path, **run_changes):
 
 
 def _ppo(world, out: Path, **run_changes):
-    cfg = PPOConfig(prompts=str(world.files["prompts"]), policy=str(world.base), reward=str(world.base), out=str(out),
-                    ptx_data=str(world.files["text"]), max_steps=N, max_prompt_len=8, ptx_seq_len=12,
-                    run=_run_cfg(**run_changes),
-                    hparams=PPOHyperparams(batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=5,
-                                           adaptive_kl=True, kl_target=0.01, kl_horizon=50),
-                    optim=dataclasses.replace(PPOConfig.optim, learning_rate=3e-3, warmup_steps=1))  # fmt: skip
+    cfg = PPOConfig(
+        prompts=str(world.files["prompts"]),
+        policy=str(world.base),
+        reward=str(world.base),
+        out=str(out),
+        ptx_data=str(world.files["text"]),
+        max_steps=N,
+        max_prompt_len=8,
+        ptx_seq_len=12,
+        run=_run_cfg(**run_changes),
+        hparams=PPOHyperparams(
+            batch_size=8,
+            minibatch_size=4,
+            ppo_epochs=2,
+            max_new_tokens=5,
+            adaptive_kl=True,
+            kl_target=0.01,
+            kl_horizon=50,
+        ),
+        optim=dataclasses.replace(PPOConfig.optim, learning_rate=3e-3, warmup_steps=1),
+    )
     return run_ppo, cfg
 
 
@@ -181,15 +204,32 @@ def test_resume_at_every_step_is_exact(world, straight_runs, tmp_path, stage):
 # and meta entries. ``True``: it must change between the first and the last checkpoint;
 # ``False``: constant in this run but restored all the same (RNG key data: steps fold it in).
 MUTABLE = {
-    "sft": {"state": {"params": True, "opt_state": True, "step": True, "rng": False},
-            "meta": ("iterators.train", "nonfinite")},
-    "rm": {"state": {"params": True, "opt_state": True, "step": True, "rng": False},
-           "meta": ("iterators.train", "nonfinite")},
-    "ppo": {"state": {"policy.params": True, "policy.opt_state": True, "policy.step": True, "policy.rng": False,
-                      "value.params": True, "value.opt_state": True, "value.step": True, "value.rng": False,
-                      "ema_params": True, "kl_coef": True, "iteration": True, "rng": False},
-            "meta": ("iterators.prompts", "iterators.ptx", "nonfinite")},
-}  # fmt: skip
+    "sft": {
+        "state": {"params": True, "opt_state": True, "step": True, "rng": False},
+        "meta": ("iterators.train", "nonfinite"),
+    },
+    "rm": {
+        "state": {"params": True, "opt_state": True, "step": True, "rng": False},
+        "meta": ("iterators.train", "nonfinite"),
+    },
+    "ppo": {
+        "state": {
+            "policy.params": True,
+            "policy.opt_state": True,
+            "policy.step": True,
+            "policy.rng": False,
+            "value.params": True,
+            "value.opt_state": True,
+            "value.step": True,
+            "value.rng": False,
+            "ema_params": True,
+            "kl_coef": True,
+            "iteration": True,
+            "rng": False,
+        },
+        "meta": ("iterators.prompts", "iterators.ptx", "nonfinite"),
+    },
+}
 
 
 def _group(path) -> str:

@@ -52,7 +52,10 @@ def runs(world, tmp_path_factory):
         resume = F.Background(["rm", *F.cli_args(_cfg(world, root / "resumed"))], root / "resumed.log")
         try:
             run_rm(_cfg(world, root / "straight"))
-            return {"first_k": {"step": step, "state_step": int(state["step"]), "meta": meta}, "resume": resume.result()}
+            return {
+                "first_k": {"step": step, "state_step": int(state["step"]), "meta": meta},
+                "resume": resume.result(),
+            }
         finally:
             resume.close()
 
@@ -142,8 +145,10 @@ def test_exact_resume_in_a_new_process(runs):
 
     assert val(runs.root / "resumed") == val(runs.straight)
     # the demonstration bias the resumed process computed is the same number
-    assert (checkpoint.read_model_info(runs.root / "resumed")["reward_bias"]
-            == checkpoint.read_model_info(runs.straight)["reward_bias"])  # fmt: skip
+    assert (
+        checkpoint.read_model_info(runs.root / "resumed")["reward_bias"]
+        == checkpoint.read_model_info(runs.straight)["reward_bias"]
+    )
 
 
 # ----------------------------------------------------------------------------- K-way batching
@@ -199,9 +204,9 @@ def test_loss_is_the_mean_over_each_prompts_pairs(rm, kway):
         for i, j in itertools.combinations(sorted(scores), 2):
             if ranks[b, i] == ranks[b, j]:
                 continue  # a tie carries no order
-            w, l = (i, j) if ranks[b, i] < ranks[b, j] else (j, i)
-            terms.append(-math.log(1.0 / (1.0 + math.exp(-(scores[w] - scores[l])))))
-            correct += scores[w] > scores[l]
+            w, lo = (i, j) if ranks[b, i] < ranks[b, j] else (j, i)
+            terms.append(-math.log(1.0 / (1.0 + math.exp(-(scores[w] - scores[lo])))))
+            correct += scores[w] > scores[lo]
         n_pairs += len(terms)
         per_prompt.append(sum(terms) / len(terms))  # this prompt's C(K,2) pairs (ties excluded)
     naive = sum(per_prompt) / len(per_prompt)  # then the mean over prompts
@@ -271,8 +276,6 @@ BAD_ROWS = {
 }
 
 
-
-
 @pytest.mark.parametrize("reason", sorted(BAD_ROWS))
 def test_bad_ranking_row_names_file_line_and_reason(world, tmp_path, reason):
     path = F.write_good_then_bad(tmp_path / "rankings.jsonl", GOOD, [BAD_ROWS[reason]])
@@ -286,16 +289,19 @@ def test_skip_mode_counts_every_bad_group(world, tmp_path, caplog):
     after_tokens = json.dumps({"prompt": "w2", "chosen": "w3  w4", "rejected": "w3 w4"})  # equal once tokenised
     long_response = json.dumps({"prompt": "w2", "responses": [" ".join(["w3"] * 20), "w4"], "ranks": [0, 1]})
     long_prompt = json.dumps({"prompt": " ".join(["w2"] * 20), "responses": ["w3", "w4"], "ranks": [0, 1]})
-    path = F.write_good_then_bad(tmp_path / "rankings.jsonl", GOOD,
-                                 [*BAD_ROWS.values(), after_tokens, long_response, long_prompt])
+    path = F.write_good_then_bad(
+        tmp_path / "rankings.jsonl", GOOD, [*BAD_ROWS.values(), after_tokens, long_response, long_prompt]
+    )
     caplog.set_level(logging.WARNING)
     run = F.run_config(on_error="skip", max_skip_fraction=0.2, split_fractions=(1.0, 0.0, 0.0))
     tokenize = lambda recs: data.tokenize_rankings(  # noqa: E731
         recs, world.tok, max_prompt_len=F.RM_PROMPT_LEN, max_response_len=F.RM_RESPONSE_LEN
     )
     train, _, _, _ = data.load_split_tokenize(str(path), "rankings", run, tokenize)
-    assert ("kept 63/70 rows (7 skipped: duplicate_responses_only=1, empty_string=1, invalid_json=1, "
-            "missing_field=1, ties_only=1, too_few_responses=1, wrong_type=1)") in caplog.text  # fmt: skip
+    assert (
+        "kept 63/70 rows (7 skipped: duplicate_responses_only=1, empty_string=1, invalid_json=1, "
+        "missing_field=1, ties_only=1, too_few_responses=1, wrong_type=1)"
+    ) in caplog.text
     assert train.report.counts == {
         "duplicate_responses_only": 1,  # chosen == rejected after tokenisation: dropped, not a ln 2 pair
         "response_too_long": 1,  # a note: the response was dropped ...
@@ -313,8 +319,9 @@ def test_all_groups_dropped_is_an_error(world, tmp_path):
 
 
 def test_tokenizer_larger_than_embedding(world, tmp_path):
-    small = tiny.make_model_dir(tmp_path / "small", vocab_size=len(world.tok) - 6, hidden_size=F.HIDDEN,
-                                tokenizer=world.tok)  # fmt: skip
+    small = tiny.make_model_dir(
+        tmp_path / "small", vocab_size=len(world.tok) - 6, hidden_size=F.HIDDEN, tokenizer=world.tok
+    )
     n = len(world.tok)
     with pytest.raises(ValueError, match=rf"tokenizer has {n} tokens but the model's vocab_size is {n - 6}"):
         run_rm(F.rm_config(world, tmp_path / "run", init=str(small)))
@@ -332,10 +339,14 @@ def test_sft_selects_the_checkpoint_the_reward_model_scores_best(world, runs, tm
     """InstructGPT selects the final SFT checkpoint by RM score on validation prompts, not by loss."""
     from rlhf_jax.drivers import run_sft
 
-    run = F.run_config(split_fractions=(0.75, 0.25, 0.0), eval_every=3, save_every=3, keep_last=1, keep_best=1,
-                       mesh=F.MESH_1x8x1)  # fmt: skip
-    out = run_sft(F.sft_config(world, tmp_path / "sft", max_steps=9, run=run, select_by_reward=str(runs.straight),
-                               select_prompts=8))  # fmt: skip
+    run = F.run_config(
+        split_fractions=(0.75, 0.25, 0.0), eval_every=3, save_every=3, keep_last=1, keep_best=1, mesh=F.MESH_1x8x1
+    )
+    out = run_sft(
+        F.sft_config(
+            world, tmp_path / "sft", max_steps=9, run=run, select_by_reward=str(runs.straight), select_prompts=8
+        )
+    )
     evals = {m["step"]: m["val/rm_score"] for m in train_loop.read_metrics(out) if "val/rm_score" in m}
     assert sorted(evals) == [3, 6, 9] and all(np.isfinite(v) for v in evals.values())
     best = max(evals, key=evals.get)

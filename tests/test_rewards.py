@@ -109,22 +109,26 @@ def test_example_rules_match_loops_under_jit():
     mask = (np.arange(7)[None] < lens[:, None]).astype(np.int32)
     ids = np.where(mask > 0, ids, 3)  # padding that would count if the mask were ignored
     np.testing.assert_allclose(np.asarray(jax.jit(rewards.length_penalty)(prompt, ids, mask)), -lens / 7, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(jax.jit(rewards.repetition_penalty)(prompt, ids, mask)),
-                               naive_repetition(ids, mask), atol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(rewards.repetition_penalty)(prompt, ids, mask)), naive_repetition(ids, mask), atol=1e-7
+    )
     rule = rewards.banned_tokens([3, 4], penalty=0.5)
     want = [-0.5 * sum(1 for t, k in zip(r, m) if k and t in (3, 4)) for r, m in zip(ids, mask)]
     np.testing.assert_allclose(np.asarray(jax.jit(rule)(prompt, ids, mask)), want, atol=1e-7)
     assert rewards.load_rule("rlhf_jax.rewards:repetition_penalty") is rewards.repetition_penalty
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("rlhf_jax.rewards", "expected 'module:function'"),
-    ("rlhf_jax.no_such_module:f", "cannot import module 'rlhf_jax.no_such_module'"),
-    ("rlhf_jax.rewards:no_such_rule", "has no attribute 'no_such_rule'"),
-    ("rlhf_jax.rewards:unique_names", "must take"),  # one argument
-    ("rlhf_jax.rewards:banned_tokens", "must take"),  # a factory, not a rule
-    ("rlhf_jax.rewards:__all__", "is not callable"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("rlhf_jax.rewards", "expected 'module:function'"),
+        ("rlhf_jax.no_such_module:f", "cannot import module 'rlhf_jax.no_such_module'"),
+        ("rlhf_jax.rewards:no_such_rule", "has no attribute 'no_such_rule'"),
+        ("rlhf_jax.rewards:unique_names", "must take"),  # one argument
+        ("rlhf_jax.rewards:banned_tokens", "must take"),  # a factory, not a rule
+        ("rlhf_jax.rewards:__all__", "is not callable"),
+    ],
+)
 def test_bad_rule_names_are_clear_errors(spec, message):
     with pytest.raises(ValueError, match=message) as e:
         rewards.load_rule(spec)
@@ -139,9 +143,29 @@ def test_config_and_command_line():
     one = cli._as_base(tyro.cli(flat, args=[*base, "--reward", "runs/rm"]))
     assert one.reward == ("runs/rm",) and one.weights == (1.0,) and one.rule_reward == ()
     assert PPOConfig(prompts="p", policy="s", reward="runs/rm", out="o").reward == ("runs/rm",)  # a str: one path
-    many = cli._as_base(tyro.cli(flat, args=[*base, "--reward", "runs/rm_a", "runs/rm_b", "--reward-weights", "1",
-                                             "0.5", "-2", "--rule-reward", "rlhf_jax.rewards:length_penalty",
-                                             "--estimator", "grpo", "--group-size", "4", "--kl-in", "loss"]))  # fmt: skip
+    many = cli._as_base(
+        tyro.cli(
+            flat,
+            args=[
+                *base,
+                "--reward",
+                "runs/rm_a",
+                "runs/rm_b",
+                "--reward-weights",
+                "1",
+                "0.5",
+                "-2",
+                "--rule-reward",
+                "rlhf_jax.rewards:length_penalty",
+                "--estimator",
+                "grpo",
+                "--group-size",
+                "4",
+                "--kl-in",
+                "loss",
+            ],
+        )
+    )
     assert many.reward == ("runs/rm_a", "runs/rm_b") and many.weights == (1.0, 0.5, -2.0)
     assert many.rule_reward == ("rlhf_jax.rewards:length_penalty",)
     assert (many.hparams.estimator, many.hparams.group_size, many.hparams.kl_in) == ("grpo", 4, "loss")

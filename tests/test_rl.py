@@ -127,7 +127,6 @@ def random_mask(rng, batch, length, kind):
 
 
 class RLMatchesLoopsTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_gae_matches_loop(self):
         rng = np.random.default_rng(0)
@@ -154,7 +153,9 @@ class RLMatchesLoopsTest(chex.TestCase):
     def test_kl_shaped_rewards_matches_loop(self):
         rng = np.random.default_rng(1)
         for kind in ("k1", "k3"):
-            fn = self.variant(lambda s, lp, ref, m, c: rl.kl_shaped_rewards(s, lp, ref, m, kl_coef=c, kind=kind))
+            fn = self.variant(
+                lambda s, lp, ref, m, c, kind=kind: rl.kl_shaped_rewards(s, lp, ref, m, kl_coef=c, kind=kind)
+            )
             for mask_kind in ("right", "prefix", "holes"):
                 scores = rng.normal(size=5).astype(np.float32)
                 lp, ref = (rng.normal(size=(5, 7)).astype(np.float32) for _ in range(2))
@@ -195,7 +196,6 @@ class RLMatchesLoopsTest(chex.TestCase):
 
 
 class CriticFreeAdvantagesTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_group_advantages_match_loop(self):
         rng = np.random.default_rng(4)
@@ -205,8 +205,9 @@ class CriticFreeAdvantagesTest(chex.TestCase):
             for estimator in ("grpo", "dr_grpo", "rloo"):
                 got = self.variant(functools.partial(rl.group_advantages, estimator=estimator))(rewards)
                 self.assertEqual(got.dtype, jnp.float32)
-                np.testing.assert_allclose(got, naive_group(rewards, estimator), rtol=1e-5, atol=1e-5,
-                                           err_msg=f"{estimator} G={group}")
+                np.testing.assert_allclose(
+                    got, naive_group(rewards, estimator), rtol=1e-5, atol=1e-5, err_msg=f"{estimator} G={group}"
+                )
                 np.testing.assert_array_equal(got[0], 0.0)
         got = self.variant(lambda r, e: rl.group_advantages(r, eps=e))(rewards, np.float32(0.5))  # traced eps
         np.testing.assert_allclose(got, naive_group(rewards, "grpo", eps=0.5), rtol=1e-5, atol=1e-6)
@@ -233,8 +234,13 @@ class CriticFreeAdvantagesTest(chex.TestCase):
         rewards = rng.normal(size=(2, 4)).astype(np.float32)
         weights = rng.normal(size=(2, 4))
         for estimator in ("grpo", "dr_grpo", "rloo"):
-            grad = jax.jit(jax.grad(lambda r, e=estimator: jnp.sum(
-                jnp.asarray(weights, jnp.float32) * rl.group_advantages(r, estimator=e))))(rewards)
+            grad = jax.jit(
+                jax.grad(
+                    lambda r, e=estimator: jnp.sum(
+                        jnp.asarray(weights, jnp.float32) * rl.group_advantages(r, estimator=e)
+                    )
+                )
+            )(rewards)
             want = central_difference(lambda r, e=estimator: float(np.sum(weights * naive_group(r, e))), rewards)
             np.testing.assert_allclose(grad, want, rtol=1e-3, atol=1e-4, err_msg=estimator)
 
@@ -262,9 +268,12 @@ class CriticFreeAdvantagesTest(chex.TestCase):
     def test_reinforce_pp_masked_junk_empty_mask_and_bfloat16(self):
         rewards = jnp.array([[jnp.nan, 0.0, 1.0, jnp.inf], [0.0, 2.0, 0.0, 0.0]])
         mask = jnp.array([[0, 1, 1, 0], [1, 1, 0, 0]])
-        np.testing.assert_allclose(rl.reinforce_pp_advantages(rewards, mask),
-                                   naive_reinforce_pp(np.nan_to_num(np.asarray(rewards), posinf=0.0), mask),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            rl.reinforce_pp_advantages(rewards, mask),
+            naive_reinforce_pp(np.nan_to_num(np.asarray(rewards), posinf=0.0), mask),
+            rtol=1e-5,
+            atol=1e-6,
+        )
         fn = jax.jit(jax.value_and_grad(lambda r, m: jnp.sum(rl.reinforce_pp_advantages(r, m) ** 3)))
         value, grad = fn(jnp.ones((2, 4)), jnp.zeros((2, 4)))
         self.assertEqual(float(value), 0.0)
@@ -290,9 +299,11 @@ _update = jax.jit(lambda c, kl, n, tgt, h: rl.update_kl_coef(c, kl, n, target=tg
 
 
 @FEW
-@given(rewards=hnp.arrays(np.float32, (_B, _T), elements=finite(min_value=-5, max_value=5)),
-       values=hnp.arrays(np.float32, (_B, _T), elements=finite(min_value=-5, max_value=5)),
-       mask=hnp.arrays(np.bool_, (_B, _T)))
+@given(
+    rewards=hnp.arrays(np.float32, (_B, _T), elements=finite(min_value=-5, max_value=5)),
+    values=hnp.arrays(np.float32, (_B, _T), elements=finite(min_value=-5, max_value=5)),
+    mask=hnp.arrays(np.bool_, (_B, _T)),
+)
 def test_gae_with_gamma_lam_one_gives_reward_to_go(rewards, values, mask):
     adv, ret = _gae(rewards, values, mask, 1.0, 1.0)
     for b in range(_B):
@@ -306,9 +317,13 @@ def test_gae_with_gamma_lam_one_gives_reward_to_go(rewards, values, mask):
 
 
 @FEW
-@given(beta=real(min_value=1e-4, max_value=10.0), kl=real(min_value=0.0, max_value=100.0),
-       target=real(min_value=0.1, max_value=20.0), n=st.integers(64, 1024),
-       horizon=real(min_value=1000.0, max_value=20000.0))
+@given(
+    beta=real(min_value=1e-4, max_value=10.0),
+    kl=real(min_value=0.0, max_value=100.0),
+    target=real(min_value=0.1, max_value=20.0),
+    n=st.integers(64, 1024),
+    horizon=real(min_value=1000.0, max_value=20000.0),
+)
 def test_kl_controller_error_is_clipped_and_moves_toward_target(beta, kl, target, n, horizon):
     new = float(_update(beta, kl, n, target, horizon))
     beta = float(np.float32(beta))  # the controller computes in float32
@@ -364,5 +379,6 @@ def test_vmap_over_groups():
     shaped = jax.jit(jax.vmap(lambda s, lp, m: rl.kl_shaped_rewards(s, lp, 0 * lp, m, kl_coef=0.1)))
     got, _ = shaped(scores, values, mask)
     for g in range(2):
-        np.testing.assert_allclose(got[g], naive_shaped(scores[g], values[g], 0 * values[g], mask[g], 0.1, "k1")[0],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            got[g], naive_shaped(scores[g], values[g], 0 * values[g], mask[g], 0.1, "k1")[0], rtol=1e-5, atol=1e-6
+        )

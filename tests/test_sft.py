@@ -20,9 +20,9 @@ import pytest
 
 from rlhf_jax import checkpoint, data, train_loop
 from rlhf_jax.config import MeshConfig, RunConfig, SFTConfig
+from rlhf_jax.drivers import run_sft
 from rlhf_jax.optim import learning_rate_schedule
 from rlhf_jax.sampling import generate
-from rlhf_jax.drivers import run_sft
 from rlhf_jax.tasks import tiny
 from tests import stage_fixtures as F
 
@@ -53,8 +53,11 @@ def runs(world, tmp_path_factory):
     """
 
     def build(root):
-        one_device = F.Background(["sft", *F.cli_args(_cfg(world, root / "one_device"), mesh=MeshConfig())],
-                                  root / "one_device.log", num_devices=1)  # fmt: skip
+        one_device = F.Background(
+            ["sft", *F.cli_args(_cfg(world, root / "one_device"), mesh=MeshConfig())],
+            root / "one_device.log",
+            num_devices=1,
+        )
         resume = None
         try:
             run_sft(_cfg(world, root / "resumed", stop_at_step=K_STEPS))
@@ -63,7 +66,11 @@ def runs(world, tmp_path_factory):
             resume = F.Background(["sft", *F.cli_args(_cfg(world, root / "resumed"))], root / "resumed.log")
             run_sft(_cfg(world, root / "straight"))
             run_sft(dataclasses.replace(_cfg(world, root / "other_mesh"), run=F.run_config(mesh=F.MESH_2x2x2)))
-            return {"first_k": {"step": step, "meta": meta}, "resume": resume.result(), "one_device": one_device.result()}
+            return {
+                "first_k": {"step": step, "meta": meta},
+                "resume": resume.result(),
+                "one_device": one_device.result(),
+            }
         finally:
             one_device.close()
             if resume is not None:
@@ -152,8 +159,15 @@ def test_loss_falls_and_a_memorised_answer_is_reproduced(world, tmp_path):
     path = tmp_path / "few.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in demos))
     optim = dataclasses.replace(SFTConfig.optim, learning_rate=1e-2, final_lr_fraction=1.0)
-    cfg = F.sft_config(world, tmp_path / "mem", data=str(path), batch_size=8, max_steps=20, optim=optim,
-                       run=F.run_config(split_fractions=(1.0, 0.0, 0.0)))  # fmt: skip
+    cfg = F.sft_config(
+        world,
+        tmp_path / "mem",
+        data=str(path),
+        batch_size=8,
+        max_steps=20,
+        optim=optim,
+        run=F.run_config(split_fractions=(1.0, 0.0, 0.0)),
+    )
     out = run_sft(cfg)
 
     losses = F.train_losses(out)
@@ -165,8 +179,17 @@ def test_loss_falls_and_a_memorised_answer_is_reproduced(world, tmp_path):
     records, _ = data.load_records(str(path), "prompts")
     prompts = data.tokenize_prompts(records, tok, max_prompt_len=8)  # left-padded
     ids, mask = jnp.asarray(prompts.arrays["input_ids"]), jnp.asarray(prompts.arrays["attention_mask"])
-    gen = generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=8, temperature=0.0,
-                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    gen = generate(
+        model,
+        params,
+        ids,
+        mask,
+        jax.random.key(0),
+        max_new_tokens=8,
+        temperature=0.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     tokens, mask = np.asarray(gen.tokens), np.asarray(gen.mask)
     for d, row, m in zip(demos, tokens, mask):
         want = tok(d["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -220,8 +243,6 @@ BAD_ROWS = {
 }
 
 
-
-
 @pytest.mark.parametrize("reason", sorted(BAD_ROWS))
 def test_bad_demonstration_row_names_file_line_and_reason(world, tmp_path, reason):
     path = F.write_good_then_bad(tmp_path / "demos.jsonl", GOOD, [BAD_ROWS[reason]])
@@ -252,8 +273,7 @@ def test_skip_mode_counts_every_bad_row(world, tmp_path, caplog):
 def test_skip_ceiling_counts_load_and_length_drops_together(world, tmp_path):
     """2 bad rows of 50 (4%) and 2 too long of the 48 left (4.2%) each pass a 5% ceiling; together 8% do not."""
     long = json.dumps({"prompt": "w2 w3", "response": " ".join(["w4"] * 30), "user_id": "u0"})
-    path = F.write_good_then_bad(tmp_path / "demos.jsonl", GOOD, [BAD_ROWS["invalid_json"]] * 2 + [long] * 2,
-                                 n_good=46)  # fmt: skip
+    path = F.write_good_then_bad(tmp_path / "demos.jsonl", GOOD, [BAD_ROWS["invalid_json"]] * 2 + [long] * 2, n_good=46)
     run = F.run_config(on_error="skip", max_skip_fraction=0.05, split_fractions=(1.0, 0.0, 0.0))
     tokenize = lambda recs: data.tokenize_demonstrations(recs, world.tok, seq_len=F.SFT_SEQ_LEN)  # noqa: E731
     with pytest.raises(data.DataError, match=r"demos.jsonl: skipped 4/50 rows \(8.0%\).*invalid_json=2, too_long=2"):
@@ -279,8 +299,9 @@ def test_skip_ceiling_and_over_length(world, tmp_path):
 
 
 def test_tokenizer_larger_than_embedding(world, tmp_path):
-    small = tiny.make_model_dir(tmp_path / "small", vocab_size=len(world.tok) - 6, hidden_size=F.HIDDEN,
-                                tokenizer=world.tok)  # fmt: skip
+    small = tiny.make_model_dir(
+        tmp_path / "small", vocab_size=len(world.tok) - 6, hidden_size=F.HIDDEN, tokenizer=world.tok
+    )
     n = len(world.tok)
     with pytest.raises(ValueError, match=rf"tokenizer has {n} tokens but the model's vocab_size is {n - 6}"):
         run_sft(F.sft_config(world, tmp_path / "run", init=str(small)))
@@ -295,8 +316,16 @@ def test_chunked_lm_head_matches_full_logits():
     from rlhf_jax.sft import lm_objective
 
     for tied in (True, False):
-        cfg = ModelConfig(family="llama", vocab_size=40, hidden_size=16, num_layers=1, num_heads=2,
-                          intermediate_size=32, activation="silu", tie_word_embeddings=tied)  # fmt: skip
+        cfg = ModelConfig(
+            family="llama",
+            vocab_size=40,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=32,
+            activation="silu",
+            tie_word_embeddings=tied,
+        )
         model = CausalLM(cfg)
         params = init_params(model, jax.random.key(1))
         rng = np.random.default_rng(0)
@@ -304,7 +333,7 @@ def test_chunked_lm_head_matches_full_logits():
         mask = (np.arange(11)[None] < np.array([[11], [7], [4]])).astype(np.int32)
         batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
 
-        def run(chunk):
+        def run(chunk, model=model, batch=batch, params=params):
             fn = lambda p: lm_objective(model, p, batch, chunk=chunk)  # noqa: E731
             return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 

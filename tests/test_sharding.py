@@ -11,12 +11,22 @@ from rlhf_jax.config import MeshConfig, ModelConfig
 from rlhf_jax.models import CausalLM
 
 CONFIGS = {
-    "llama_gqa": ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                             num_kv_heads=2, intermediate_size=64),
-    "gpt2": ModelConfig(family="gpt2", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                        max_position_embeddings=32, qkv_bias=True, out_bias=True, mlp_bias=True,
-                        tie_word_embeddings=True),
-}  # fmt: skip
+    "llama_gqa": ModelConfig(
+        family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64
+    ),
+    "gpt2": ModelConfig(
+        family="gpt2",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        max_position_embeddings=32,
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+    ),
+}
 
 
 def _setup(cfg):
@@ -53,8 +63,9 @@ def test_mesh_step_matches_single_device(name, shape):
     shardings = sharding.param_shardings(init, mesh)
     batch = sharding.batch_sharding(mesh)
     with sharding.use_mesh(mesh):
-        sharded = jax.jit(step, in_shardings=(shardings, batch, batch),
-                          out_shardings=(sharding.replicated(mesh), shardings))  # fmt: skip
+        sharded = jax.jit(
+            step, in_shardings=(shardings, batch, batch), out_shardings=(sharding.replicated(mesh), shardings)
+        )
         loss2, params2 = sharded(jax.device_put(params, shardings), ids, mask)
     np.testing.assert_allclose(float(loss2), float(loss1), atol=1e-5, rtol=0)
     for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params2)):

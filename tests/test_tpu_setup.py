@@ -25,8 +25,14 @@ if "describe" in sys.argv and os.environ.get("FAKE_TPU_EXISTS") != "1":
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60, check=False,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _commands(stdout: str) -> list[list[str]]:
@@ -40,8 +46,18 @@ def test_dry_run_prints_create_install_and_run_for_a_pod():
     cmds = _commands(proc.stdout)
     base = ["gcloud", "compute", "tpus", "tpu-vm"]
     assert cmds[0] == [*base, "describe", "pod", "--zone", "us-central2-b", "--format=value(state)"]
-    assert cmds[1] == [*base, "create", "pod", "--zone", "us-central2-b", "--accelerator-type", "v4-32",
-                       "--version", "tpu-ubuntu2204-base", "--spot"]  # fmt: skip
+    assert cmds[1] == [
+        *base,
+        "create",
+        "pod",
+        "--zone",
+        "us-central2-b",
+        "--accelerator-type",
+        "v4-32",
+        "--version",
+        "tpu-ubuntu2204-base",
+        "--spot",
+    ]
     assert cmds[2][:2] == ["git", "-C"] and "tar" in cmds[2]
     assert cmds[3][:5] == [*base, "scp"] and cmds[3][-1] == "--worker=all"
     ssh = cmds[4]
@@ -49,8 +65,21 @@ def test_dry_run_prints_create_install_and_run_for_a_pod():
     remote = ssh[ssh.index("--command") + 1]
     assert "pip install -q -e '.[tpu]'" in remote and "tar -xzf rlhf_jax_src.tar.gz -C rlhf_jax" in remote
 
-    proc = _run("--dry-run", "run", "--name", "pod", "--zone", "z", "--project", "p", "--", "rlhf-jax", "bench",
-                "--out", "it's here")  # fmt: skip
+    proc = _run(
+        "--dry-run",
+        "run",
+        "--name",
+        "pod",
+        "--zone",
+        "z",
+        "--project",
+        "p",
+        "--",
+        "rlhf-jax",
+        "bench",
+        "--out",
+        "it's here",
+    )
     assert proc.returncode == 0, proc.stderr
     (ssh,) = _commands(proc.stdout)
     assert ssh[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone", "z", "--project"]

@@ -26,10 +26,18 @@ def test_out_of_memory_names_the_batch_shapes_and_the_flags(tmp_path):
         return {"w": st["w"] + jax.pure_callback(fail, st["w"], batch["input_ids"].sum())}, {}
 
     stage = train_loop.Stage(
-        name="rm", state=jax.device_put(state, replicated), state_shardings={"w": replicated}, train_step=step,
-        next_batch=lambda: {"input_ids": np.ones((4, 4, 512), np.int32)}, iterators={}, total_steps=2,
+        name="rm",
+        state=jax.device_put(state, replicated),
+        state_shardings={"w": replicated},
+        train_step=step,
+        next_batch=lambda: {"input_ids": np.ones((4, 4, 512), np.int32)},
+        iterators={},
+        total_steps=2,
         memory_flags="--batch-size, --max-response-len",
-    )  # fmt: skip
-    with pytest.raises(train_loop.StepOutOfMemory, match=r"rm: step 1 ran out of device memory on the batch "
-                                                         r"\{input_ids \[4, 4, 512\]\}.*--batch-size, --max-response-len"):  # fmt: skip
+    )
+    with pytest.raises(
+        train_loop.StepOutOfMemory,
+        match=r"rm: step 1 ran out of device memory on the batch "
+        r"\{input_ids \[4, 4, 512\]\}.*--batch-size, --max-response-len",
+    ):
         train_loop.run(stage, F.run_config(), mesh, tmp_path)

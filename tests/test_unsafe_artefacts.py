@@ -30,8 +30,14 @@ from rlhf_jax.models.hf_config import CheckpointError
 from rlhf_jax.tasks import tiny
 
 REPO = Path(__file__).resolve().parents[1]
-PICKLE_NAMES = ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "weights.pkl",
-                "pytorch_model-00001-of-00002.bin"]  # fmt: skip
+PICKLE_NAMES = [
+    "pytorch_model.bin",
+    "model.pt",
+    "model.pth",
+    "model.ckpt",
+    "weights.pkl",
+    "pytorch_model-00001-of-00002.bin",
+]
 
 
 # ============================================================================ helpers
@@ -78,8 +84,9 @@ def base(tmp_path_factory) -> Path:
     """A tiny HF model directory (config.json + safetensors + tokenizer), vocab = len(tokenizer)."""
     root = tmp_path_factory.mktemp("unsafe")
     tok = tiny.make_tokenizer(root / "tokenizer", num_words=16)
-    return tiny.make_model_dir(root / "base", vocab_size=len(tok), hidden_size=16, num_layers=1, num_heads=2,
-                               tokenizer=tok)  # fmt: skip
+    return tiny.make_model_dir(
+        root / "base", vocab_size=len(tok), hidden_size=16, num_layers=1, num_heads=2, tokenizer=tok
+    )
 
 
 def copy_dir(src: Path, dst: Path, *, weights: bool = True) -> Path:
@@ -257,8 +264,12 @@ def _project_files() -> list[Path]:
     """The project's own files: what git tracks or would track (never a virtualenv, a build
     or a cache, wherever they sit); outside a git checkout, every file not inside a virtualenv."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, check=True).stdout.decode()  # fmt: skip
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
         return [REPO / name for name in out.split("\0") if name]
     except (OSError, subprocess.CalledProcessError):
         venvs = {cfg.parent for cfg in REPO.rglob("pyvenv.cfg")}
@@ -311,8 +322,7 @@ def _stage_configs(d: Path, out: Path):
 @pytest.mark.parametrize("extra,pad_is_eos", [(2, False), (1, True)])
 def test_tokenizer_larger_than_embedding_stops_the_stage(base, tmp_path, extra, pad_is_eos):
     """Tokens beyond the embedding (beyond the one pad row load_model adds) fail at stage start."""
-    from rlhf_jax.drivers import run_rm
-    from rlhf_jax.drivers import run_sft
+    from rlhf_jax.drivers import run_rm, run_sft
 
     d = _grown_tokenizer_dir(base, tmp_path / "grown", extra, pad_is_eos=pad_is_eos)
     for name, cfg in _stage_configs(d, tmp_path):

@@ -148,9 +148,12 @@ def test_tokenizer_one_token_per_word_and_chat_template(built, tmp_path):
 
     again = PreTrainedTokenizerFast.from_pretrained(str(built[2]["prompts"].parent.parent / "tokenizer"))
     assert again.get_vocab() == tok.get_vocab() and again.chat_template == tok.chat_template
-    assert World(WorldConfig(seed=3, num_users=3, prompts_per_user=4, pretrain_docs=50)).build_tokenizer(
-        tmp_path / "t"
-    ).get_vocab() == tok.get_vocab()
+    assert (
+        World(WorldConfig(seed=3, num_users=3, prompts_per_user=4, pretrain_docs=50))
+        .build_tokenizer(tmp_path / "t")
+        .get_vocab()
+        == tok.get_vocab()
+    )
 
 
 def test_demonstration_error_rate_and_kinds(world):
@@ -167,7 +170,6 @@ def test_demonstration_error_rate_and_kinds(world):
     gold = np.asarray([world.gold_score(d["prompt"], d["response"]) for d in demos])
     assert np.all(gold[[d["error"] == "none" for d in demos]] == 1.0)
     assert np.all(gold[[d["error"] != "none" for d in demos]] < 1.0)
-
 
 
 def test_verbose_labelers_wrap_correct_answers_in_filler():
@@ -187,6 +189,7 @@ def test_verbose_labelers_wrap_correct_answers_in_filler():
         assert content == answer_words(d["prompt"]) and len(content) < len(words)
         correctness, style = wl.gold_parts(d["prompt"], d["response"], verbose_world.config.gold_weights)
         assert correctness == 1.0 and style < 0.0  # right answer, style the gold preference dislikes
+
 
 def test_users_differ_in_style_and_families(world):
     by_user: dict[str, list[dict]] = {}

@@ -29,8 +29,7 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
         raise ValueError(f"the tokenizer has no pad_token_id; add a pad token distinct from eos (id {eos})")
     if pad == eos:
         raise ValueError(
-            f"pad_token_id ({pad}) == eos_token_id ({eos}): padding would hide the real EOS; "
-            "add a distinct pad token"
+            f"pad_token_id ({pad}) == eos_token_id ({eos}): padding would hide the real EOS; add a distinct pad token"
         )
     return int(pad), int(eos)
 

@@ -32,18 +32,29 @@ def apply_hygiene(records: list[dict], kind: str, run_cfg: RunConfig, source: st
     if run_cfg.dedup_prefix_chars is not None:
         records, dropped = dedup_by_prefix(records, prefix_chars=run_cfg.dedup_prefix_chars)
         if dropped:
-            log.warning("%s: %d rows dropped: prompt shares its first %d characters with an earlier row",
-                        source, dropped, run_cfg.dedup_prefix_chars)  # fmt: skip
+            log.warning(
+                "%s: %d rows dropped: prompt shares its first %d characters with an earlier row",
+                source,
+                dropped,
+                run_cfg.dedup_prefix_chars,
+            )
     if run_cfg.max_prompts_per_user is not None:
         records, dropped = cap_per_user(records, max_per_user=run_cfg.max_prompts_per_user)
         if dropped:
-            log.warning("%s: %d rows dropped: more than %d prompts from one user",
-                        source, dropped, run_cfg.max_prompts_per_user)  # fmt: skip
+            log.warning(
+                "%s: %d rows dropped: more than %d prompts from one user", source, dropped, run_cfg.max_prompts_per_user
+            )
     return records
 
 
-def load_split_tokenize(source: str, kind: str, run_cfg: RunConfig,
-                        tokenize: Callable[[list[dict]], TokenizedDataset], *, split: bool = True):  # fmt: skip
+def load_split_tokenize(
+    source: str,
+    kind: str,
+    run_cfg: RunConfig,
+    tokenize: Callable[[list[dict]], TokenizedDataset],
+    *,
+    split: bool = True,
+):
     """Load a data set, split it by user id (train, val, test) and tokenise each part.
 
     Malformed rows raise (or are skipped and counted, ``on_error="skip"``); the skip ceiling is

@@ -15,8 +15,9 @@ from rlhf_jax.models.params import init_params
 from rlhf_jax.optim import TrainState, init_train_state
 
 
-def load_stage_model(source: str, head: str, run: RunConfig, *, dropout: float = 0.0,
-                     which: str = "best") -> tuple[CausalLM, Any, Any]:  # fmt: skip
+def load_stage_model(
+    source: str, head: str, run: RunConfig, *, dropout: float = 0.0, which: str = "best"
+) -> tuple[CausalLM, Any, Any]:
     """(model, params, tokenizer) of ``source`` for training: the run's dtype and remat, ``dropout``."""
     model, params, tokenizer = checkpoint.load_model(source, head=head, dtype=run.dtype, which=which)
     model = CausalLM(model.config.replace(dropout=dropout, remat=run.remat), head=head)
@@ -24,8 +25,9 @@ def load_stage_model(source: str, head: str, run: RunConfig, *, dropout: float =
     return model, params, tokenizer
 
 
-def sharded_train_state(model: CausalLM, params: Any, optimizer: optax.GradientTransformation, seed: int,
-                        mesh) -> tuple[TrainState, Any]:  # fmt: skip
+def sharded_train_state(
+    model: CausalLM, params: Any, optimizer: optax.GradientTransformation, seed: int, mesh
+) -> tuple[TrainState, Any]:
     """A TrainState for ``params`` placed by the model's logical axes (optimizer moments included)."""
     return sharding.shard_state(
         lambda p: init_train_state(p, optimizer, seed),
@@ -35,8 +37,18 @@ def sharded_train_state(model: CausalLM, params: Any, optimizer: optax.GradientT
     )
 
 
-def weighted_eval(eval_fn: Callable, params: Any, dataset: Any, *, batch_size: int, max_batches: int, mesh,
-                  weight: str, names: dict[str, str], buckets: tuple = ()) -> tuple[dict[str, float], float]:  # fmt: skip
+def weighted_eval(
+    eval_fn: Callable,
+    params: Any,
+    dataset: Any,
+    *,
+    batch_size: int,
+    max_batches: int,
+    mesh,
+    weight: str,
+    names: dict[str, str],
+    buckets: tuple = (),
+) -> tuple[dict[str, float], float]:
     """Weighted means of ``eval_fn``'s metrics over up to ``max_batches`` fixed-size batches.
 
     lm1b's ``compute_weighted_cross_entropy`` pattern: each batch's means are weighted by its

@@ -33,13 +33,16 @@ log = logging.getLogger(__name__)
 
 DPO_INPUTS = ("input_ids", "attention_mask", "ranks", "valid", "prompt_len", "ref_logps")
 REF_FILE = "ref_logps.npz"
-VAL_NAMES = {"loss": "val/loss", "rewards/accuracies": "val/rewards/accuracies",
-             "rewards/margins": "val/rewards/margins", "rewards/chosen": "val/rewards/chosen",
-             "rewards/rejected": "val/rewards/rejected"}  # fmt: skip
+VAL_NAMES = {
+    "loss": "val/loss",
+    "rewards/accuracies": "val/rewards/accuracies",
+    "rewards/margins": "val/rewards/margins",
+    "rewards/chosen": "val/rewards/chosen",
+    "rewards/rejected": "val/rewards/rejected",
+}
 
 
-def reference_logps(model: CausalLM, params: Any, arrays: dict, *, batch_size: int, mesh,
-                    bucket: bool) -> np.ndarray:  # fmt: skip
+def reference_logps(model: CausalLM, params: Any, arrays: dict, *, batch_size: int, mesh, bucket: bool) -> np.ndarray:
     """``dpo.sequence_logps`` of every row under ``params`` -> [N, K] float32 (host loop).
 
     Fixed batches of ``batch_size`` rows in data order (the last one filled with copies of
@@ -67,16 +70,23 @@ def cached_reference_logps(cfg: DPOConfig, model: CausalLM, params: Any, parts: 
     if path.is_file():
         with np.load(path) as f:
             cached = {k: f[k] for k in f.files}
-        if all(name in cached and cached[name].shape == ds.arrays["valid"].shape
-               and np.array_equal(cached.get(f"{name}_example_id"), ds.arrays["example_id"])
-               for name, ds in parts.items()):  # fmt: skip
+        if all(
+            name in cached
+            and cached[name].shape == ds.arrays["valid"].shape
+            and np.array_equal(cached.get(f"{name}_example_id"), ds.arrays["example_id"])
+            for name, ds in parts.items()
+        ):
             log.info("dpo: reference log-probs reused from %s", path)
             return {name: cached[name] for name in parts}
         log.warning("dpo: %s does not match the data; recomputing the reference log-probs", path)
     ref_sh = sharding.param_shardings(lambda: init_params(model, boxed=True), mesh)
     ref_params = jax.device_put(params, ref_sh)
-    out = {name: reference_logps(model, ref_params, ds.arrays, batch_size=cfg.batch_size, mesh=mesh,
-                                 bucket=cfg.run.pad_to == "bucket") for name, ds in parts.items()}  # fmt: skip
+    out = {
+        name: reference_logps(
+            model, ref_params, ds.arrays, batch_size=cfg.batch_size, mesh=mesh, bucket=cfg.run.pad_to == "bucket"
+        )
+        for name, ds in parts.items()
+    }
     log.info("dpo: reference log-probs of %s computed", ", ".join(f"{len(v)} {k}" for k, v in out.items()))
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,8 +96,17 @@ def cached_reference_logps(cfg: DPOConfig, model: CausalLM, params: Any, parts: 
     return out
 
 
-def evaluate(eval_step, params: Any, dataset: Any, hparams: DPOHyperparams, *, batch_size: int, max_batches: int,
-             mesh, bucket: bool) -> dict[str, float]:  # fmt: skip
+def evaluate(
+    eval_step,
+    params: Any,
+    dataset: Any,
+    hparams: DPOHyperparams,
+    *,
+    batch_size: int,
+    max_batches: int,
+    mesh,
+    bucket: bool,
+) -> dict[str, float]:
     """Validation metrics over up to ``max_batches`` fixed-size batches, each metric weighted by
     the count it is a mean over (``dpo.metric_weights``: prompts for the loss, pairs for accuracy)."""
     it = data.BatchIterator(dataset.arrays, batch_size=min(batch_size, len(dataset)), seed=0, shuffle=False)
@@ -125,8 +144,13 @@ def run_dpo(cfg: DPOConfig) -> Path:
     if val is not None:
         val = dataclasses.replace(val, arrays={**val.arrays, "ref_logps": ref["val"]})
 
-    train_it = data.BatchIterator(train.arrays, batch_size=min(cfg.batch_size, len(train)), seed=run.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
+    train_it = data.BatchIterator(
+        train.arrays,
+        batch_size=min(cfg.batch_size, len(train)),
+        seed=run.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * train_it.steps_per_epoch))
     optimizer = make_optimizer(cfg.optim, total)
     state, shardings = sharded_train_state(model, params, optimizer, run.seed, mesh)
@@ -136,8 +160,16 @@ def run_dpo(cfg: DPOConfig) -> Path:
         eval_step = jax.jit(dpo.make_eval_step(model, hp))
 
         def eval_fn(st: TrainState) -> dict:
-            return evaluate(eval_step, st.params, val, hp, batch_size=cfg.batch_size, max_batches=run.eval_batches,
-                            mesh=mesh, bucket=run.pad_to == "bucket")  # fmt: skip
+            return evaluate(
+                eval_step,
+                st.params,
+                val,
+                hp,
+                batch_size=cfg.batch_size,
+                max_batches=run.eval_batches,
+                mesh=mesh,
+                bucket=run.pad_to == "bucket",
+            )
 
     checkpoint.write_model_info(out, CausalLM(model.config.replace(dropout=0.0, remat=False)), tokenizer)
     stage = train_loop.Stage(

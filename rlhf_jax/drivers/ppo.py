@@ -65,9 +65,18 @@ def build_networks(cfg: PPOConfig) -> dict[str, Any]:
     else:
         value_model = CausalLM(rms[0].config.replace(remat=run.remat), head="scalar")
         value_params = jax.tree.map(jnp.copy, rm_params[0])
-    return dict(policy=policy, policy_params=policy_params, ref_params=ref_params, value=value_model,
-                value_params=value_params, rm=rms[0], rm_params=rm_params[0], reward=reward,
-                reward_params=tuple(rm_params), tokenizer=tok)  # fmt: skip
+    return dict(
+        policy=policy,
+        policy_params=policy_params,
+        ref_params=ref_params,
+        value=value_model,
+        value_params=value_params,
+        rm=rms[0],
+        rm_params=rm_params[0],
+        reward=reward,
+        reward_params=tuple(rm_params),
+        tokenizer=tok,
+    )
 
 
 def normalized_reward_params(cfg: PPOConfig, nets: dict, prompts: Any) -> tuple:
@@ -82,8 +91,9 @@ def normalized_reward_params(cfg: PPOConfig, nets: dict, prompts: Any) -> tuple:
     hp, tok, reward = cfg.hparams, nets["tokenizer"], nets["reward"]
     n = min(hp.batch_size, len(prompts))
     ids, mask = jnp.asarray(prompts.arrays["input_ids"][:n]), jnp.asarray(prompts.arrays["attention_mask"][:n])
-    sample = jax.jit(bind_sample_and_score(nets["policy"].clone(head="lm"), reward.models[0], hp.max_new_tokens,
-                                           hp.temperature, tok))  # fmt: skip
+    sample = jax.jit(
+        bind_sample_and_score(nets["policy"].clone(head="lm"), reward.models[0], hp.max_new_tokens, hp.temperature, tok)
+    )
     ref = {k: v for k, v in nets["ref_params"].items() if k != "score"}
     gen, first = sample(ref, nets["reward_params"][0], ids, mask, jax.random.key(cfg.run.seed + 3))
     seq, seq_mask = jnp.concatenate([ids, gen.tokens], axis=1), jnp.concatenate([mask.astype(jnp.int32), gen.mask], 1)
@@ -91,15 +101,23 @@ def normalized_reward_params(cfg: PPOConfig, nets: dict, prompts: Any) -> tuple:
     for i, (name, model, params) in enumerate(zip(reward.names, reward.models, nets["reward_params"])):
         scores = first if i == 0 else jax.jit(score_sequences, static_argnums=0)(model, params, seq, seq_mask)
         gain, bias = rl.reward_gain_bias(scores)
-        log.info("reward normalisation of %s on %d reference samples: mean %.4f std %.4f -> gain %.4f bias %.4f",
-                 name, n, float(jnp.mean(scores)), float(jnp.std(scores)), float(gain), float(bias))  # fmt: skip
+        log.info(
+            "reward normalisation of %s on %d reference samples: mean %.4f std %.4f -> gain %.4f bias %.4f",
+            name,
+            n,
+            float(jnp.mean(scores)),
+            float(jnp.std(scores)),
+            float(gain),
+            float(bias),
+        )
         score = params["score"]
         out.append({**params, "score": {"kernel": score["kernel"] * gain, "bias": score["bias"] * gain + bias}})
     return tuple(out)
 
 
-def make_evaluate(cfg: PPOConfig, nets: dict, val: Any, reward_params: tuple, out: Path,
-                  gold_fn: Callable | None) -> Callable[[Any], dict]:  # fmt: skip
+def make_evaluate(
+    cfg: PPOConfig, nets: dict, val: Any, reward_params: tuple, out: Path, gold_fn: Callable | None
+) -> Callable[[Any], dict]:
     """Greedy samples of the EMA policy on validation prompts: score, length, gold score, a few samples.
 
     ``val/rm_score`` is the weighted sum of the rewards (no EOS penalty); with several rewards,
@@ -108,8 +126,9 @@ def make_evaluate(cfg: PPOConfig, nets: dict, val: Any, reward_params: tuple, ou
     tok, reward = nets["tokenizer"], nets["reward"]
     n = min(cfg.eval_prompts, len(val))
     val_ids, val_mask = jnp.asarray(val.arrays["input_ids"][:n]), jnp.asarray(val.arrays["attention_mask"][:n])
-    sample = jax.jit(bind_sample_and_score(nets["policy"].clone(head="lm"), reward.models[0],
-                                           cfg.hparams.max_new_tokens, 0.0, tok))  # fmt: skip
+    sample = jax.jit(
+        bind_sample_and_score(nets["policy"].clone(head="lm"), reward.models[0], cfg.hparams.max_new_tokens, 0.0, tok)
+    )
     p = val_ids.shape[1]
 
     @jax.jit
@@ -134,15 +153,19 @@ def make_evaluate(cfg: PPOConfig, nets: dict, val: Any, reward_params: tuple, ou
         scores = np.asarray(scores)
         prompts = decode_rows(tok, val_ids, val_mask)
         responses = decode_rows(tok, gen.tokens, gen.mask, skip_special_tokens=False)
-        metrics = {"val/rm_score": float(scores.mean()),
-                   "val/response_length": float(np.asarray(gen.mask).sum(1).mean())}  # fmt: skip
+        metrics = {
+            "val/rm_score": float(scores.mean()),
+            "val/response_length": float(np.asarray(gen.mask).sum(1).mean()),
+        }
         metrics |= {f"val/scores/{k}": float(v.mean()) for k, v in parts.items()}
         if gold_fn is not None:
             metrics["val/gold_score"] = float(np.mean(gold_fn(prompts, responses)))
         with samples_path.open("a") as f:
             for p_, r, s in list(zip(prompts, responses, scores))[:4]:
-                f.write(json.dumps({"iteration": int(st.iteration), "prompt": p_, "response": r,
-                                    "rm_score": float(s)}) + "\n")  # fmt: skip
+                f.write(
+                    json.dumps({"iteration": int(st.iteration), "prompt": p_, "response": r, "rm_score": float(s)})
+                    + "\n"
+                )
         return metrics
 
     return evaluate
@@ -157,9 +180,11 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
     run, hp = cfg.run, cfg.hparams
     data_shards, fsdp_shards, _ = run.mesh.shape(jax.device_count())
     if hp.num_prompts % (data_shards * fsdp_shards):  # the prompt batch is split over data x fsdp
-        raise ValueError(f"{hp.num_prompts} prompts per iteration (batch_size {hp.batch_size} / group_size "
-                         f"{hp.group_size}) cannot be split over the {data_shards * fsdp_shards} data x fsdp devices; "
-                         "make it a multiple")  # fmt: skip
+        raise ValueError(
+            f"{hp.num_prompts} prompts per iteration (batch_size {hp.batch_size} / group_size "
+            f"{hp.group_size}) cannot be split over the {data_shards * fsdp_shards} data x fsdp devices; "
+            "make it a multiple"
+        )
     out = Path(cfg.out)
     nets = build_networks(cfg)
     policy, value_model, tok = nets["policy"], nets["value"], nets["tokenizer"]
@@ -169,8 +194,13 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
     if cfg.normalize_reward:
         nets["reward_params"] = normalized_reward_params(cfg, nets, train)
     # batch_size counts episodes: each of batch_size / group_size prompts is sampled group_size times
-    prompt_it = data.BatchIterator(train.arrays, batch_size=hp.num_prompts, seed=run.seed,
-                                   process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
+    prompt_it = data.BatchIterator(
+        train.arrays,
+        batch_size=hp.num_prompts,
+        seed=run.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     iterators = {"prompts": prompt_it}
     ptx_it = None
     if cfg.uses_ptx:
@@ -190,15 +220,15 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
     mesh = sharding.make_mesh(run.mesh)
 
     def init_state(policy_params, value_params):
-        return ppo.init_ppo_state(policy_params, value_params, policy_opt, value_opt, kl_coef=hp.kl_coef,
-                                  seed=run.seed)  # fmt: skip
+        return ppo.init_ppo_state(policy_params, value_params, policy_opt, value_opt, kl_coef=hp.kl_coef, seed=run.seed)
 
     def boxed_state():
         boxed_value = None if value_model is None else init_params(value_model, boxed=True)
         return init_state(init_params(policy, boxed=True), boxed_value)
 
-    state, shardings = sharding.shard_state(lambda pv: init_state(*pv), boxed_state,
-                                            (nets["policy_params"], nets["value_params"]), mesh)  # fmt: skip
+    state, shardings = sharding.shard_state(
+        lambda pv: init_state(*pv), boxed_state, (nets["policy_params"], nets["value_params"]), mesh
+    )
     ref_sh = sharding.param_shardings(lambda: init_params(policy.clone(head="lm"), boxed=True), mesh)
     reward_params = tuple(
         jax.device_put(params, sharding.param_shardings(lambda m=m: init_params(m, boxed=True), mesh))
@@ -206,16 +236,27 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
     )
     frozen = (jax.device_put(nets["ref_params"], ref_sh), reward_params)
 
-    iteration = ppo.make_iteration(hp, policy, value_model, nets["reward"], policy_opt, value_opt,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    iteration = ppo.make_iteration(
+        hp,
+        policy,
+        value_model,
+        nets["reward"],
+        policy_opt,
+        value_opt,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
 
     def next_batch() -> dict:
         b = next(prompt_it)
         batch = {"prompt_ids": b["input_ids"], "prompt_mask": b["attention_mask"]}
         if ptx_it is not None:
             p = next(ptx_it)
-            batch |= {"ptx_input_ids": p["input_ids"], "ptx_attention_mask": p["attention_mask"],
-                      "ptx_loss_mask": p["loss_mask"]}  # fmt: skip
+            batch |= {
+                "ptx_input_ids": p["input_ids"],
+                "ptx_attention_mask": p["attention_mask"],
+                "ptx_loss_mask": p["loss_mask"],
+            }
         return batch
 
     evaluate = None if val is None else make_evaluate(cfg, nets, val, frozen[1], out, gold_fn)

@@ -34,8 +34,13 @@ def run_rm(cfg: RewardConfig) -> Path:
     train, val, _, _ = data.load_split_tokenize(cfg.data, "rankings", run, tokenize)
     if val is not None and val.arrays["input_ids"].shape[1] != train.arrays["input_ids"].shape[1]:
         val = pad_k(val, train.arrays["input_ids"].shape[1])  # the validation split must have the same K slots
-    train_it = data.BatchIterator(train.arrays, batch_size=min(cfg.batch_size, len(train)), seed=run.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
+    train_it = data.BatchIterator(
+        train.arrays,
+        batch_size=min(cfg.batch_size, len(train)),
+        seed=run.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * train_it.steps_per_epoch))
 
     mesh = sharding.make_mesh(run.mesh)
@@ -46,10 +51,17 @@ def run_rm(cfg: RewardConfig) -> Path:
         eval_step = jax.jit(reward.make_eval_step(model))
 
         def eval_fn(st: TrainState) -> dict:
-            metrics, pairs = weighted_eval(eval_step, st.params, val, batch_size=cfg.batch_size,
-                                           max_batches=run.eval_batches, mesh=mesh, weight="num_pairs",
-                                           buckets=RANKING_BUCKETS if run.pad_to == "bucket" else (),
-                                           names={"ranking_loss": "val/loss", "accuracy": "val/accuracy"})  # fmt: skip
+            metrics, pairs = weighted_eval(
+                eval_step,
+                st.params,
+                val,
+                batch_size=cfg.batch_size,
+                max_batches=run.eval_batches,
+                mesh=mesh,
+                weight="num_pairs",
+                buckets=RANKING_BUCKETS if run.pad_to == "bucket" else (),
+                names={"ranking_loss": "val/loss", "accuracy": "val/accuracy"},
+            )
             return metrics | {"val/num_pairs": pairs}
 
     checkpoint.write_model_info(out, model, tokenizer)

@@ -75,9 +75,22 @@ def _output_row(record: dict, response: str, score: float, scores: list[float], 
     return row
 
 
-def run_sample(policy: str, reward: str, prompts: str, out: str, *, best_of: int = 4, temperature: float = 1.0,
-               max_new_tokens: int = 64, max_prompt_len: int = 64, batch_size: int = 16, seed: int = 0,
-               require_eos: bool = True, on_error: str = "raise", progress: bool = True) -> Path:  # fmt: skip
+def run_sample(
+    policy: str,
+    reward: str,
+    prompts: str,
+    out: str,
+    *,
+    best_of: int = 4,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    max_prompt_len: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    require_eos: bool = True,
+    on_error: str = "raise",
+    progress: bool = True,
+) -> Path:
     """Write the best of ``best_of`` samples per prompt to ``out`` (JSONL); returns its path.
 
     Args:
@@ -121,10 +134,12 @@ def run_sample(policy: str, reward: str, prompts: str, out: str, *, best_of: int
             n = min(batch_size, len(ds) - start)
             rep_ids = np.repeat(ids[rows], best_of, axis=0)  # [bs * N, P]: prompt b's samples are rows b*N .. b*N+N-1
             rep_mask = np.repeat(mask[rows], best_of, axis=0)
-            gen, scores = sample(params, rm_params, jnp.asarray(rep_ids), jnp.asarray(rep_mask),
-                                 jax.random.fold_in(key, start))  # fmt: skip
-            flat_texts, ended, clean = decode_samples(tok, np.asarray(gen.tokens)[: n * best_of],
-                                                      np.asarray(gen.mask)[: n * best_of])  # fmt: skip
+            gen, scores = sample(
+                params, rm_params, jnp.asarray(rep_ids), jnp.asarray(rep_mask), jax.random.fold_in(key, start)
+            )
+            flat_texts, ended, clean = decode_samples(
+                tok, np.asarray(gen.tokens)[: n * best_of], np.asarray(gen.mask)[: n * best_of]
+            )
             texts = [flat_texts[b * best_of : (b + 1) * best_of] for b in range(n)]  # [n][N]
             scores = np.asarray(scores, np.float64).reshape(batch_size, best_of)[:n]  # [n, N]
             nonempty = np.array([[bool(t) for t in row] for row in texts]).reshape(n, best_of)
@@ -136,8 +151,9 @@ def run_sample(policy: str, reward: str, prompts: str, out: str, *, best_of: int
                     no_candidate += 1
                     continue
                 rec = by_id[int(example_ids[start + b])]
-                row = _output_row(rec, texts[b][best[b]], float(scores[b, best[b]]), scores[b].tolist(),
-                                  eligible[b].tolist())  # fmt: skip
+                row = _output_row(
+                    rec, texts[b][best[b]], float(scores[b, best[b]]), scores[b].tolist(), eligible[b].tolist()
+                )
                 f.write(json.dumps(row) + "\n")
                 kept += 1
                 best_sum += float(scores[b, best[b]])
@@ -145,8 +161,18 @@ def run_sample(policy: str, reward: str, prompts: str, out: str, *, best_of: int
     bar.close()
     os.replace(tmp, out_path)  # a killed run never leaves a partial file under the final name
     if no_candidate:
-        log.warning("sample: %d of %d prompts left out: no sample %s", no_candidate, len(ds),
-                    "was a candidate (non-empty, no special token" + (", ended with EOS)" if require_eos else ")"))  # fmt: skip
-    log.info("sample: wrote %d responses to %s; mean RM score of the kept best-of-%d %.4f, of all samples %.4f",
-             kept, out_path, best_of, best_sum / max(kept, 1), all_sum / max(len(ds), 1))  # fmt: skip
+        log.warning(
+            "sample: %d of %d prompts left out: no sample %s",
+            no_candidate,
+            len(ds),
+            "was a candidate (non-empty, no special token" + (", ended with EOS)" if require_eos else ")"),
+        )
+    log.info(
+        "sample: wrote %d responses to %s; mean RM score of the kept best-of-%d %.4f, of all samples %.4f",
+        kept,
+        out_path,
+        best_of,
+        best_sum / max(kept, 1),
+        all_sum / max(len(ds), 1),
+    )
     return out_path

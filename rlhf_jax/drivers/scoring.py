@@ -14,8 +14,9 @@ from rlhf_jax.models import CausalLM
 from rlhf_jax.reward import sample_and_score
 
 
-def make_sample_scorer(rm_source: str, policy: CausalLM, tokenizer: Any, prompts: Any, *, max_new_tokens: int,
-                       seed: int = 0) -> Callable[[Any], float]:  # fmt: skip
+def make_sample_scorer(
+    rm_source: str, policy: CausalLM, tokenizer: Any, prompts: Any, *, max_new_tokens: int, seed: int = 0
+) -> Callable[[Any], float]:
     """``score(policy_params) -> mean RM score`` of samples (temperature 1) on fixed prompts:
     InstructGPT's SFT checkpoint selection by reward-model score."""
     rm_model, rm_params, _ = checkpoint.load_model(rm_source, head="scalar")
@@ -30,14 +31,25 @@ def make_sample_scorer(rm_source: str, policy: CausalLM, tokenizer: Any, prompts
     return scorer
 
 
-def bind_sample_and_score(policy: CausalLM, rm: CausalLM, max_new_tokens: int, temperature: float,
-                             tokenizer: Any) -> Callable:  # fmt: skip
+def bind_sample_and_score(
+    policy: CausalLM, rm: CausalLM, max_new_tokens: int, temperature: float, tokenizer: Any
+) -> Callable:
     """``(policy_params, rm_params, ids, mask, key) -> (generation, scores)`` with the static settings bound."""
 
     def fn(policy_params, rm_params, ids, mask, key):
-        return sample_and_score(policy, policy_params, rm, rm_params, ids, mask, key, max_new_tokens=max_new_tokens,
-                                temperature=temperature, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        return sample_and_score(
+            policy,
+            policy_params,
+            rm,
+            rm_params,
+            ids,
+            mask,
+            key,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
     return fn
 

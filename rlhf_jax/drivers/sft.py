@@ -53,9 +53,12 @@ def run_sft(cfg: SFTConfig) -> Path:
     train, val, _, parts = data.load_split_tokenize(cfg.data, kind, run, tokenize)
     main_rows = cfg.batch_size - cfg.ptx_rows
     train_it = data.BatchIterator(
-        train.arrays, batch_size=min(main_rows, len(train)), seed=run.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )  # fmt: skip
+        train.arrays,
+        batch_size=min(main_rows, len(train)),
+        seed=run.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     iterators = {"train": train_it}
     ptx_it = None
     if cfg.ptx_data is not None:
@@ -77,16 +80,25 @@ def run_sft(cfg: SFTConfig) -> Path:
         scorer = None
         if cfg.select_by_reward is not None and cfg.mode == "sft":
             prompts = data.tokenize_prompts(parts[1][: cfg.select_prompts], tokenizer, max_prompt_len=cfg.seq_len // 2)
-            scorer = make_sample_scorer(cfg.select_by_reward, model, tokenizer, prompts, max_new_tokens=cfg.seq_len // 2)
+            scorer = make_sample_scorer(
+                cfg.select_by_reward, model, tokenizer, prompts, max_new_tokens=cfg.seq_len // 2
+            )
             best_metric, best_mode = "val/rm_score", "max"
         else:
             best_metric = "val/loss"
 
         def eval_fn(st: TrainState) -> dict:
-            metrics, _ = weighted_eval(eval_step, st.params, val, batch_size=cfg.batch_size,
-                                       max_batches=run.eval_batches, mesh=mesh, weight="num_tokens",
-                                       buckets=LM_BUCKETS if run.pad_to == "bucket" else (),
-                                       names={"loss": "val/loss", "accuracy": "val/accuracy"})  # fmt: skip
+            metrics, _ = weighted_eval(
+                eval_step,
+                st.params,
+                val,
+                batch_size=cfg.batch_size,
+                max_batches=run.eval_batches,
+                mesh=mesh,
+                weight="num_tokens",
+                buckets=LM_BUCKETS if run.pad_to == "bucket" else (),
+                names={"loss": "val/loss", "accuracy": "val/accuracy"},
+            )
             if scorer is not None:
                 metrics["val/rm_score"] = scorer(st.params)
             return metrics

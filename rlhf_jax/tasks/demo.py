@@ -90,10 +90,22 @@ class DemoConfig:
     def scaled(self) -> DemoConfig:
         if not self.quick:
             return self
-        return dataclasses.replace(self, num_users=40, prompts_per_user=40, families=("repeat", "count", "sort"),
-                                   demo_filler_rate=0.5, pretrain_steps=150, sft_steps=250, big_step_fraction=0.2,
-                                   rm_steps=30, ppo_steps=12, ppo_learning_rate=3e-4, ppo_ema_decay=0.9,
-                                   ranking_prompts=600, eval_prompts=160)  # fmt: skip
+        return dataclasses.replace(
+            self,
+            num_users=40,
+            prompts_per_user=40,
+            families=("repeat", "count", "sort"),
+            demo_filler_rate=0.5,
+            pretrain_steps=150,
+            sft_steps=250,
+            big_step_fraction=0.2,
+            rm_steps=30,
+            ppo_steps=12,
+            ppo_learning_rate=3e-4,
+            ppo_ema_decay=0.9,
+            ranking_prompts=600,
+            eval_prompts=160,
+        )
 
 
 def _run(**kw) -> RunConfig:
@@ -115,25 +127,59 @@ def run_demo(cfg: DemoConfig) -> Path:
         log.info("demo: %s done in %.1f s", name, timings[name])
         return result
 
-    world = World(WorldConfig(seed=cfg.seed, num_users=cfg.num_users, prompts_per_user=cfg.prompts_per_user,
-                              families=cfg.families, demo_filler_rate=cfg.demo_filler_rate))  # fmt: skip
+    world = World(
+        WorldConfig(
+            seed=cfg.seed,
+            num_users=cfg.num_users,
+            prompts_per_user=cfg.prompts_per_user,
+            families=cfg.families,
+            demo_filler_rate=cfg.demo_filler_rate,
+        )
+    )
     tok = world.build_tokenizer(root / "tokenizer")
     files = stage("world", lambda: world.write_files(root / "data"))
     vocab = len(tok)
 
     def base(name: str, width: int, depth: int, steps: int) -> Path:
-        init = tiny.make_model_dir(root / f"{name}_init", vocab_size=vocab, family="llama", hidden_size=width,
-                                   num_layers=depth, num_heads=4, seed=cfg.seed, tokenizer=tok)  # fmt: skip
-        return run_sft(SFTConfig(data=str(files["pretrain"]), init=str(init), out=str(root / name), mode="pretrain",
-                                 max_steps=steps, batch_size=32, seq_len=64,
-                                 optim=OptimConfig(learning_rate=3e-3, warmup_steps=20),
-                                 run=_run(seed=cfg.seed)))  # fmt: skip
+        init = tiny.make_model_dir(
+            root / f"{name}_init",
+            vocab_size=vocab,
+            family="llama",
+            hidden_size=width,
+            num_layers=depth,
+            num_heads=4,
+            seed=cfg.seed,
+            tokenizer=tok,
+        )
+        return run_sft(
+            SFTConfig(
+                data=str(files["pretrain"]),
+                init=str(init),
+                out=str(root / name),
+                mode="pretrain",
+                max_steps=steps,
+                batch_size=32,
+                seq_len=64,
+                optim=OptimConfig(learning_rate=3e-3, warmup_steps=20),
+                run=_run(seed=cfg.seed),
+            )
+        )
 
     def sft(name: str, init: Path, steps: int) -> Path:
-        return run_sft(SFTConfig(data=str(files["demonstrations"]), init=str(init), out=str(root / name),
-                                 max_steps=steps, batch_size=32, seq_len=48, ptx_data=str(files["pretrain"]),
-                                 ptx_fraction=0.1, optim=OptimConfig(learning_rate=1e-3),
-                                 run=_run(seed=cfg.seed)))  # fmt: skip
+        return run_sft(
+            SFTConfig(
+                data=str(files["demonstrations"]),
+                init=str(init),
+                out=str(root / name),
+                max_steps=steps,
+                batch_size=32,
+                seq_len=48,
+                ptx_data=str(files["pretrain"]),
+                ptx_fraction=0.1,
+                optim=OptimConfig(learning_rate=1e-3),
+                run=_run(seed=cfg.seed),
+            )
+        )
 
     # users are split once: train/val users' data trains every model; test users are held out
     prompt_records, _ = data.load_records(files["prompts"], "prompts")
@@ -141,14 +187,17 @@ def run_demo(cfg: DemoConfig) -> Path:
     test_users = {r["user_id"] for r in test_p}
     demo_rows = [json.loads(line) for line in files["demonstrations"].read_text().splitlines()]
     files["demonstrations"] = root / "data" / "demonstrations_train.jsonl"
-    files["demonstrations"].write_text("".join(json.dumps(r) + "\n" for r in demo_rows if r["user_id"] not in test_users))
+    files["demonstrations"].write_text(
+        "".join(json.dumps(r) + "\n" for r in demo_rows if r["user_id"] not in test_users)
+    )
 
     def big(steps: int) -> int:
         return max(1, round(cfg.big_step_fraction * steps))
 
     base_dir = stage("pretrain", lambda: base("base", cfg.hidden_size, cfg.num_layers, cfg.pretrain_steps))
-    big_dir = stage("pretrain_big", lambda: base("base_big", 2 * cfg.hidden_size, 2 * cfg.num_layers,
-                                                  big(cfg.pretrain_steps)))  # fmt: skip
+    big_dir = stage(
+        "pretrain_big", lambda: base("base_big", 2 * cfg.hidden_size, 2 * cfg.num_layers, big(cfg.pretrain_steps))
+    )
     sft_dir = stage("sft", lambda: sft("sft", base_dir, cfg.sft_steps))
     sft_big_dir = stage("sft_big", lambda: sft("sft_big", big_dir, big(cfg.sft_steps)))
 
@@ -163,8 +212,15 @@ def run_demo(cfg: DemoConfig) -> Path:
         groups: list[list[str]] = [[] for _ in texts]
         ended: list[list[bool]] = [[] for _ in texts]
         for j in range(int(max(ks))):
-            outs = evaluate.sample_responses(policy, policy_params, tok, texts, key=jax.random.key(seed + j),
-                                             max_prompt_len=32, max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+            outs = evaluate.sample_responses(
+                policy,
+                policy_params,
+                tok,
+                texts,
+                key=jax.random.key(seed + j),
+                max_prompt_len=32,
+                max_new_tokens=cfg.max_new_tokens,
+            )
             for g, e, k, o in zip(groups, ended, ks, outs):
                 text, has_eos = evaluate.strip_eos(o, tok.eos_token)
                 if len(g) < k and text:
@@ -176,32 +232,62 @@ def run_demo(cfg: DemoConfig) -> Path:
     def collect():
         texts = [r["prompt"] for r in rank_src]
         groups, ended, keep = sample_groups(texts, ks, 100)
-        recs = world.rankings([texts[i] for i in keep], groups, [rank_src[i]["user_id"] for i in keep],
-                              seed=cfg.seed, ended=ended)  # fmt: skip
+        recs = world.rankings(
+            [texts[i] for i in keep], groups, [rank_src[i]["user_id"] for i in keep], seed=cfg.seed, ended=ended
+        )
         path = root / "data" / "rankings.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
         return path
 
     rankings_path = stage("rankings", collect)
-    rm_dir = stage("rm", lambda: run_rm(RewardConfig(
-        data=str(rankings_path), init=str(sft_dir), out=str(root / "rm"), demonstrations=str(files["demonstrations"]),
-        max_steps=cfg.rm_steps, batch_size=32, max_prompt_len=32, max_response_len=cfg.max_new_tokens + 1,
-        optim=OptimConfig(learning_rate=cfg.rm_learning_rate, warmup_steps=10),
-        run=_run(seed=cfg.seed, eval_every=cfg.rm_steps),
-    )))  # fmt: skip
+    rm_dir = stage(
+        "rm",
+        lambda: run_rm(
+            RewardConfig(
+                data=str(rankings_path),
+                init=str(sft_dir),
+                out=str(root / "rm"),
+                demonstrations=str(files["demonstrations"]),
+                max_steps=cfg.rm_steps,
+                batch_size=32,
+                max_prompt_len=32,
+                max_response_len=cfg.max_new_tokens + 1,
+                optim=OptimConfig(learning_rate=cfg.rm_learning_rate, warmup_steps=10),
+                run=_run(seed=cfg.seed, eval_every=cfg.rm_steps),
+            )
+        ),
+    )
 
     def ppo(name: str, *, ptx: bool, kl_coef: float = 0.1) -> Path:
-        return run_ppo(PPOConfig(
-            prompts=str(files["prompts"]), policy=str(sft_dir), reward=str(rm_dir), out=str(root / name),
-            ptx_data=str(files["pretrain"]) if ptx else None, max_steps=cfg.ppo_steps, max_prompt_len=32,
-            ptx_seq_len=64, eval_prompts=64,
-            hparams=PPOHyperparams(batch_size=64, minibatch_size=16, ppo_epochs=1, max_new_tokens=cfg.max_new_tokens,
-                                   kl_coef=kl_coef, ptx_rows=8, ema_decay=cfg.ppo_ema_decay),
-            optim=OptimConfig(learning_rate=cfg.ppo_learning_rate, schedule="constant", warmup_steps=2,
-                              warmup_init_fraction=0.1),
-            run=_run(seed=cfg.seed, eval_every=max(1, cfg.ppo_steps // 6), log_every=1,
-                     split_fractions=(0.8, 0.1, 0.1)),
-        ), gold_fn=lambda ps, rs: [world.gold_score(p, r) for p, r in zip(ps, rs)])  # fmt: skip
+        return run_ppo(
+            PPOConfig(
+                prompts=str(files["prompts"]),
+                policy=str(sft_dir),
+                reward=str(rm_dir),
+                out=str(root / name),
+                ptx_data=str(files["pretrain"]) if ptx else None,
+                max_steps=cfg.ppo_steps,
+                max_prompt_len=32,
+                ptx_seq_len=64,
+                eval_prompts=64,
+                hparams=PPOHyperparams(
+                    batch_size=64,
+                    minibatch_size=16,
+                    ppo_epochs=1,
+                    max_new_tokens=cfg.max_new_tokens,
+                    kl_coef=kl_coef,
+                    ptx_rows=8,
+                    ema_decay=cfg.ppo_ema_decay,
+                ),
+                optim=OptimConfig(
+                    learning_rate=cfg.ppo_learning_rate, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1
+                ),
+                run=_run(
+                    seed=cfg.seed, eval_every=max(1, cfg.ppo_steps // 6), log_every=1, split_fractions=(0.8, 0.1, 0.1)
+                ),
+            ),
+            gold_fn=lambda ps, rs: [world.gold_score(p, r) for p, r in zip(ps, rs)],
+        )
 
     ppo_ptx_dir = stage("ppo_ptx", lambda: ppo("ppo_ptx", ptx=True))
     ppo_dir = stage("ppo", lambda: ppo("ppo", ptx=False))
@@ -215,8 +301,16 @@ def run_demo(cfg: DemoConfig) -> Path:
         results = {"models": {}}
         for name, run_dir in (("SFT", sft_dir), ("SFT big", sft_big_dir), ("PPO", ppo_dir), ("PPO-ptx", ppo_ptx_dir)):
             m, p, _ = checkpoint.load_model(run_dir, which="latest")
-            outs = evaluate.sample_responses(m, p, tok, texts, key=jax.random.key(7), max_prompt_len=32,
-                                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature)  # fmt: skip
+            outs = evaluate.sample_responses(
+                m,
+                p,
+                tok,
+                texts,
+                key=jax.random.key(7),
+                max_prompt_len=32,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.eval_temperature,
+            )
             results["models"][name] = {
                 "gold": float(np.mean([world.gold_score(t, o) for t, o in zip(texts, outs)])),
                 "heldout_loss": evaluate.heldout_lm_loss(m, p, heldout),

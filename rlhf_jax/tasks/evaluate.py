@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,18 @@ from rlhf_jax.models import CausalLM
 from rlhf_jax.sampling import generate
 
 
-def sample_responses(model: CausalLM, params: Any, tokenizer: Any, prompts: Sequence[str], *, key: jax.Array,
-                     max_prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
-                     batch_size: int = 64) -> list[str]:  # fmt: skip
+def sample_responses(
+    model: CausalLM,
+    params: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    key: jax.Array,
+    max_prompt_len: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+) -> list[str]:
     """One response per prompt, decoded with its ``<eos>`` when one was emitted.
 
     Prompts are batched at a fixed ``batch_size`` (the last batch is padded with copies),
@@ -33,9 +43,17 @@ def sample_responses(model: CausalLM, params: Any, tokenizer: Any, prompts: Sequ
         if n < batch_size:  # pad the batch with copies of its first row: one compiled shape
             chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[:1], batch_size - n, 0)])
             chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[:1], batch_size - n, 0)])
-        gen = generate(model, params, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask), jax.random.fold_in(key, start),
-                       max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        gen = generate(
+            model,
+            params,
+            jnp.asarray(chunk_ids),
+            jnp.asarray(chunk_mask),
+            jax.random.fold_in(key, start),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         tokens, gmask = np.asarray(gen.tokens)[:n], np.asarray(gen.mask)[:n]
         out += [tokenizer.decode(row[m > 0].tolist(), skip_special_tokens=False) for row, m in zip(tokens, gmask)]
     return out
@@ -62,8 +80,12 @@ def heldout_lm_loss(model: CausalLM, params: Any, dataset: Any, *, batch_size: i
     total = tokens = 0.0
     n = (len(dataset) // batch_size) * batch_size or len(dataset)
     for i in range(0, n, batch_size):
-        s, t = batch_loss(params, a["input_ids"][i : i + batch_size], a["attention_mask"][i : i + batch_size],
-                          a["loss_mask"][i : i + batch_size])  # fmt: skip
+        s, t = batch_loss(
+            params,
+            a["input_ids"][i : i + batch_size],
+            a["attention_mask"][i : i + batch_size],
+            a["loss_mask"][i : i + batch_size],
+        )
         total, tokens = total + float(s), tokens + float(t)
     return total / max(tokens, 1.0)
 

@@ -25,9 +25,11 @@ def _plots(root: Path, results: dict) -> dict[str, str]:
     out = {}
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key, ax, title in (("objective/scores", axes[0], "reward-model score (training samples)"),
-                           ("val/gold_score", axes[1], "gold score (held-out prompts, greedy)"),
-                           ("objective/kl", axes[2], "KL(policy || SFT) per episode")):  # fmt: skip
+    for key, ax, title in (
+        ("objective/scores", axes[0], "reward-model score (training samples)"),
+        ("val/gold_score", axes[1], "gold score (held-out prompts, greedy)"),
+        ("objective/kl", axes[2], "KL(policy || SFT) per episode"),
+    ):
         for run, label in names.items():
             x, y = _series(runs[run], key)
             if x:
@@ -59,8 +61,11 @@ def _plots(root: Path, results: dict) -> dict[str, str]:
     for run, label in names.items():
         rows = [m for m in read_metrics(runs[run])]
         kl_by_step = {m["step"]: m["objective/kl"] for m in rows if m.get("objective/kl") is not None}
-        pts = [(kl_by_step[m["step"]], m["val/gold_score"]) for m in rows
-               if m.get("val/gold_score") is not None and m["step"] in kl_by_step]  # fmt: skip
+        pts = [
+            (kl_by_step[m["step"]], m["val/gold_score"])
+            for m in rows
+            if m.get("val/gold_score") is not None and m["step"] in kl_by_step
+        ]
         if pts:
             pts.sort()
             ax.plot(*zip(*pts), marker="o", ms=3, label=label)
@@ -88,19 +93,42 @@ def results_table(results: dict) -> str:
         return "met" if flag else "**missed**"
 
     rows = [
-        ("RLHF beats SFT", "gold win rate of PPO-ptx over SFT, held-out users", f"{100 * w['PPO-ptx vs SFT']:.0f}%",
-         ">= 65%", ok(w["PPO-ptx vs SFT"] >= 0.65)),
-        ("RM learns labeler preferences", "RM pair accuracy on held-out users vs labeler agreement",
-         f"{100 * results['rm_accuracy']:.1f}% vs {100 * results['labeler_agreement']:.1f}%", "within 5 points",
-         ok(gap <= 5)),
-        ("ptx removes the alignment tax", "held-out pretraining loss: SFT / PPO / PPO-ptx",
-         f"{sft:.3f} / {ppo:.3f} / {ptx:.3f}", "PPO-ptx within 2% of SFT; PPO >= 1% worse than SFT",
-         ok(abs(ptx - sft) / sft <= 0.02 and (ppo - sft) / sft >= 0.01 and ppo > ptx)),
-        ("small aligned beats big unaligned", f"win rate of PPO-ptx over the {m['SFT big']['params'] / m['SFT']['params']:.1f}x larger SFT",
-         f"{100 * w['PPO-ptx vs SFT big']:.0f}%", ">= 50%", ok(w["PPO-ptx vs SFT big"] >= 0.5)),
-        ("KL penalty limits over-optimisation", "gold score vs KL without penalty (plot)",
-         "peaks then falls" if peak_then_fall else "no peak-then-fall seen", "peaks then falls", ok(peak_then_fall)),
-    ]  # fmt: skip
+        (
+            "RLHF beats SFT",
+            "gold win rate of PPO-ptx over SFT, held-out users",
+            f"{100 * w['PPO-ptx vs SFT']:.0f}%",
+            ">= 65%",
+            ok(w["PPO-ptx vs SFT"] >= 0.65),
+        ),
+        (
+            "RM learns labeler preferences",
+            "RM pair accuracy on held-out users vs labeler agreement",
+            f"{100 * results['rm_accuracy']:.1f}% vs {100 * results['labeler_agreement']:.1f}%",
+            "within 5 points",
+            ok(gap <= 5),
+        ),
+        (
+            "ptx removes the alignment tax",
+            "held-out pretraining loss: SFT / PPO / PPO-ptx",
+            f"{sft:.3f} / {ppo:.3f} / {ptx:.3f}",
+            "PPO-ptx within 2% of SFT; PPO >= 1% worse than SFT",
+            ok(abs(ptx - sft) / sft <= 0.02 and (ppo - sft) / sft >= 0.01 and ppo > ptx),
+        ),
+        (
+            "small aligned beats big unaligned",
+            f"win rate of PPO-ptx over the {m['SFT big']['params'] / m['SFT']['params']:.1f}x larger SFT",
+            f"{100 * w['PPO-ptx vs SFT big']:.0f}%",
+            ">= 50%",
+            ok(w["PPO-ptx vs SFT big"] >= 0.5),
+        ),
+        (
+            "KL penalty limits over-optimisation",
+            "gold score vs KL without penalty (plot)",
+            "peaks then falls" if peak_then_fall else "no peak-then-fall seen",
+            "peaks then falls",
+            ok(peak_then_fall),
+        ),
+    ]
     lines = ["| claim in the paper | measurement here | result | target | |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
     return "\n".join(lines)
@@ -121,10 +149,19 @@ def write_report(root: Path, results: dict) -> Path:
         "",
         f"| model | params | mean gold score (held-out, {decoding}) | held-out pretraining loss |",
         "|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     lines += [f"| {k} | {v['params']:,} | {v['gold']:.3f} | {v['heldout_loss']:.3f} |" for k, v in m.items()]
-    lines += ["", f"![PPO curves]({plots['curves']})", "", f"![win rates]({plots['wins']})", "",
-              f"![over-optimisation]({plots['overopt']})", "", f"## Samples (held-out prompts, {decoding})", ""]  # fmt: skip
+    lines += [
+        "",
+        f"![PPO curves]({plots['curves']})",
+        "",
+        f"![win rates]({plots['wins']})",
+        "",
+        f"![over-optimisation]({plots['overopt']})",
+        "",
+        f"## Samples (held-out prompts, {decoding})",
+        "",
+    ]
     for name, v in m.items():
         lines.append(f"**{name}**")
         lines += [f"- `{p}` -> `{r}`" for p, r in v["samples"]]

@@ -40,24 +40,50 @@ def make_tokenizer(out_dir: str | Path, *, num_words: int = 64):
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
         additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )  # fmt: skip
+    )
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(out_dir))
     return tok
 
 
-def make_model_dir(out_dir: str | Path, *, vocab_size: int, family: str = "gpt2", hidden_size: int = 64,
-                   num_layers: int = 2, num_heads: int = 4, seed: int = 0, tokenizer=None) -> Path:  # fmt: skip
+def make_model_dir(
+    out_dir: str | Path,
+    *,
+    vocab_size: int,
+    family: str = "gpt2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+    tokenizer=None,
+) -> Path:
     """A randomly initialised model saved as a Hugging Face directory (config.json + safetensors)."""
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                  max_position_embeddings=256)  # fmt: skip
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        max_position_embeddings=256,
+    )
     if family == "gpt2":
-        cfg = ModelConfig(family="gpt2", qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=True, **common)
+        cfg = ModelConfig(
+            family="gpt2", qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=True, **common
+        )
     elif family == "llama":
-        cfg = ModelConfig(family="llama", activation="silu", num_kv_heads=max(1, num_heads // 2),
-                          intermediate_size=2 * hidden_size, norm_eps=1e-6, **common)  # fmt: skip
+        cfg = ModelConfig(
+            family="llama",
+            activation="silu",
+            num_kv_heads=max(1, num_heads // 2),
+            intermediate_size=2 * hidden_size,
+            norm_eps=1e-6,
+            **common,
+        )
     else:
         raise ValueError(f"make_model_dir: family {family!r} (use 'gpt2' or 'llama')")
     model = CausalLM(cfg)
@@ -69,8 +95,9 @@ def _words(rng: np.random.Generator, n: int, num_words: int) -> list[str]:
     return [f"w{int(i)}" for i in rng.integers(2, num_words, n)]
 
 
-def write_data(out_dir: str | Path, *, num_words: int = 64, n: int = 64, k: int = 4, seed: int = 0,
-               num_users: int = 8) -> dict[str, Path]:  # fmt: skip
+def write_data(
+    out_dir: str | Path, *, num_words: int = 64, n: int = 64, k: int = 4, seed: int = 0, num_users: int = 8
+) -> dict[str, Path]:
     """Demonstrations, rankings, prompts and pretraining text as JSONL files; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

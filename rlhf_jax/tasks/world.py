@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Collection, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -162,12 +162,14 @@ class World:
         out = []
         for u in range(cfg.num_users):
             rng = np.random.default_rng([cfg.seed, 2, u])
-            out.append({
-                "user_id": f"u{u:03d}",
-                "style": STYLES[int(rng.integers(len(STYLES)))],
-                "family_probs": rng.dirichlet(np.full(len(cfg.families), cfg.family_concentration)),
-                "group_probs": rng.dirichlet(np.ones(len(NOUN_GROUPS))),
-            })  # fmt: skip
+            out.append(
+                {
+                    "user_id": f"u{u:03d}",
+                    "style": STYLES[int(rng.integers(len(STYLES)))],
+                    "family_probs": rng.dirichlet(np.full(len(cfg.families), cfg.family_concentration)),
+                    "group_probs": rng.dirichlet(np.ones(len(NOUN_GROUPS))),
+                }
+            )
         return out
 
     def prompts(self) -> list[dict]:
@@ -185,8 +187,10 @@ class World:
                 count = misses = 0
                 while count < cfg.prompts_per_user:
                     if misses > 100 * cfg.prompts_per_user:
-                        raise ValueError(f"WorldConfig: cannot find {cfg.num_users * cfg.prompts_per_user} distinct "
-                                         f"prompts of families {cfg.families}; ask for fewer")  # fmt: skip
+                        raise ValueError(
+                            f"WorldConfig: cannot find {cfg.num_users * cfg.prompts_per_user} distinct "
+                            f"prompts of families {cfg.families}; ask for fewer"
+                        )
                     family = cfg.families[int(rng.choice(len(cfg.families), p=user["family_probs"]))]
                     style = user["style"] if rng.random() < cfg.main_style_prob else STYLES[int(rng.integers(3))]
                     prompt = make_prompt(family, style, rng, user["group_probs"], cfg.list_len)
@@ -219,12 +223,21 @@ class World:
             elif self.config.demo_filler_rate > 0 and rng.random() < self.config.demo_filler_rate:
                 kind = "prefix" if rng.random() < 0.5 else "suffix"
                 words = wl.corrupt(words, kind, rng)
-            out.append({"prompt": rec["prompt"], "response": " ".join(words), "user_id": rec.get("user_id"),
-                        "error": kind})  # fmt: skip
+            out.append(
+                {"prompt": rec["prompt"], "response": " ".join(words), "user_id": rec.get("user_id"), "error": kind}
+            )
         return out
 
-    def synthetic_responses(self, prompt: str, k: int, rng: np.random.Generator, *, error_rate: float = 0.5,
-                            second_error_rate: float = 0.3, salad_rate: float = 0.1) -> list[str]:  # fmt: skip
+    def synthetic_responses(
+        self,
+        prompt: str,
+        k: int,
+        rng: np.random.Generator,
+        *,
+        error_rate: float = 0.5,
+        second_error_rate: float = 0.3,
+        salad_rate: float = 0.1,
+    ) -> list[str]:
         """K responses of SFT-sample quality: the correct answer, one or two labeler-style errors, or word salad.
 
         The pools labeler agreement is calibrated on; also a model-free stand-in for
@@ -253,8 +266,15 @@ class World:
         correctness, style = wl.gold_parts(prompt, response, self.config.gold_weights, ended=ended)
         return correctness + style
 
-    def rank(self, prompt: str, responses: Sequence[str], rng: np.random.Generator, *, labeler: int | None = None,
-             ended: Sequence[bool] | None = None) -> list[int]:  # fmt: skip
+    def rank(
+        self,
+        prompt: str,
+        responses: Sequence[str],
+        rng: np.random.Generator,
+        *,
+        labeler: int | None = None,
+        ended: Sequence[bool] | None = None,
+    ) -> list[int]:
         """One labeler's ranks of K responses (0 = best; identical responses tie).
 
         Thurstone: each distinct response gets ``correctness + m_l * style + sigma * N(0, 1)``
@@ -269,8 +289,15 @@ class World:
             utilities.setdefault(r, c + m * s)
         return wl.thurstone_ranks(list(responses), utilities, cfg.labeler_sigma, rng)
 
-    def rankings(self, prompts: Sequence[str], responses: Sequence[Sequence[str]], user_ids: Sequence[str | None],
-                 seed: int, *, ended: Sequence[Sequence[bool]] | None = None) -> list[dict]:  # fmt: skip
+    def rankings(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[Sequence[str]],
+        user_ids: Sequence[str | None],
+        seed: int,
+        *,
+        ended: Sequence[Sequence[bool]] | None = None,
+    ) -> list[dict]:
         """Ranking records ``{"prompt", "responses", "ranks", "user_id", "labeler"}`` (design.md format).
 
         Each group is ranked by one labeler drawn from ``num_labelers`` (see :meth:`rank`;
@@ -288,8 +315,9 @@ class World:
             labeler = int(rng.integers(self.config.num_labelers))
             ranks = self.rank(prompt, group, rng, labeler=labeler, ended=None if ended is None else ended[i])
             if len(set(ranks)) > 1:
-                out.append({"prompt": prompt, "responses": list(group), "ranks": ranks, "user_id": user,
-                            "labeler": labeler})  # fmt: skip
+                out.append(
+                    {"prompt": prompt, "responses": list(group), "ranks": ranks, "user_id": user, "labeler": labeler}
+                )
         return out
 
     def _two_labelers(self, prompts, responses, seed: int):
@@ -343,9 +371,12 @@ class World:
         core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
         core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok = PreTrainedTokenizerFast(
-            tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+            tokenizer_object=core,
+            pad_token="<pad>",
+            eos_token="<eos>",
+            unk_token="<unk>",
             additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
-        )  # fmt: skip
+        )
         tok.chat_template = CHAT_TEMPLATE
         missing = [w for w in all_words() if w not in vocab]
         if missing:  # pragma: no cover - all_words() is part of the training text
@@ -353,8 +384,9 @@ class World:
         tok.save_pretrained(str(out_dir))
         return tok
 
-    def write_files(self, out_dir: str | Path, *, chat: bool = False,
-                    demo_users: Collection[str] | None = None) -> dict[str, Path]:  # fmt: skip
+    def write_files(
+        self, out_dir: str | Path, *, chat: bool = False, demo_users: Collection[str] | None = None
+    ) -> dict[str, Path]:
         """Writes the world's data sets as JSONL in design.md's formats; returns their paths.
 
         ``pretrain`` / ``pretrain_heldout`` (``{"text"}``), ``demonstrations``
@@ -371,11 +403,21 @@ class World:
         prompts = self.prompts()
         demos = self.demonstrations([p for p in prompts if demo_users is None or p["user_id"] in demo_users])
         if chat:
-            demos = [{"messages": [{"role": "user", "content": d["prompt"]},
-                                   {"role": "assistant", "content": d["response"]}],
-                      "user_id": d["user_id"], "error": d["error"]} for d in demos]  # fmt: skip
-            prompts = [{"messages": [{"role": "user", "content": p["prompt"]}], "user_id": p["user_id"],
-                        "family": p["family"]} for p in prompts]  # fmt: skip
+            demos = [
+                {
+                    "messages": [
+                        {"role": "user", "content": d["prompt"]},
+                        {"role": "assistant", "content": d["response"]},
+                    ],
+                    "user_id": d["user_id"],
+                    "error": d["error"],
+                }
+                for d in demos
+            ]
+            prompts = [
+                {"messages": [{"role": "user", "content": p["prompt"]}], "user_id": p["user_id"], "family": p["family"]}
+                for p in prompts
+            ]
         rows = {
             "pretrain": self.pretraining_corpus(cfg.pretrain_docs, "train"),
             "pretrain_heldout": self.pretraining_corpus(cfg.heldout_docs, "heldout"),

@@ -16,8 +16,8 @@ each distinct response gets ``correctness part + m_l * style part + sigma * N(0,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -167,8 +167,9 @@ def labeler_style_weight(seed: int, labeler: int | None, spread: float) -> float
     return float(np.exp(spread * z))
 
 
-def thurstone_ranks(responses: Sequence[str], utilities: dict[str, float], sigma: float,
-                    rng: np.random.Generator) -> list[int]:  # fmt: skip
+def thurstone_ranks(
+    responses: Sequence[str], utilities: dict[str, float], sigma: float, rng: np.random.Generator
+) -> list[int]:
     """Ranks (0 = best) of ``responses`` by ``utilities[r] + sigma * N(0, 1)``, one draw per distinct response.
 
     Identical responses share one draw and hence one rank (a tie); ranks are dense.

@@ -34,8 +34,28 @@ NOUNS = ANIMALS + FRUITS + THINGS
 DIGITS = tuple(str(d) for d in range(10))
 COLORS = ("red", "blue", "green", "pink", "gray", "gold")
 #: Words of plain sentences in the pretraining corpus.
-GRAMMAR = ("the", "a", "big", "small", "sees", "likes", "has", "eats", "see", "and", "near", "is", "it", "this",
-           "here", "can", "you", "please", ".", "?")  # fmt: skip
+GRAMMAR = (
+    "the",
+    "a",
+    "big",
+    "small",
+    "sees",
+    "likes",
+    "has",
+    "eats",
+    "see",
+    "and",
+    "near",
+    "is",
+    "it",
+    "this",
+    "here",
+    "can",
+    "you",
+    "please",
+    ".",
+    "?",
+)
 #: Words that only occur in instructions.
 INSTRUCTION = ("reverse", "sort", "repeat", "times", "replace", "with", "in", "count", "how", "many", "words", ":")
 #: Phrases a verbose labeler (or model) puts before / after the answer.
@@ -50,12 +70,18 @@ STYLES = ("terse", "polite", "question")
 TEMPLATES = {
     "reverse": {"terse": "reverse : {xs} .", "polite": "please reverse {xs} .", "question": "can you reverse {xs} ?"},
     "sort": {"terse": "sort : {xs} .", "polite": "please sort {xs} .", "question": "can you sort {xs} ?"},
-    "repeat": {"terse": "repeat {w} {n} times .", "polite": "please repeat {w} {n} times .",
-               "question": "can you repeat {w} {n} times ?"},
-    "replace": {"terse": "replace {a} with {b} : {xs} .", "polite": "please replace {a} with {b} in {xs} .",
-                "question": "can you replace {a} with {b} in {xs} ?"},
+    "repeat": {
+        "terse": "repeat {w} {n} times .",
+        "polite": "please repeat {w} {n} times .",
+        "question": "can you repeat {w} {n} times ?",
+    },
+    "replace": {
+        "terse": "replace {a} with {b} : {xs} .",
+        "polite": "please replace {a} with {b} in {xs} .",
+        "question": "can you replace {a} with {b} in {xs} ?",
+    },
     "count": {"terse": "count : {xs} .", "polite": "please count {xs} .", "question": "how many words in {xs} ?"},
-}  # fmt: skip
+}
 
 
 def all_words() -> list[str]:
@@ -78,8 +104,9 @@ def _nouns(rng: np.random.Generator, group_probs: np.ndarray, n: int, *, distinc
     return out
 
 
-def make_prompt(family: str, style: str, rng: np.random.Generator, group_probs: np.ndarray,
-                list_len: tuple[int, int] = (3, 5)) -> str:  # fmt: skip
+def make_prompt(
+    family: str, style: str, rng: np.random.Generator, group_probs: np.ndarray, list_len: tuple[int, int] = (3, 5)
+) -> str:
     """One prompt of ``family`` phrased in ``style``; nouns drawn with the user's ``group_probs``.
 
     Args:
@@ -113,8 +140,14 @@ def make_prompt(family: str, style: str, rng: np.random.Generator, group_probs: 
 def family_of(prompt: str) -> str:
     """The instruction family of a prompt of this world (ValueError if it is none)."""
     words = prompt.split()
-    for family, key in (("reverse", "reverse"), ("sort", "sort"), ("repeat", "repeat"), ("replace", "replace"),
-                        ("count", "count"), ("count", "many")):  # fmt: skip
+    for family, key in (
+        ("reverse", "reverse"),
+        ("sort", "sort"),
+        ("repeat", "repeat"),
+        ("replace", "replace"),
+        ("count", "count"),
+        ("count", "many"),
+    ):
         if key in words:
             return family
     raise ValueError(f"not a prompt of this world: {prompt!r}")
@@ -166,16 +199,30 @@ def _sentence(rng: np.random.Generator) -> list[str]:
 
     kind = int(rng.integers(10))
     if kind == 0:
-        return ["the", pick(COLORS + ("big", "small")), pick(ANIMALS), pick(("sees", "likes", "has", "eats")),
-                pick(("the", "a")), pick(NOUNS), "."]  # fmt: skip
+        return [
+            "the",
+            pick(COLORS + ("big", "small")),
+            pick(ANIMALS),
+            pick(("sees", "likes", "has", "eats")),
+            pick(("the", "a")),
+            pick(NOUNS),
+            ".",
+        ]
     if kind == 1:
         return ["the", pick(ANIMALS), "has", pick(DIGITS[2:]), pick(FRUITS), "and", "a", pick(THINGS), "."]
     if kind == 2:
-        return pick((["here", "is", "the", pick(NOUNS)], ["it", "is", pick(COLORS)],
-                     ["this", pick(NOUNS), "is", pick(COLORS)], ["the", pick(NOUNS), "is", "near", "the", pick(NOUNS)],
-                     ["ok", ",", "the", pick(ANIMALS), "is", "here"],
-                     ["sure", ",", "the", pick(FRUITS), "is", pick(COLORS)],
-                     ["hope", "this", pick(ANIMALS), "likes", "it"], ["that", "is", "it"])) + ["."]  # fmt: skip
+        return pick(
+            (
+                ["here", "is", "the", pick(NOUNS)],
+                ["it", "is", pick(COLORS)],
+                ["this", pick(NOUNS), "is", pick(COLORS)],
+                ["the", pick(NOUNS), "is", "near", "the", pick(NOUNS)],
+                ["ok", ",", "the", pick(ANIMALS), "is", "here"],
+                ["sure", ",", "the", pick(FRUITS), "is", pick(COLORS)],
+                ["hope", "this", pick(ANIMALS), "likes", "it"],
+                ["that", "is", "it"],
+            )
+        ) + ["."]
     if kind == 3:
         return pick((["can", "you", "see", "the", pick(NOUNS), "?"], ["please", "see", "the", pick(NOUNS), "."]))
     if kind in (4, 5):  # a word list, sometimes with 'and'
