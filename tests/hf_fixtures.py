@@ -129,6 +129,32 @@ SPECS: dict[str, tuple[str, dict]] = {
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         ),
     ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            sliding_window=4,  # shorter than the test sequences: the local layer's window matters
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            },
+            query_pre_attn_scalar=24,  # != head_dim: the query scaling is Gemma's own
+            attn_logit_softcapping=5.0,  # stored but never applied by transformers' Gemma 3 (nor by us)
+            final_logit_softcapping=3.0,  # small: the tanh matters
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=1,
+        ),
+    ),
     "neox_sequential": (
         "GPTNeoXConfig",
         dict(

@@ -28,7 +28,7 @@ from tests import hf_fixtures as F
 FAMILIES = F.FAMILIES
 # The cache path is shared by all families of a kind; these cover every distinct piece
 # (learned positions, GQA RoPE, sliding window, partial rotary).
-CACHE_FAMILIES = ("gpt2", "llama", "mistral_swa", "neox_parallel")
+CACHE_FAMILIES = ("gpt2", "llama", "mistral_swa", "neox_parallel", "gemma3")
 
 B, T = 3, 12
 LEFT_LENGTHS = [12, 7, 3]  # one row without padding, different pad lengths
@@ -116,6 +116,10 @@ EXPECTED_CONFIG = {
     "mistral_swa": dict(family="llama", tie_word_embeddings=False, kv_heads=2, sliding_window=5),
     "neox_parallel": dict(family="neox", tie_word_embeddings=False, parallel_residual=True, rotary_pct=0.25),
     "neox_sequential": dict(family="neox", tie_word_embeddings=False, parallel_residual=False, rotary_pct=0.25),
+    "gemma3": dict(family="gemma3", tie_word_embeddings=True, kv_heads=2, dim_per_head=16, sliding_window=4,
+                   layer_kinds=("sliding_attention", "full_attention"), rope_theta=1e6, rope_local_theta=1e4,
+                   rope_scaling_factor=4.0, query_pre_attn_scalar=24.0, attn_logit_softcap=None,
+                   final_logit_softcap=3.0, activation="gelu_tanh"),
 }
 
 
@@ -169,7 +173,7 @@ def test_explicit_position_ids(name, hf, jx):
     assert np.abs(np.asarray(out.logits) - unshifted)[mask == 1].max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral_swa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral_swa", "gemma3"])
 def test_mask_with_holes_equals_compacted(name, jx):
     """[right-padded prompt | response] (a hole of pads inside the row, as in a rollout)
     gives the same logits at real tokens as the same tokens packed to the right: the
@@ -300,7 +304,7 @@ def test_cached_decoding_matches_full_forward(name, jx):
         assert_close_at(logits[:, 0], full_logits[:, P_LEN + i], np.ones(B), 1e-5, f"{name} decode step {i}")
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral_swa"])
+@pytest.mark.parametrize("name", ["llama", "mistral_swa", "gemma3"])
 def test_chunked_prefill_matches_full_forward(name, jx):
     """Prefill in two chunks (the first chunk is all padding for one row), then decode."""
     model, params = jx(name)
@@ -326,7 +330,7 @@ def test_chunked_prefill_matches_full_forward(name, jx):
 # ----------------------------------------------------------------------------- bfloat16
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "neox_parallel"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "neox_parallel", "gemma3"])
 def test_bfloat16(name, hf, jx):
     src, _ = hf(name)
     model32, params32 = jx(name)

@@ -105,21 +105,25 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, *, head: 
 
 
 def save_pretrained(model: CausalLM, params: dict, out_dir: str | os.PathLike, *, tokenizer=None) -> Path:
-    """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads."""
+    """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads.
+
+    Raises:
+      CheckpointError: before anything is written, for a config that no transformers class
+        computes (e.g. GPT-2 with GPT-3 style banded layers); the message names the setting.
+    """
     from safetensors.numpy import save_file
 
     if model.head != "lm":
         raise ValueError("save_pretrained exports language models (head='lm'); scalar-head models live in run checkpoints")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    params = jax.device_get(params)
-    state = params_to_hf(params, model.config)
     special = {}
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name, None) if tokenizer is not None else None
         special[name] = value if value is not None and value < model.config.vocab_size else None
     hf_cfg = config_to_hf(model.config, **special)  # refuses what transformers cannot express
     hf_cfg.architectures = [_ARCHITECTURES[hf_cfg.model_type]]
+    state = params_to_hf(jax.device_get(params), model.config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     hf_cfg.save_pretrained(out)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:

@@ -14,6 +14,7 @@ is refused.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,12 @@ def _gemma3_from_hf(hf: dict, common: dict) -> ModelConfig:
         raise CheckpointError(f"config.json: layer_types has {len(layer_types)} entries, num_hidden_layers={layers}")
     rope = _gemma3_rope(hf)
     bias = hf.get("attention_bias", False)
+    if hf.get("attn_logit_softcapping") is not None:  # transformers' Gemma3Attention never passes it on
+        warnings.warn(
+            f"config.json: gemma3_text attn_logit_softcapping={hf['attn_logit_softcapping']} is ignored, as "
+            "transformers' Gemma 3 ignores it (only Gemma 2 caps attention scores)",
+            stacklevel=3,
+        )
     return ModelConfig(
         family="gemma3",
         hidden_size=hf["hidden_size"],
@@ -256,7 +263,6 @@ def _gemma3_from_hf(hf: dict, common: dict) -> ModelConfig:
         sliding_window=hf.get("sliding_window", 4096),
         layer_types=tuple(layer_types),
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-        attn_logit_softcap=hf.get("attn_logit_softcapping"),
         final_logit_softcap=hf.get("final_logit_softcapping"),
         **common,
     )
@@ -278,8 +284,13 @@ def _check_exportable(cfg: ModelConfig) -> None:
                 problems.append(f"{name}={getattr(cfg, name)}")
         if cfg.rope_scaling_factor != 1.0:
             problems.append(f"rope_scaling_factor={cfg.rope_scaling_factor}")
-    elif cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias or cfg.parallel_residual or cfg.rotary_pct != 1.0:
-        problems.append("gemma3 with qkv_bias != out_bias, mlp_bias, parallel_residual or partial rotary")
+    else:
+        if cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias or cfg.parallel_residual or cfg.rotary_pct != 1.0:
+            problems.append("qkv_bias != out_bias, mlp_bias, parallel_residual or partial rotary")
+        if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != int(cfg.query_pre_attn_scalar):
+            problems.append(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} (transformers needs an int)")
+        if cfg.attn_logit_softcap is not None:  # transformers' Gemma 3 would silently drop it
+            problems.append(f"attn_logit_softcap={cfg.attn_logit_softcap} (transformers' Gemma 3 ignores it)")
     if problems:
         raise CheckpointError(f"export: no transformers {family} model computes this config: {'; '.join(problems)}")
 
@@ -303,9 +314,9 @@ def config_to_hf(cfg: ModelConfig, **extra: Any):
             head_dim=cfg.dim_per_head, max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
             hidden_activation={"gelu_tanh": "gelu_pytorch_tanh"}.get(cfg.activation, act),
             tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.qkv_bias,
-            query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.dim_per_head,
+            query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.dim_per_head),
             sliding_window=cfg.sliding_window or 4096, layer_types=list(cfg.layer_kinds), rope_parameters=rope,
-            attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap, **extra,
+            final_logit_softcapping=cfg.final_logit_softcap, **extra,
         )  # fmt: skip
     if cfg.family == "gpt2":
         return transformers.GPT2Config(
