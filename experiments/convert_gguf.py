@@ -72,8 +72,9 @@ def _check(out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(out))
     question = "What is the capital of France?"
     if tok.chat_template:
-        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
     else:
         ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():

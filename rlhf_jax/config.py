@@ -76,7 +76,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
             _check(getattr(self, name) > 0, f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
-        _check(self.family in ("gpt2", "llama", "neox", "gemma3"), f"ModelConfig.family: unknown family {self.family!r}")
+        _check(
+            self.family in ("gpt2", "llama", "neox", "gemma3"), f"ModelConfig.family: unknown family {self.family!r}"
+        )
         _check(
             self.num_heads % self.kv_heads == 0,
             f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})",
@@ -87,7 +89,9 @@ class ModelConfig:
                 f"ModelConfig: hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})",
             )
         _check(0.0 < self.rotary_pct <= 1.0, f"ModelConfig.rotary_pct must be in (0, 1], got {self.rotary_pct}")
-        _check(self.rotary_dim % 2 == 0 or not self.uses_rope, f"ModelConfig: rotary dim {self.rotary_dim} must be even")
+        _check(
+            self.rotary_dim % 2 == 0 or not self.uses_rope, f"ModelConfig: rotary dim {self.rotary_dim} must be even"
+        )
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         _check(self.activation in ("gelu_tanh", "gelu", "silu"), f"ModelConfig.activation: unknown {self.activation!r}")
         if self.sliding_window is not None:
@@ -101,7 +105,9 @@ class ModelConfig:
                 self.sliding_window is not None or "sliding_attention" not in self.layer_types,
                 "ModelConfig: 'sliding_attention' layers need sliding_window",
             )
-        _check(self.rope_scaling_factor > 0, f"ModelConfig.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}")
+        _check(
+            self.rope_scaling_factor > 0, f"ModelConfig.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}"
+        )
         for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"ModelConfig.{name} must be > 0 or None, got {value}")
@@ -161,7 +167,7 @@ class ModelConfig:
     def norm(self) -> Literal["layernorm", "rmsnorm"]:
         return "rmsnorm" if self.family in ("llama", "gemma3") else "layernorm"
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self, *, with_embeddings: bool = True) -> int:
@@ -206,7 +212,10 @@ class MeshConfig:
         for s in sizes:
             known *= s if s != -1 else 1
         if -1 in sizes:
-            _check(num_devices % known == 0, f"MeshConfig {tuple(sizes)}: {num_devices} devices are not divisible by {known}")
+            _check(
+                num_devices % known == 0,
+                f"MeshConfig {tuple(sizes)}: {num_devices} devices are not divisible by {known}",
+            )
             sizes[sizes.index(-1)] = num_devices // known
         _check(
             sizes[0] * sizes[1] * sizes[2] == num_devices,
@@ -420,12 +429,19 @@ class PPOHyperparams:
     # (False: ~1e-7 rounding differences on RoPE models, one policy forward per minibatch cheaper)
 
     def __post_init__(self) -> None:
-        _check(self.minibatch_size > 0 and self.ppo_epochs > 0, "PPOHyperparams: minibatch_size, ppo_epochs must be > 0")
-        _check(self.batch_size % self.minibatch_size == 0, "PPOHyperparams: batch_size must be a multiple of minibatch_size")
+        _check(
+            self.minibatch_size > 0 and self.ppo_epochs > 0, "PPOHyperparams: minibatch_size, ppo_epochs must be > 0"
+        )
+        _check(
+            self.batch_size % self.minibatch_size == 0,
+            "PPOHyperparams: batch_size must be a multiple of minibatch_size",
+        )
         _check(self.max_new_tokens > 0, "PPOHyperparams.max_new_tokens must be > 0")
         _check(self.temperature > 0, "PPOHyperparams.temperature must be > 0 (sampling; log-probs use the same value)")
         _check(0 <= self.ema_decay < 1, "PPOHyperparams.ema_decay must be in [0, 1)")
-        _check(self.kl_coef >= 0 and self.kl_target > 0 and self.kl_horizon > 0, "PPOHyperparams: KL settings must be > 0")
+        _check(
+            self.kl_coef >= 0 and self.kl_target > 0 and self.kl_horizon > 0, "PPOHyperparams: KL settings must be > 0"
+        )
         _check(self.ptx_coef >= 0, "PPOHyperparams.ptx_coef must be >= 0")
         _check(self.ptx_rows is None or self.ptx_rows > 0, "PPOHyperparams.ptx_rows must be > 0 or None")
         estimators = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
@@ -525,9 +541,7 @@ class PPOConfig:
     # only the bias, on demonstrations: `rlhf-jax rm --demonstrations`)
     normalize_reward: bool = False
     hparams: PPOHyperparams = PPOHyperparams()
-    optim: OptimConfig = OptimConfig(
-        learning_rate=1e-5, schedule="constant", warmup_steps=10, warmup_init_fraction=0.1
-    )
+    optim: OptimConfig = OptimConfig(learning_rate=1e-5, schedule="constant", warmup_steps=10, warmup_init_fraction=0.1)
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, "PPOConfig.max_steps must be > 0")
@@ -584,11 +598,15 @@ class DPOHyperparams:
         _check(self.loss_type in ("sigmoid", "ipo", "hinge"), f"DPOHyperparams.loss_type: unknown {self.loss_type!r}")
         _check(self.k_way in ("pl", "pairs"), f"DPOHyperparams.k_way must be 'pl' or 'pairs', got {self.k_way!r}")
         _check(0 <= self.label_smoothing <= 1, "DPOHyperparams.label_smoothing must be in [0, 1]")
-        _check(self.label_smoothing == 0 or self.loss_type == "sigmoid",
-               "DPOHyperparams.label_smoothing is only defined for loss_type='sigmoid'")  # fmt: skip
-        _check(self.k_way == "pairs" or (self.loss_type == "sigmoid" and self.label_smoothing == 0),
-               f"DPOHyperparams: loss_type={self.loss_type!r} / label_smoothing={self.label_smoothing} are defined "
-               "on pairs: use k_way='pairs' (for K = 2 data it is the same as 'pl')")  # fmt: skip
+        _check(
+            self.label_smoothing == 0 or self.loss_type == "sigmoid",
+            "DPOHyperparams.label_smoothing is only defined for loss_type='sigmoid'",
+        )
+        _check(
+            self.k_way == "pairs" or (self.loss_type == "sigmoid" and self.label_smoothing == 0),
+            f"DPOHyperparams: loss_type={self.loss_type!r} / label_smoothing={self.label_smoothing} are defined "
+            "on pairs: use k_way='pairs' (for K = 2 data it is the same as 'pl')",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -62,8 +62,11 @@ def truncated(tmp_path_factory, layers: int) -> Path:
         cfg["num_hidden_layers"] = layers
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         keep = lambda k: not k.startswith("model.layers.") or int(k.split(".")[2]) < layers
-        save_file({k: v for k, v in load_file(src / "model.safetensors").items() if keep(k)},
-                  str(out / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+        save_file(
+            {k: v for k, v in load_file(src / "model.safetensors").items() if keep(k)},
+            str(out / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         for f in src.iterdir():
             if f.name.startswith(("tokenizer", "chat_template", "generation_config")):
                 shutil.copy(f, out / f.name)
@@ -75,8 +78,10 @@ def truncated(tmp_path_factory, layers: int) -> Path:
 
 def chat_batch(tok, conversations=CONVERSATIONS, *, side: str) -> tuple[np.ndarray, np.ndarray]:
     """Chat-template prompts (with the assistant header) padded on ``side``: ids, mask [B, T] int32."""
-    rows = [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-            for c in conversations]  # fmt: skip
+    rows = [
+        list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for c in conversations
+    ]
     t = max(map(len, rows))
     ids = np.full((len(rows), t), tok.pad_token_id, np.int32)
     mask = np.zeros((len(rows), t), np.int32)
@@ -96,18 +101,35 @@ def write_chat_data(root: Path) -> dict[str, Path]:
     for i, topic in enumerate(TOPICS):
         user = f"u{i % 4}"
         ask = f"Tell me something about {topic}."
-        demos.append({"messages": [{"role": "user", "content": ask},
-                                   {"role": "assistant", "content": f"Here is a fact about {topic}: people like it."}],
-                      "user_id": user})  # fmt: skip
-        demos.append({"messages": [{"role": "system", "content": "Be brief."},
-                                   {"role": "user", "content": f"One word for {topic}?"},
-                                   {"role": "assistant", "content": "Lovely."},
-                                   {"role": "user", "content": "Why?"},
-                                   {"role": "assistant", "content": f"Because {topic} is calm."}],
-                      "user_id": user})  # fmt: skip
-        rankings.append({"prompt": ask, "responses": [f"{topic.capitalize()} is interesting and calm.", "No.",
-                                                      f"I do not know {topic}."],
-                         "ranks": [0, 2, 1], "user_id": user})  # fmt: skip
+        demos.append(
+            {
+                "messages": [
+                    {"role": "user", "content": ask},
+                    {"role": "assistant", "content": f"Here is a fact about {topic}: people like it."},
+                ],
+                "user_id": user,
+            }
+        )
+        demos.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": f"One word for {topic}?"},
+                    {"role": "assistant", "content": "Lovely."},
+                    {"role": "user", "content": "Why?"},
+                    {"role": "assistant", "content": f"Because {topic} is calm."},
+                ],
+                "user_id": user,
+            }
+        )
+        rankings.append(
+            {
+                "prompt": ask,
+                "responses": [f"{topic.capitalize()} is interesting and calm.", "No.", f"I do not know {topic}."],
+                "ranks": [0, 2, 1],
+                "user_id": user,
+            }
+        )
         prompts.append({"prompt": f"Describe {topic} in a few words.", "user_id": user})
         text += [
             {"text": f"{topic.capitalize()} appears in many stories."},

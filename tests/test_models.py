@@ -116,10 +116,21 @@ EXPECTED_CONFIG = {
     "mistral_swa": dict(family="llama", tie_word_embeddings=False, kv_heads=2, sliding_window=5),
     "neox_parallel": dict(family="neox", tie_word_embeddings=False, parallel_residual=True, rotary_pct=0.25),
     "neox_sequential": dict(family="neox", tie_word_embeddings=False, parallel_residual=False, rotary_pct=0.25),
-    "gemma3": dict(family="gemma3", tie_word_embeddings=True, kv_heads=2, dim_per_head=16, sliding_window=4,
-                   layer_kinds=("sliding_attention", "full_attention"), rope_theta=1e6, rope_local_theta=1e4,
-                   rope_scaling_factor=4.0, query_pre_attn_scalar=24.0, attn_logit_softcap=None,
-                   final_logit_softcap=3.0, activation="gelu_tanh"),
+    "gemma3": dict(
+        family="gemma3",
+        tie_word_embeddings=True,
+        kv_heads=2,
+        dim_per_head=16,
+        sliding_window=4,
+        layer_kinds=("sliding_attention", "full_attention"),
+        rope_theta=1e6,
+        rope_local_theta=1e4,
+        rope_scaling_factor=4.0,
+        query_pre_attn_scalar=24.0,
+        attn_logit_softcap=None,
+        final_logit_softcap=3.0,
+        activation="gelu_tanh",
+    ),
 }
 
 

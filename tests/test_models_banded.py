@@ -51,7 +51,7 @@ def naive_gpt2(params: dict, cfg, ids: np.ndarray, mask: np.ndarray) -> np.ndarr
     distance = pos[:, :, None] - pos[:, None, :]  # [B, T, S]
     gelu = lambda z: 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))  # noqa: E731
     for layer, window in enumerate(cfg.layer_windows):
-        lp = jax.tree.map(lambda a: a[layer], p["layers"])
+        lp = jax.tree.map(lambda a, layer=layer: a[layer], p["layers"])
         a = lp["attn"]
         h = _layernorm(x, lp["attn_norm"], cfg.norm_eps)
         q, k, v = (np.einsum("btd,dhk->bthk", h, a[n]["kernel"]) + a[n]["bias"] for n in "qkv")  # [B, T, H, Dh]
@@ -101,7 +101,9 @@ def test_banded_layers_match_the_naive_reference(side, gpt2):
     ours = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits
     _close(ours, ref, mask, 1e-4, f"GPT-3 style ({side}-padded) vs naive reference")
     # the band really cuts: long rows differ from the dense model past the band, not before it
-    dense_logits = np.asarray(dense.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    dense_logits = np.asarray(
+        dense.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits
+    )
     real = np.asarray(mask).astype(bool)
     pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
     diff = np.abs(np.asarray(ours) - dense_logits).max(-1)  # [B, T]
@@ -116,7 +118,9 @@ def test_banded_cache_decoding_and_generation(gpt2):
     ids, mask = F.padded_batch([10, 6, 2], T, side="left", seed=5)
     full = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
     step = jax.jit(lambda p, i, m, c: model.apply({"params": p}, i, attention_mask=m, cache=c))
-    out = step(params, jnp.asarray(ids[:, :8]), jnp.asarray(mask[:, :8]), init_cache(model.config, batch_size=3, max_length=T))
+    out = step(
+        params, jnp.asarray(ids[:, :8]), jnp.asarray(mask[:, :8]), init_cache(model.config, batch_size=3, max_length=T)
+    )
     got = [np.asarray(out.logits)]
     for t in range(8, T):
         out = step(params, jnp.asarray(ids[:, t : t + 1]), jnp.asarray(mask[:, t : t + 1]), out.cache)

@@ -45,8 +45,11 @@ def strong(tmp_path_factory):
 @torch.no_grad()
 def _hf_greedy(torch_model, ids, mask):
     gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=R, eos_token_id=None, pad_token_id=PAD)
-    out = torch_model.generate(torch.as_tensor(ids, dtype=torch.long),
-                               attention_mask=torch.as_tensor(mask, dtype=torch.long), generation_config=gen)  # fmt: skip
+    out = torch_model.generate(
+        torch.as_tensor(ids, dtype=torch.long),
+        attention_mask=torch.as_tensor(mask, dtype=torch.long),
+        generation_config=gen,
+    )
     return out[:, ids.shape[1] :].numpy().astype(np.int32)
 
 
@@ -62,8 +65,16 @@ def test_greedy_generation_matches_transformers(strong):
     ref = _hf_greedy(torch_model, left_ids, left_mask)
     assert len({tuple(r) for r in ref}) == B and all(len(set(r)) > 2 for r in ref), ref  # varied output
     for ids, mask in ((left_ids, left_mask), (right_ids, right_mask)):
-        out = generate(model, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), max_new_tokens=R,
-                       temperature=0.0, pad_token_id=PAD)  # fmt: skip
+        out = generate(
+            model,
+            params,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            jax.random.key(0),
+            max_new_tokens=R,
+            temperature=0.0,
+            pad_token_id=PAD,
+        )
         np.testing.assert_array_equal(np.asarray(out.tokens), ref)
         assert np.all(np.asarray(out.mask) == 1)
 
@@ -73,8 +84,13 @@ def _v4_config() -> dict:
     cfg = F.make_config("gemma3").to_dict()
     cfg.pop("rope_parameters")
     cfg.pop("layer_types")
-    cfg.update(rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
-               sliding_window_pattern=2, attn_logit_softcapping=None)  # fmt: skip
+    cfg.update(
+        rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        sliding_window_pattern=2,
+        attn_logit_softcapping=None,
+    )
     return cfg
 
 
@@ -114,9 +130,18 @@ def test_local_rope_scaling_is_refused():
 
 
 def test_export_refuses_what_transformers_would_drop(tmp_path):
-    cfg = ModelConfig(family="gemma3", vocab_size=32, hidden_size=32, num_layers=2, num_heads=2, head_dim=16,
-                      tie_word_embeddings=True, sliding_window=4, layer_types=("sliding_attention", "full_attention"),
-                      attn_logit_softcap=50.0)  # fmt: skip
+    cfg = ModelConfig(
+        family="gemma3",
+        vocab_size=32,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        sliding_window=4,
+        layer_types=("sliding_attention", "full_attention"),
+        attn_logit_softcap=50.0,
+    )
     model = CausalLM(cfg)
     params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"]
     with pytest.raises(CheckpointError, match="attn_logit_softcap"):

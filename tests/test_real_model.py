@@ -108,19 +108,88 @@ def test_sft_rm_ppo_ptx_through_the_cli(pipeline_init, tmp_path):
     """Each stage in its own single-device process, as a user runs them; a few steps each."""
     data = R.write_chat_data(tmp_path / "data")
     runs = tmp_path / "runs"
-    common = ["--run.seed", "0", "--run.log-every", "1", "--run.eval-every", "1000", "--run.save-every", "1000",
-              "--run.split-fractions", "1.0", "0.0", "0.0", "--run.no-progress"]  # fmt: skip
+    common = [
+        "--run.seed",
+        "0",
+        "--run.log-every",
+        "1",
+        "--run.eval-every",
+        "1000",
+        "--run.save-every",
+        "1000",
+        "--run.split-fractions",
+        "1.0",
+        "0.0",
+        "0.0",
+        "--run.no-progress",
+    ]
     stages = {
-        "sft": ["sft", "--data", str(data["demonstrations"]), "--init", str(pipeline_init), "--out", str(runs / "sft"),
-                "--max-steps", "2", "--batch-size", "4", "--seq-len", "64", "--optim.learning-rate", "1e-5"],
-        "rm": ["rm", "--data", str(data["rankings"]), "--init", str(runs / "sft"), "--out", str(runs / "rm"),
-               "--demonstrations", str(data["demonstrations"]), "--max-steps", "2", "--batch-size", "4",
-               "--max-prompt-len", "48", "--max-response-len", "16", "--optim.learning-rate", "1e-5"],
-        "ppo": ["ppo", "--prompts", str(data["prompts"]), "--policy", str(runs / "sft"), "--reward", str(runs / "rm"),
-                "--out", str(runs / "ppo"), "--ptx-data", str(data["text"]), "--max-steps", "2", "--batch-size", "4",
-                "--minibatch-size", "2", "--max-new-tokens", "8", "--max-prompt-len", "32", "--ptx-seq-len", "32",
-                "--optim.learning-rate", "1e-6"],
-    }  # fmt: skip
+        "sft": [
+            "sft",
+            "--data",
+            str(data["demonstrations"]),
+            "--init",
+            str(pipeline_init),
+            "--out",
+            str(runs / "sft"),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "64",
+            "--optim.learning-rate",
+            "1e-5",
+        ],
+        "rm": [
+            "rm",
+            "--data",
+            str(data["rankings"]),
+            "--init",
+            str(runs / "sft"),
+            "--out",
+            str(runs / "rm"),
+            "--demonstrations",
+            str(data["demonstrations"]),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-prompt-len",
+            "48",
+            "--max-response-len",
+            "16",
+            "--optim.learning-rate",
+            "1e-5",
+        ],
+        "ppo": [
+            "ppo",
+            "--prompts",
+            str(data["prompts"]),
+            "--policy",
+            str(runs / "sft"),
+            "--reward",
+            str(runs / "rm"),
+            "--out",
+            str(runs / "ppo"),
+            "--ptx-data",
+            str(data["text"]),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--minibatch-size",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--max-prompt-len",
+            "32",
+            "--ptx-seq-len",
+            "32",
+            "--optim.learning-rate",
+            "1e-6",
+        ],
+    }
     seconds = {}
     for name, args in stages.items():
         start, cpu = time.perf_counter(), _children_cpu()
@@ -173,12 +242,26 @@ def test_logits_and_greedy_decoding_match_transformers(jax_model, torch_model):
 
     # greedy chat answers of a left-padded batch, up to NEW_TOKENS tokens or EOS, token for token
     ids, mask = R.chat_batch(tok, side="left")
-    out = generate(model, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), max_new_tokens=NEW_TOKENS,
-                   temperature=0.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    out = generate(
+        model,
+        params,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jax.random.key(0),
+        max_new_tokens=NEW_TOKENS,
+        temperature=0.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     with torch.no_grad():
-        ref = torch_model.generate(torch.as_tensor(_for_torch(ids, mask, tok), dtype=torch.long),
-                                   attention_mask=torch.as_tensor(mask), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)  # fmt: skip
+        ref = torch_model.generate(
+            torch.as_tensor(_for_torch(ids, mask, tok), dtype=torch.long),
+            attention_mask=torch.as_tensor(mask),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+        )
     ref = ref[:, ids.shape[1] :].numpy()
     answers = []
     for b in range(len(ids)):

@@ -146,8 +146,10 @@ def find_packaged_gguf(name: str, *, cache_dir: str | os.PathLike | None = None)
                         digest.update(block)
                         out.write(block)
         if expected is not None and digest.hexdigest() != expected:
-            raise ValueError(f"reassembled {spec.file_name} has SHA-256 {digest.hexdigest()}, the package says "
-                             f"{expected}: a chunk is damaged; reinstall: {spec.install}")  # fmt: skip
+            raise ValueError(
+                f"reassembled {spec.file_name} has SHA-256 {digest.hexdigest()}, the package says "
+                f"{expected}: a chunk is damaged; reinstall: {spec.install}"
+            )
         os.replace(tmp, target)  # atomic: a reader never sees a half-written file
     finally:
         tmp.unlink(missing_ok=True)
@@ -161,8 +163,12 @@ def _expected_sha256(spec: _Packaged) -> str | None:
     try:
         sums = [p for p in _dist_files(spec.sums_dist, spec.install) if p.name == "SHA256SUMS"]
     except FileNotFoundError:
-        log.warning("%s is not installed: the reassembled %s is not checked against a SHA-256 (%s)",
-                    spec.sums_dist, spec.file_name, spec.install)  # fmt: skip
+        log.warning(
+            "%s is not installed: the reassembled %s is not checked against a SHA-256 (%s)",
+            spec.sums_dist,
+            spec.file_name,
+            spec.install,
+        )
         return None
     for path in sums:
         for line in path.read_text().splitlines():
@@ -193,8 +199,9 @@ def _completed(out: Path, fingerprint: dict) -> bool:
     return all(recorded.get(k) == v for k, v in fingerprint.items() if k != "source_name")
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
-                 overwrite: bool = False) -> Path:  # fmt: skip
+def convert_gguf(
+    gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32", overwrite: bool = False
+) -> Path:
     """Write a GGUF checkpoint as a Hugging Face directory (config.json, model.safetensors, tokenizer).
 
     The tensors are dequantized by transformers' GGUF loader (needs the ``gguf`` and
@@ -230,8 +237,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
         log.info("%s already holds the conversion of %s", out, src.name)
         return out
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and does not hold a conversion of {src.name} ({dtype}); "
-                              "pass overwrite=True (--overwrite) or choose another directory")  # fmt: skip
+        raise FileExistsError(
+            f"{out}: exists and does not hold a conversion of {src.name} ({dtype}); "
+            "pass overwrite=True (--overwrite) or choose another directory"
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
@@ -279,14 +288,20 @@ def _convert_into(src: Path, tmp: Path, dtype: str) -> dict:
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
-        raise ImportError(f"converting GGUF files needs torch, transformers, gguf and accelerate ({e}); "
-                          "pip install 'rlhf_jax[dev]' or pip install torch gguf accelerate") from e  # fmt: skip
+        raise ImportError(
+            f"converting GGUF files needs torch, transformers, gguf and accelerate ({e}); "
+            "pip install 'rlhf_jax[dev]' or pip install torch gguf accelerate"
+        ) from e
 
     torch_dtype = getattr(torch, dtype)
     with _parse_gguf_once():
         file_type = _file_type(src)
-        log.warning("%s: weights are dequantized from a quantized GGUF file (%s); they are not the original "
-                    "float checkpoint and differ from it by the quantization error", src.name, file_type)  # fmt: skip
+        log.warning(
+            "%s: weights are dequantized from a quantized GGUF file (%s); they are not the original "
+            "float checkpoint and differ from it by the quantization error",
+            src.name,
+            file_type,
+        )
         loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     config = loaded.config
@@ -299,8 +314,10 @@ def _convert_into(src: Path, tmp: Path, dtype: str) -> dict:
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise RuntimeError(f"{src.name}: rebuilt model does not match the dequantized weights "
-                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")  # fmt: skip
+        raise RuntimeError(
+            f"{src.name}: rebuilt model does not match the dequantized weights "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     generation_config = getattr(loaded, "generation_config", None)
@@ -313,8 +330,11 @@ def _convert_into(src: Path, tmp: Path, dtype: str) -> dict:
     mode = (tmp / "config.json").stat().st_mode & 0o777
     for f in tmp.iterdir():  # safetensors writes its file 0600; give every file the umask's mode
         f.chmod(mode)
-    return {"gguf_file_type": file_type, "transformers": transformers.__version__,
-            "note": "weights dequantized from a quantized GGUF file"}  # fmt: skip
+    return {
+        "gguf_file_type": file_type,
+        "transformers": transformers.__version__,
+        "note": "weights dequantized from a quantized GGUF file",
+    }
 
 
 @contextlib.contextmanager

@@ -22,13 +22,29 @@ from rlhf_jax.models.hf_config import CheckpointError, config_from_hf, config_to
 from rlhf_jax.models.hf_weights import abstract_params, hf_shapes, params_from_hf, params_to_hf, weight_table
 from rlhf_jax.models.transformer import CausalLM
 
-__all__ = ["abstract_params", "from_pretrained", "hf_shapes", "load_state_dict", "load_tokenizer", "params_from_hf",
-           "params_to_hf", "resize_vocab", "save_pretrained", "weight_table"]  # fmt: skip
+__all__ = [
+    "abstract_params",
+    "from_pretrained",
+    "hf_shapes",
+    "load_state_dict",
+    "load_tokenizer",
+    "params_from_hf",
+    "params_to_hf",
+    "resize_vocab",
+    "save_pretrained",
+    "weight_table",
+]
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
+_ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
 
 
 # ----------------------------------------------------------------------------- files
@@ -114,7 +130,9 @@ def save_pretrained(model: CausalLM, params: dict, out_dir: str | os.PathLike, *
     from safetensors.numpy import save_file
 
     if model.head != "lm":
-        raise ValueError("save_pretrained exports language models (head='lm'); scalar-head models live in run checkpoints")
+        raise ValueError(
+            "save_pretrained exports language models (head='lm'); scalar-head models live in run checkpoints"
+        )
     special = {}
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name, None) if tokenizer is not None else None

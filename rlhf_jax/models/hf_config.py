@@ -47,7 +47,13 @@ def read_config(path: Path) -> dict:
 _LLAMA_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", *_LLAMA_TYPES, "gemma3_text")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
-_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu", "swish": "silu"}
+_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "silu": "silu",
+    "swish": "silu",
+}
 
 
 def _rope(hf: dict) -> tuple[float, float]:
@@ -70,14 +76,46 @@ def _activation(hf: dict, key: str) -> str:
 
 
 # Fields read from config.json, by the type they must have when present (None = the default).
-_INT_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "hidden_size",
-               "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-               "max_position_embeddings", "sliding_window", "sliding_window_pattern")  # fmt: skip
-_FLOAT_FIELDS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "rope_theta", "rotary_emb_base",
-                 "rotary_pct", "partial_rotary_factor", "rope_local_base_freq", "query_pre_attn_scalar",
-                 "attn_logit_softcapping", "final_logit_softcapping")  # fmt: skip
-_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_parallel_residual", "scale_attn_weights",
-                "scale_attn_by_inverse_layer_idx", "use_sliding_window", "use_bidirectional_attention")  # fmt: skip
+_INT_FIELDS = (
+    "vocab_size",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "n_positions",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "max_position_embeddings",
+    "sliding_window",
+    "sliding_window_pattern",
+)
+_FLOAT_FIELDS = (
+    "layer_norm_epsilon",
+    "layer_norm_eps",
+    "rms_norm_eps",
+    "rope_theta",
+    "rotary_emb_base",
+    "rotary_pct",
+    "partial_rotary_factor",
+    "rope_local_base_freq",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+)
+_BOOL_FIELDS = (
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "use_parallel_residual",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "use_sliding_window",
+    "use_bidirectional_attention",
+)
 
 
 def _check_field_types(hf: dict) -> None:
@@ -252,8 +290,9 @@ def _gemma3_from_hf(hf: dict, common: dict) -> ModelConfig:
         intermediate_size=hf["intermediate_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 131_072),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        activation=_activation({"hidden_activation": hf.get("hidden_activation", hf.get("hidden_act"))},
-                               "hidden_activation"),
+        activation=_activation(
+            {"hidden_activation": hf.get("hidden_activation", hf.get("hidden_act"))}, "hidden_activation"
+        ),
         rope_theta=rope["full_attention"][0],
         rope_scaling_factor=rope["full_attention"][1],
         rope_local_theta=rope["sliding_attention"][0],
@@ -309,38 +348,74 @@ def config_to_hf(cfg: ModelConfig, **extra: Any):
         if cfg.rope_scaling_factor != 1.0:
             rope["full_attention"].update(rope_type="linear", factor=cfg.rope_scaling_factor)
         return transformers.Gemma3TextConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_dim,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
-            head_dim=cfg.dim_per_head, max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.mlp_dim,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.dim_per_head,
+            max_position_embeddings=cfg.max_position_embeddings,
+            rms_norm_eps=cfg.norm_eps,
             hidden_activation={"gelu_tanh": "gelu_pytorch_tanh"}.get(cfg.activation, act),
-            tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.qkv_bias,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            attention_bias=cfg.qkv_bias,
             query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.dim_per_head),
-            sliding_window=cfg.sliding_window or 4096, layer_types=list(cfg.layer_kinds), rope_parameters=rope,
-            final_logit_softcapping=cfg.final_logit_softcap, **extra,
-        )  # fmt: skip
+            sliding_window=cfg.sliding_window or 4096,
+            layer_types=list(cfg.layer_kinds),
+            rope_parameters=rope,
+            final_logit_softcapping=cfg.final_logit_softcap,
+            **extra,
+        )
     if cfg.family == "gpt2":
         return transformers.GPT2Config(
-            vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-            n_inner=cfg.mlp_dim, n_positions=cfg.max_position_embeddings, layer_norm_epsilon=cfg.norm_eps,
-            activation_function=act, tie_word_embeddings=cfg.tie_word_embeddings,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **extra,
-        )  # fmt: skip
+            vocab_size=cfg.vocab_size,
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_inner=cfg.mlp_dim,
+            n_positions=cfg.max_position_embeddings,
+            layer_norm_epsilon=cfg.norm_eps,
+            activation_function=act,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **extra,
+        )
     if cfg.family == "neox":
         return transformers.GPTNeoXConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim,
-            max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.norm_eps, hidden_act=act,
-            rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rope_theta, use_parallel_residual=cfg.parallel_residual,
-            attention_bias=cfg.qkv_bias, tie_word_embeddings=cfg.tie_word_embeddings, **extra,
-        )  # fmt: skip
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.mlp_dim,
+            max_position_embeddings=cfg.max_position_embeddings,
+            layer_norm_eps=cfg.norm_eps,
+            hidden_act=act,
+            rotary_pct=cfg.rotary_pct,
+            rotary_emb_base=cfg.rope_theta,
+            use_parallel_residual=cfg.parallel_residual,
+            attention_bias=cfg.qkv_bias,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            **extra,
+        )
     model_type = cfg.hf_model_type or "llama"
     kwargs = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
-        intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.norm_eps, hidden_act=act, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_word_embeddings, **extra,
-    )  # fmt: skip
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.dim_per_head,
+        intermediate_size=cfg.mlp_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act=act,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        **extra,
+    )
     if model_type == "qwen2":
         return transformers.Qwen2Config(**kwargs)
     if model_type == "mistral":

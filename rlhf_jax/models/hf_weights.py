@@ -10,8 +10,8 @@ mis-shaped tensors are errors naming the tensor.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,13 @@ from rlhf_jax.models.hf_config import CheckpointError
 from rlhf_jax.models.transformer import CausalLM
 
 # Non-parameter buffers that some checkpoints carry.
-BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+BUFFER_SUFFIXES = (
+    ".attn.bias",
+    ".attn.masked_bias",
+    ".attention.bias",
+    ".attention.masked_bias",
+    ".rotary_emb.inv_freq",
+)
 _PREFIX = {"gpt2": "transformer.", "neox": "gpt_neox.", "llama": "model.", "gemma3": "model."}
 
 
@@ -47,10 +53,11 @@ def _linear(flax_path: str, hf_key: str, in_shape: tuple[int, ...], out_shape: t
     """torch nn.Linear weight [out, in] <-> Flax kernel [*in_shape, *out_shape]."""
     n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
     return _one(
-        flax_path, hf_key,
+        flax_path,
+        hf_key,
         lambda w: w.T.reshape(*in_shape, *out_shape),  # [*in_shape, *out_shape]
         lambda k: k.reshape(n_in, n_out).T,  # [out, in]
-    )  # fmt: skip
+    )
 
 
 def _bias(flax_path: str, hf_key: str, shape: tuple[int, ...]) -> _Entry:
@@ -109,7 +116,14 @@ def _layer_entries(cfg: ModelConfig, i: int) -> list[_Entry]:
         t += _norm(f"{p}/attn_norm", f"{L}.ln_1", cfg) + _norm(f"{p}/mlp_norm", f"{L}.ln_2", cfg)
         t.append(_fused(f"{p}/attn", "kernel", f"{L}.attn.c_attn.weight", _gpt2_c_attn((d, h, dh))))
         t.append(_fused(f"{p}/attn", "bias", f"{L}.attn.c_attn.bias", _gpt2_c_attn((h, dh))))
-        t.append(_one(f"{p}/attn/o/kernel", f"{L}.attn.c_proj.weight", lambda w: w.reshape(h, dh, d), lambda k: k.reshape(h * dh, d)))
+        t.append(
+            _one(
+                f"{p}/attn/o/kernel",
+                f"{L}.attn.c_proj.weight",
+                lambda w: w.reshape(h, dh, d),
+                lambda k: k.reshape(h * dh, d),
+            )
+        )
         t.append(_one(f"{p}/attn/o/bias", f"{L}.attn.c_proj.bias"))
         t.append(_one(f"{p}/mlp/up/kernel", f"{L}.mlp.c_fc.weight"))
         t.append(_one(f"{p}/mlp/up/bias", f"{L}.mlp.c_fc.bias"))
@@ -117,7 +131,9 @@ def _layer_entries(cfg: ModelConfig, i: int) -> list[_Entry]:
         t.append(_one(f"{p}/mlp/down/bias", f"{L}.mlp.c_proj.bias"))
     elif cfg.family == "neox":
         L = f"gpt_neox.layers.{i}"
-        t += _norm(f"{p}/attn_norm", f"{L}.input_layernorm", cfg) + _norm(f"{p}/mlp_norm", f"{L}.post_attention_layernorm", cfg)
+        t += _norm(f"{p}/attn_norm", f"{L}.input_layernorm", cfg) + _norm(
+            f"{p}/mlp_norm", f"{L}.post_attention_layernorm", cfg
+        )
         t.append(_fused(f"{p}/attn", "kernel", f"{L}.attention.query_key_value.weight", _neox_qkv(h, dh, d)))
         if cfg.qkv_bias:
             t.append(_fused(f"{p}/attn", "bias", f"{L}.attention.query_key_value.bias", _neox_qkv(h, dh, None)))
@@ -142,7 +158,9 @@ def _layer_entries(cfg: ModelConfig, i: int) -> list[_Entry]:
             if cfg.qkv_bias:
                 t.append(_bias(f"{p}/attn/{n}/bias", f"{L}.self_attn.{n}_proj.bias", (heads, dh)))
         if cfg.qk_norm:
-            t += _norm(f"{p}/attn/q_norm", f"{L}.self_attn.q_norm", cfg) + _norm(f"{p}/attn/k_norm", f"{L}.self_attn.k_norm", cfg)
+            t += _norm(f"{p}/attn/q_norm", f"{L}.self_attn.q_norm", cfg) + _norm(
+                f"{p}/attn/k_norm", f"{L}.self_attn.k_norm", cfg
+            )
         t.append(_linear(f"{p}/attn/o/kernel", f"{L}.self_attn.o_proj.weight", (h, dh), (d,)))
         if cfg.out_bias:
             t.append(_one(f"{p}/attn/o/bias", f"{L}.self_attn.o_proj.bias"))
@@ -236,7 +254,9 @@ def params_from_hf(state: dict[str, np.ndarray], cfg: ModelConfig, *, head: str 
         for path, value in zip(e.flax_paths, e.to_flax(*arrays)):
             want = _leaf(expected, path, e.layer).shape
             if tuple(value.shape) != tuple(want):  # a table bug, not a user error, but say which
-                raise CheckpointError(f"tensor {e.hf_keys} for {'/'.join(path)} has shape {value.shape}, expected {want}")
+                raise CheckpointError(
+                    f"tensor {e.hf_keys} for {'/'.join(path)} has shape {value.shape}, expected {want}"
+                )
             value = np.asarray(value).astype(dtype)
             if e.layer is None:
                 _set(params, path, value)

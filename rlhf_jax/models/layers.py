@@ -108,9 +108,11 @@ class Linear(nn.Module):
         y = (x2 @ w2).reshape(*lead, *self.features)  # [*lead, *features]
         if self.use_bias:
             bias = self.param(
-                "bias", param_init(nn.initializers.zeros, self.axes[self.in_dims :]), self.features,
+                "bias",
+                param_init(nn.initializers.zeros, self.axes[self.in_dims :]),
+                self.features,
                 to_dtype(cfg.param_dtype),
-            )  # fmt: skip
+            )
             y = y + bias.astype(dtype)
         return y
 

@@ -53,8 +53,15 @@ def _stats(hidden: Array, unembed: Array, targets: Array, config: ModelConfig, t
     }
 
 
-def token_stats(hidden: Array, unembed: Array, targets: Array, config: ModelConfig, *, temperature: float = 1.0,
-                chunk: int | None = None) -> dict[str, Array]:  # fmt: skip
+def token_stats(
+    hidden: Array,
+    unembed: Array,
+    targets: Array,
+    config: ModelConfig,
+    *,
+    temperature: float = 1.0,
+    chunk: int | None = None,
+) -> dict[str, Array]:
     """Per-position statistics of ``softmax(logits / temperature)`` with logits = the LM head of ``hidden``.
 
     Args:

@@ -30,11 +30,20 @@ import numpy as np
 
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.models.attention import Attention, attention_masks, layer_specs
-from rlhf_jax.models.layers import MLP, Norm, constrain, dense, param_init, positions_from_mask, softcap, to_dtype
+from rlhf_jax.models.layers import MLP, Norm, constrain, param_init, positions_from_mask, softcap, to_dtype
 
 Array = jax.Array
-__all__ = ["CausalLM", "KVCache", "ModelOutput", "init_cache", "lm_logits", "positions_from_mask",
-           "stack_legacy_layers", "to_dtype", "unembedding"]  # fmt: skip
+__all__ = [
+    "CausalLM",
+    "KVCache",
+    "ModelOutput",
+    "init_cache",
+    "lm_logits",
+    "positions_from_mask",
+    "stack_legacy_layers",
+    "to_dtype",
+    "unembedding",
+]
 
 
 @flax.struct.dataclass
@@ -183,16 +192,16 @@ class CausalLM(nn.Module):
         compute_logits: bool = True,
     ) -> ModelOutput:
         """Args:
-          input_ids: [B, T] int token ids.
-          attention_mask: [B, T], 1 for real tokens (left or right padding); None = all real.
-          position_ids: [B, T]; derived from the mask (and the cache's mask) when None.
-          cache: a KVCache; the T new tokens are written at slots cache.index .. +T.
-          deterministic: False enables dropout (needs a 'dropout' rng).
-          head_slice: static (start, stop): apply the head to positions start:stop only
-            (logits [B, stop - start, V]); the LM head is most of a short sequence's cost.
-          head_index: [B] int: apply the head at one position per row (logits [B, 1, V]).
-          compute_logits: False skips the LM head (logits None): for a loss that consumes
-            ``hidden_states`` [B, T, D] and :func:`unembedding` in chunks. A scalar head still runs.
+        input_ids: [B, T] int token ids.
+        attention_mask: [B, T], 1 for real tokens (left or right padding); None = all real.
+        position_ids: [B, T]; derived from the mask (and the cache's mask) when None.
+        cache: a KVCache; the T new tokens are written at slots cache.index .. +T.
+        deterministic: False enables dropout (needs a 'dropout' rng).
+        head_slice: static (start, stop): apply the head to positions start:stop only
+          (logits [B, stop - start, V]); the LM head is most of a short sequence's cost.
+        head_index: [B] int: apply the head at one position per row (logits [B, 1, V]).
+        compute_logits: False skips the LM head (logits None): for a loss that consumes
+          ``hidden_states`` [B, T, D] and :func:`unembedding` in chunks. A scalar head still runs.
         """
         cfg = self.config
         if self.head not in ("lm", "scalar", "lm+scalar"):
