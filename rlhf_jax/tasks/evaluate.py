@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import data, losses
+from rlhf_jax import data
 from rlhf_jax.models import CausalLM
 from rlhf_jax.sampling import generate
+from rlhf_jax.sft import lm_objective
 
 
 def sample_responses(
@@ -72,8 +73,7 @@ def heldout_lm_loss(model: CausalLM, params: Any, dataset: Any, *, batch_size: i
 
     @jax.jit
     def batch_loss(p, ids, attn, loss_mask):
-        logits = model.apply({"params": p}, ids, attention_mask=attn, head_slice=(0, ids.shape[1] - 1)).logits
-        loss, m = losses.masked_lm_loss(logits, ids[:, 1:], loss_mask[:, 1:])
+        loss, m = lm_objective(model, p, {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask})
         return loss * m["num_tokens"], m["num_tokens"]
 
     a = dataset.arrays
