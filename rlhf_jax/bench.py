@@ -52,6 +52,17 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2-355m": ModelConfig(
         **_GPT2, vocab_size=50304, hidden_size=1024, num_layers=24, num_heads=16, max_position_embeddings=1024
     ),
+    # GPT-3 Small's shape (the GPT-3 paper): GPT-2's decoder with alternating dense and locally banded layers
+    "gpt3-125m": ModelConfig(
+        **_GPT2,
+        vocab_size=50304,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        max_position_embeddings=2048,
+        layer_types=("full_attention", "sliding_attention"),
+        sliding_window=256,
+    ),
     # TinyLlama-1.1B's shape: 22 layers, d 2048, GQA 32 query / 4 KV heads, SwiGLU 5632
     "1b": ModelConfig(
         family="llama",

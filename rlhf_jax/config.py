@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-Family = Literal["gpt2", "llama", "neox"]
+Family = Literal["gpt2", "llama", "neox", "gemma3"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -42,7 +42,7 @@ class ModelConfig:
     ``layer_types=None`` every layer is sliding when ``sliding_window`` is set (Mistral).
     """
 
-    family: Literal["gpt2", "llama", "neox", "gemma3"]
+    family: Family
     vocab_size: int
     hidden_size: int
     num_layers: int
