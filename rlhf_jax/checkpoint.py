@@ -10,7 +10,9 @@ renamed (atomically) into ``<checkpoints>/.deleted/`` and removed from there lat
 process killed while deleting never leaves a half-deleted checkpoint that is still listed.
 Latest-N plus best-N by a validation metric are kept.
 Restores take an abstract state with shardings, so a checkpoint saved on one mesh
-restores onto another.
+restores onto another. A LoRA run's state holds the trainable tree only (adapters, score
+head, their optimizer state and EMA); its model.json names the base's source, and
+:func:`load_model` reads that base again and returns the merged model.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from rlhf_jax.config import ModelConfig
+from rlhf_jax.config import LoRAConfig, ModelConfig
 from rlhf_jax.data import check_vocab
-from rlhf_jax.models import CausalLM, from_pretrained, load_tokenizer, resize_vocab, stack_legacy_layers
+from rlhf_jax.models import CausalLM, from_pretrained, load_tokenizer, lora, resize_vocab, stack_legacy_layers
 from rlhf_jax.models.gguf import as_hf_dir
 from rlhf_jax.models.params import init_params
 
@@ -254,6 +256,44 @@ def read_model_info(run_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def _restore_params(source: Path, info: dict, which: str) -> Any:
+    """The deployable params tree of a run directory (``info["params_path"]`` of the chosen checkpoint)."""
+    ckpt = Checkpointer(source / "checkpoints")
+    step = ckpt.latest_step()
+    if step is None:
+        ckpt.close()
+        raise FileNotFoundError(f"{source}: the run has no checkpoint yet")
+    if which == "best":  # the run's own ranking metric is recorded in each checkpoint's meta (train_loop)
+        ranking = ckpt.restore_meta(step)
+        step = ckpt.best_step(ranking.get("best_metric"), ranking.get("best_mode")) or step
+    params, _ = ckpt.restore_raw(step)
+    ckpt.close()
+    for key in info["params_path"]:
+        params = params[key]
+    params = stack_legacy_layers(params)  # a run written before the layers were scanned (layers_0, ...)
+    return jax.tree.map(jnp.asarray, params)
+
+
+def lora_base(info: dict) -> tuple[LoRAConfig, Any]:
+    """(adapter config, frozen base params) of a LoRA run's model.json ``info``: the base is
+    loaded again from the source the run started from (which must not have changed)."""
+    record = dict(info["lora"])
+    base = record.pop("base")
+    _, base_params, _ = load_model(base["source"], head=base["head"], which=base["which"])
+    return LoRAConfig(**record), base_params
+
+
+def load_adapters(source: str | os.PathLike, *, which: str = "best") -> tuple[ModelConfig, LoRAConfig, Any, str]:
+    """(model config, adapter config, trainable tree, base source) of a LoRA run directory:
+    what ``rlhf-jax export --export-adapters`` writes in PEFT's format."""
+    source = Path(source)
+    info = read_model_info(source)
+    if "lora" not in info:
+        raise ValueError(f"{source}: not a LoRA run (trained without --lora.rank); export the full model instead")
+    lora_cfg = LoRAConfig(**{k: v for k, v in info["lora"].items() if k != "base"})
+    return ModelConfig(**info["model"]), lora_cfg, _restore_params(source, info, which), info["lora"]["base"]["source"]
+
+
 def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str | None = None, which: str = "best"):
     """(model, params, tokenizer) from a run directory or a Hugging Face directory.
 
@@ -264,6 +304,8 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
         drops the unembedding and adds a fresh score head (reward model from SFT).
       dtype: compute dtype override ("float32", "bfloat16").
       which: "best" (by the run's validation metric, falling back to latest) or "latest".
+
+    A LoRA run comes back merged (``W + (alpha / r) A B``, no adapters in the config).
     """
     source = as_hf_dir(source)  # a .gguf file: its (cached) dequantized conversion, with a warning
     if not (source / MODEL_INFO).is_file():
@@ -283,20 +325,10 @@ def load_model(source: str | os.PathLike, *, head: str | None = None, dtype: str
     if dtype is not None:
         cfg_dict["dtype"] = dtype
     cfg = ModelConfig(**cfg_dict)
-    ckpt = Checkpointer(source / "checkpoints")
-    step = ckpt.latest_step()
-    if step is None:
-        ckpt.close()
-        raise FileNotFoundError(f"{source}: the run has no checkpoint yet")
-    if which == "best":  # the run's own ranking metric is recorded in each checkpoint's meta (train_loop)
-        ranking = ckpt.restore_meta(step)
-        step = ckpt.best_step(ranking.get("best_metric"), ranking.get("best_mode")) or step
-    params, _ = ckpt.restore_raw(step)
-    ckpt.close()
-    for key in info["params_path"]:
-        params = params[key]
-    params = stack_legacy_layers(params)  # a run written before the layers were scanned (layers_0, ...)
-    params = jax.tree.map(jnp.asarray, params)
+    params = _restore_params(source, info, which)
+    if "lora" in info:  # the checkpoints hold the adapters (and score head); the base is read from its source
+        lora_cfg, base = lora_base(info)
+        params = lora.merge_adapters(lora.join(base, params), lora_cfg)
     src_head = info["head"]
     want = head or src_head
     if src_head == "scalar" and info.get("reward_bias"):  # demonstrations score mean 0 (reward.py)

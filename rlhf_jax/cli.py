@@ -4,7 +4,7 @@
     rlhf-jax rm  --data rankings.jsonl --init runs/sft --out runs/rm --demonstrations demos.jsonl
     rlhf-jax dpo --data rankings.jsonl --init runs/sft --out runs/dpo --beta 0.1 --k-way pl
     rlhf-jax sample --policy runs/sft --reward runs/rm --prompts prompts.jsonl --out best.jsonl --best-of 8
-    rlhf-jax export --run runs/sft --out hf_dir
+    rlhf-jax export --run runs/sft --out hf_dir      # LoRA runs: merged; --export-adapters: PEFT adapters
     rlhf-jax demo                      # the whole pipeline on the built-in task, with a report
     rlhf-jax smoke                     # a tiny end-to-end check on CPU (about a minute)
     rlhf-jax bench --presets gpt2-124m --meshes 1,-1,1 --dtype bfloat16   # speed, memory, MFU
@@ -31,7 +31,7 @@ from rlhf_jax import checkpoint
 from rlhf_jax.bench import BenchArgs, run_bench
 from rlhf_jax.config import DPOConfig, PPOConfig, PPOHyperparams, RewardConfig, RunConfig, SFTConfig
 from rlhf_jax.drivers import run_dpo, run_ppo, run_rm, run_sample, run_sft
-from rlhf_jax.models import save_pretrained
+from rlhf_jax.models import lora, save_pretrained
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
 from rlhf_jax.sampling import generate
 from rlhf_jax.tasks import tiny
@@ -46,6 +46,9 @@ class ExportArgs:
     run: str  # the run directory
     out: str  # the Hugging Face directory to write
     which: str = "best"  # "best" (by validation metric) or "latest"
+    # a LoRA run: write only its adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)
+    # instead of the merged full weights
+    export_adapters: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -139,7 +142,12 @@ class SmokeArgs:
 
 
 def _export(args: ExportArgs) -> None:
-    model, params, tokenizer = checkpoint.load_model(args.run, which=args.which)
+    if args.export_adapters:
+        model_cfg, lora_cfg, trainable, base = checkpoint.load_adapters(args.run, which=args.which)
+        path = lora.save_peft_adapters(trainable, model_cfg, lora_cfg, args.out, base_model=base)
+        print(f"exported the adapters of {args.run} (base {base}) -> {path}")
+        return
+    model, params, tokenizer = checkpoint.load_model(args.run, which=args.which)  # LoRA runs come merged
     path = save_pretrained(model, params, args.out, tokenizer=tokenizer)
     print(f"exported {args.run} -> {path}")
 

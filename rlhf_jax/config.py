@@ -20,6 +20,48 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the dense projections, by logical name
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021) on a frozen base: ``W x + (alpha / rank) * B A x``.
+
+    ``rank = 0`` is off (full fine-tuning, the default). ``targets`` names the projections
+    that get an adapter: attention ``q``, ``k``, ``v``, ``o`` and MLP ``gate``, ``up``,
+    ``down`` (every family's layers carry these names). The default adapts all seven, as
+    QLoRA found adapting every linear layer matches full fine-tuning best; ``("q", "v")`` is
+    the original paper's choice. ``dropout`` applies to an adapter's input where the stage
+    trains with dropout (SFT); RL passes and reward-model steps run without dropout.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapter's update is scaled by alpha / rank
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        targets = self.targets
+        if isinstance(targets, str):  # "q,k,v,o" (a JSON string or one flag value)
+            targets = tuple(t for t in targets.split(",") if t)
+        object.__setattr__(self, "targets", tuple(t.strip() for t in targets))  # a JSON list: hashable again
+        _check(self.rank >= 0, f"LoRAConfig.rank must be >= 0 (0 = off), got {self.rank}")
+        _check(self.alpha > 0, f"LoRAConfig.alpha must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"LoRAConfig.dropout must be in [0, 1), got {self.dropout}")
+        bad = sorted(set(self.targets) - set(LORA_TARGETS))
+        _check(not bad, f"LoRAConfig.targets: unknown {bad}; choose from {', '.join(LORA_TARGETS)}")
+        _check(bool(self.targets) or self.rank == 0, "LoRAConfig.targets: at least one target when rank > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: the factor on ``B A x``."""
+        return self.alpha / self.rank
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A decoder-only transformer; one class covers four families by its switches.
@@ -72,8 +114,15 @@ class ModelConfig:
     param_dtype: DType = "float32"
     remat: bool = False  # rematerialise each block in the backward pass
     hf_model_type: str | None = None  # e.g. "qwen2": which HF config class to export to
+    # Adapters on the dense projections (models.layers.Linear); set by a stage's driver from its
+    # run config's ``lora``, never stored in model.json (a run's model is exported merged).
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # from JSON
+            object.__setattr__(self, "lora", LoRAConfig(**self.lora))
+        if self.lora is not None and not self.lora.enabled:
+            object.__setattr__(self, "lora", None)  # rank 0: the plain model, one spelling
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
             _check(getattr(self, name) > 0, f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
         _check(
@@ -317,6 +366,7 @@ class SFTConfig:
     select_by_reward: str | None = None  # an RM run dir: keep the checkpoint whose samples it scores best
     select_prompts: int = 64  # validation prompts sampled for that score
     optim: OptimConfig = OptimConfig(learning_rate=1e-5)
+    lora: LoRAConfig = LoRAConfig()  # rank > 0: train adapters only, on the frozen --init
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0 and self.seq_len > 1, "SFTConfig: batch_size > 0 and seq_len > 1 required")
@@ -365,6 +415,7 @@ class RewardConfig:
     max_k: int | None = None  # None: the largest K in the data
     hparams: RewardHyperparams = RewardHyperparams()
     optim: OptimConfig = OptimConfig(learning_rate=9e-6)
+    lora: LoRAConfig = LoRAConfig()  # rank > 0: adapters + the new score head train, the --init base is frozen
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "RewardConfig.batch_size must be > 0")
@@ -542,6 +593,9 @@ class PPOConfig:
     normalize_reward: bool = False
     hparams: PPOHyperparams = PPOHyperparams()
     optim: OptimConfig = OptimConfig(learning_rate=1e-5, schedule="constant", warmup_steps=10, warmup_init_fraction=0.1)
+    # rank > 0: the policy trains adapters on its frozen base, which is also the KL reference (one
+    # copy); the value network trains adapters (+ its score head) on the first reward model's weights
+    lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, "PPOConfig.max_steps must be > 0")

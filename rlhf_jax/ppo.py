@@ -37,6 +37,11 @@ the reward is the plain score and the policy loss adds ``kl_coef`` x the KL esti
 The score may combine several reward models and rule rewards (``rewards.RewardSum``), each
 logged as ``objective/scores/<name>``.
 
+LoRA (``policy.config.lora``): ``state.policy.params`` and the EMA hold the adapters only; the
+frozen base is ``ref_params``, so the reference log-probs are the base model's, computed by the
+plain model (``reference_model``). A LoRA value network trains adapters and its score head on
+the first reward model's params. Gradients and optimizer state exist for the trainable trees only.
+
 Non-finite values: an iteration whose RM scores (``reward``), log-probs (``logits``),
 advantages or returns, losses or gradients are not all finite is skipped as a whole
 (``optim.skip_nonfinite``): the state comes back bitwise, iteration counter included.
@@ -44,6 +49,7 @@ advantages or returns, losses or gradients are not all finite is skipped as a wh
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -54,7 +60,7 @@ import optax
 
 from rlhf_jax import losses, ops, rl
 from rlhf_jax.config import PPOHyperparams
-from rlhf_jax.models import CausalLM
+from rlhf_jax.models import CausalLM, lora
 from rlhf_jax.models.lm_head import auto_chunk, token_stats
 from rlhf_jax.models.transformer import unembedding
 from rlhf_jax.optim import (
@@ -161,6 +167,17 @@ def response_forward(
     return ResponseOutputs(stats["logprob"], stats["entropy"], out.values)
 
 
+def network_params(model: CausalLM, trainable: Any, base: Any) -> Any:
+    """The params ``model`` is applied with: its ``trainable`` tree (full fine-tuning), or with
+    LoRA (``model.config.lora``) the frozen ``base`` joined with the adapters (``models.lora``)."""
+    return lora.with_base(None if model.config.lora is None else base, trainable)
+
+
+def reference_model(policy: CausalLM) -> CausalLM:
+    """The KL reference: the policy's LM head without adapters (applied to ``ref_params``)."""
+    return lora.without_lora(policy.clone(head="lm"))
+
+
 def as_reward(rm: Any) -> tuple[RewardSum, bool]:
     """``(reward, bare)``: a ``RewardSum`` for ``rm``; ``bare`` when ``rm`` was one reward model
     (its params are then one tree, not a tuple)."""
@@ -195,7 +212,9 @@ def make_rollout(
 
     N = ``cfg.num_prompts``: each prompt is sampled ``cfg.group_size`` times, B = N x G episodes.
     ``rm``: one scalar-head reward model (``rm_params`` its params) or a ``rewards.RewardSum``
-    (``rm_params`` a tuple, one tree per reward model).
+    (``rm_params`` a tuple, one tree per reward model). With LoRA the policy is ``ref_params``
+    joined with ``state.policy.params`` (the adapters), and a LoRA value network's base is the
+    first reward model's params: each base is in memory once.
     """
     check_networks(cfg, policy, value)
     reward, bare = as_reward(rm)
@@ -210,11 +229,12 @@ def make_rollout(
         if group > 1:  # [N, P] -> [N*G, P]: rows n*G .. n*G+G-1 are prompt n
             prompt_ids, prompt_mask = jnp.repeat(prompt_ids, group, axis=0), jnp.repeat(prompt_mask, group, axis=0)
         rm_tuple = (rm_params,) if bare else tuple(rm_params)
+        policy_params = network_params(policy, state.policy.params, ref_params)
         p = prompt_ids.shape[1]
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration)
         gen = generate(
             policy,
-            state.policy.params,
+            policy_params,
             prompt_ids,
             prompt_mask,
             key,
@@ -232,17 +252,19 @@ def make_rollout(
 
         def score_minibatch(xs):  # [mb, P+R] -> old/ref log-probs, values [mb, R]; reward components [mb]
             s, m = xs
-            pol = response_forward(policy, state.policy.params, s, m, p, cfg.temperature)
-            ref = response_forward(policy.clone(head="lm"), ref_params, s, m, p, cfg.temperature)
+            pol = response_forward(policy, policy_params, s, m, p, cfg.temperature)
+            ref = response_forward(reference_model(policy), ref_params, s, m, p, cfg.temperature)
             out = {
                 "old_logprobs": pol.logprobs,
                 "ref_logprobs": ref.logprobs,
                 "components": reward.components(rm_tuple, s, m, p),
             }
             if cfg.uses_critic:
-                out["values"] = (
-                    pol.values if value is None else response_forward(value, state.value.params, s, m, p).values
-                )
+                if value is None:
+                    out["values"] = pol.values
+                else:
+                    value_params = network_params(value, state.value.params, rm_tuple[0])
+                    out["values"] = response_forward(value, value_params, s, m, p).values
             return out
 
         # Scored minibatch by minibatch, with the update's minibatch shape: XLA's rounding can
@@ -394,7 +416,9 @@ def make_update(
     policy_opt: optax.GradientTransformation,
     value_opt: optax.GradientTransformation | None,
 ) -> Callable:
-    """``update(state, rollout, ptx_batch | None) -> (state, metrics)``: epochs x minibatches scans.
+    """``update(state, rollout, ptx_batch | None, policy_base, value_base) -> (state, metrics)``:
+    epochs x minibatches scans. The bases (LoRA's frozen weights; None for full fine-tuning)
+    are joined with the trainable trees the gradients are taken with respect to.
 
     Metrics are means over the minibatches, except the ``finite/*`` flags: those of the first
     minibatch with a non-finite quantity (later minibatches inherit its NaNs through the params,
@@ -402,20 +426,25 @@ def make_update(
     """
     n_mb, mb_size = cfg.num_minibatches, cfg.minibatch_size
 
-    def minibatch_step(state: PPOState, xs):
+    def minibatch_step(state: PPOState, xs, policy_base, value_base):
         mb, ptx = xs
         p = mb["sequences"].shape[1] - cfg.max_new_tokens
+        full_policy = lambda pp: network_params(policy, pp, policy_base)  # noqa: E731
 
         if value is None:
             grad_fn = jax.value_and_grad(
-                lambda pp: ppo_objective(cfg, policy, None, pp, None, mb, ptx, p, kl_coef=state.kl_coef), has_aux=True
+                lambda pp: ppo_objective(cfg, policy, None, full_policy(pp), None, mb, ptx, p, kl_coef=state.kl_coef),
+                has_aux=True,
             )
             (_, (_, metrics)), p_grads = grad_fn(state.policy.params)
             new_value = None
         else:
 
             def joint(pp, vp):
-                pol, (val, metrics) = ppo_objective(cfg, policy, value, pp, vp, mb, ptx, p, kl_coef=state.kl_coef)
+                vp = network_params(value, vp, value_base)
+                pol, (val, metrics) = ppo_objective(
+                    cfg, policy, value, full_policy(pp), vp, mb, ptx, p, kl_coef=state.kl_coef
+                )
                 return pol + val, metrics  # disjoint params: d/dpp sees pol, d/dvp sees val
 
             (_, metrics), (p_grads, v_grads) = jax.value_and_grad(joint, argnums=(0, 1), has_aux=True)(
@@ -431,7 +460,7 @@ def make_update(
         )
         return state.replace(policy=new_policy, value=new_value, ema_params=ema), metrics
 
-    def update(state: PPOState, ro: Rollout, ptx_batch: dict | None):
+    def update(state: PPOState, ro: Rollout, ptx_batch: dict | None, policy_base=None, value_base=None):
         fields = ["sequences", "sequence_mask", "response_mask", "old_logprobs", "advantages"]
         fields += ["values", "returns"] if cfg.uses_critic else []
         fields += ["ref_logprobs"] if cfg.kl_in_loss else []
@@ -444,7 +473,8 @@ def make_update(
             ptx = None
             if ptx_batch is not None:  # [E * n_mb * rows, T] -> this epoch's [n_mb, rows, T]
                 ptx = jax.tree.map(lambda x: x.reshape(cfg.ppo_epochs, n_mb, -1, *x.shape[1:])[epoch_idx], ptx_batch)
-            return jax.lax.scan(minibatch_step, state, (shuffled, ptx))
+            step = functools.partial(minibatch_step, policy_base=policy_base, value_base=value_base)
+            return jax.lax.scan(step, state, (shuffled, ptx))
 
         state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.ppo_epochs))
         flags = {k: v.reshape(-1) for k, v in metrics.items() if k.startswith("finite/")}  # [E * n_mb] each
@@ -473,7 +503,7 @@ def make_iteration(
     (``optim.skip_nonfinite``); the metrics name the first quantity that was not finite.
     """
     rollout_fn = make_rollout(cfg, policy, value, rm, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    reward, _ = as_reward(rm)
+    reward, bare = as_reward(rm)
     update_fn = make_update(cfg, policy, value, policy_opt, value_opt)
 
     def iteration(state: PPOState, batch: dict, ref_params: Any, rm_params: Any):
@@ -481,7 +511,8 @@ def make_iteration(
         ptx = None
         if "ptx_input_ids" in batch:
             ptx = {k[len("ptx_") :]: v for k, v in batch.items() if k.startswith("ptx_")}
-        new_state, metrics = update_fn(state, ro, ptx)
+        first_rm = rm_params if bare else rm_params[0]  # a LoRA value network's base
+        new_state, metrics = update_fn(state, ro, ptx, ref_params, first_rm)
 
         mask = ro.response_mask
         seq_kl = jnp.sum(ro.kl * mask, axis=1)  # [B] KL(pi || pi_ref) of each episode (k-estimator sums)

@@ -24,7 +24,7 @@ import optax
 
 from rlhf_jax import losses, ops, rl
 from rlhf_jax.config import RewardHyperparams
-from rlhf_jax.models import CausalLM
+from rlhf_jax.models import CausalLM, lora
 from rlhf_jax.optim import TrainState, all_finite, gradient_step
 from rlhf_jax.sampling import GenerationOutput, generate
 
@@ -58,10 +58,14 @@ def reward_objective(model: CausalLM, params: Any, batch: dict, hparams: RewardH
 def make_train_step(
     model: CausalLM, optimizer: optax.GradientTransformation, hparams: RewardHyperparams = RewardHyperparams()
 ) -> Callable:
-    """``step(state, batch) -> (state, metrics)``; skipped when the scores, loss or gradients are not finite."""
+    """``step(state, batch, base=None) -> (state, metrics)``; skipped when the scores, loss or
+    gradients are not finite. With LoRA, ``state.params`` is the trainable tree (adapters and the
+    score head) and ``base`` the frozen weights (``models.lora.with_base``)."""
 
-    def train_step(state: TrainState, batch: dict):
-        return gradient_step(state, lambda params: reward_objective(model, params, batch, hparams), optimizer)
+    def train_step(state: TrainState, batch: dict, base: Any = None):
+        return gradient_step(
+            state, lambda params: reward_objective(model, lora.with_base(base, params), batch, hparams), optimizer
+        )
 
     return train_step
 

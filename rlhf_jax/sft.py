@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses, ops
-from rlhf_jax.models import CausalLM
+from rlhf_jax.models import CausalLM, lora
 from rlhf_jax.models.lm_head import auto_chunk, token_stats
 from rlhf_jax.models.transformer import unembedding
 from rlhf_jax.optim import TrainState, gradient_step, logits_finite
@@ -77,16 +77,23 @@ def lm_objective(
 
 
 def make_train_step(model: CausalLM, optimizer: optax.GradientTransformation) -> Callable:
-    """``step(state, batch) -> (state, metrics)``; dropout is on when the model config has it.
+    """``step(state, batch, base=None) -> (state, metrics)``; dropout is on when the model config
+    has it (residual or LoRA dropout).
 
+    With LoRA (``model.config.lora``) ``state.params`` holds the trainable tree only and
+    ``base`` the frozen weights (``models.lora``): gradients and optimizer state are the adapters'.
     A step whose logits, loss or gradients are not finite is skipped (``optim.gradient_step``).
     """
-    use_dropout = model.config.dropout > 0
+    lora_cfg = model.config.lora
+    use_dropout = model.config.dropout > 0 or (lora_cfg is not None and lora_cfg.dropout > 0)
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, base: Any = None):
         key = state.key() if use_dropout else None
 
-        return gradient_step(state, lambda params: lm_objective(model, params, batch, dropout_key=key), optimizer)
+        def loss_fn(params):
+            return lm_objective(model, lora.with_base(base, params), batch, dropout_key=key)
+
+        return gradient_step(state, loss_fn, optimizer)
 
     return train_step
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import optax
 
 from rlhf_jax import checkpoint, data, sharding
-from rlhf_jax.config import RunConfig
-from rlhf_jax.models import CausalLM
+from rlhf_jax.config import LoRAConfig, RunConfig
+from rlhf_jax.models import CausalLM, lora
 from rlhf_jax.models.params import init_params
 from rlhf_jax.optim import TrainState, init_train_state
 
@@ -25,13 +27,50 @@ def load_stage_model(
     return model, params, tokenizer
 
 
+def boxed_trainable(model: CausalLM) -> Any:
+    """The boxed (logically annotated) tree of what ``model`` trains: every param, or with LoRA
+    the adapters and score head only (``models.lora.split``). Traced under ``jax.eval_shape``."""
+    boxed = init_params(model, boxed=True)
+    return boxed if model.config.lora is None else lora.split(boxed)[1]
+
+
+def with_lora(model: CausalLM, lora_cfg: LoRAConfig) -> CausalLM:
+    """``model`` with adapters when ``lora_cfg.rank > 0``, else unchanged."""
+    return model.clone(config=model.config.replace(lora=lora_cfg)) if lora_cfg.enabled else model
+
+
+def split_for_training(model: CausalLM, params: Any, mesh, seed: int = 0) -> tuple[Any, tuple]:
+    """(the params the optimizer trains, the step's frozen arguments) of loaded ``params``.
+
+    Full fine-tuning: ``(params, ())``. LoRA (``model.config.lora``): fresh adapters plus the
+    score head, if any (``models.lora.trainable_init``), and ``(base,)``: the loaded weights,
+    placed once by their logical axes and passed to every step, never donated or checkpointed.
+    """
+    if model.config.lora is None:
+        return params, ()
+    base_model = lora.without_lora(model)
+    base = {k: v for k, v in params.items() if k not in lora.TRAINABLE_HEADS}
+    base_sh = sharding.param_shardings(lambda: lora.split(init_params(base_model, boxed=True))[0], mesh)
+    return lora.trainable_init(model, params, seed), (jax.device_put(base, base_sh),)
+
+
+def lora_record(lora_cfg: LoRAConfig, base_source: str, base_head: str, which: str) -> dict:
+    """What model.json says about a LoRA run (``checkpoint.load_model`` merges from it): the
+    adapters' config and where the frozen base comes from. Empty for full fine-tuning."""
+    if not lora_cfg.enabled:
+        return {}
+    base = {"source": str(Path(base_source).absolute()), "head": base_head, "which": which}
+    return {"lora": {**dataclasses.asdict(lora_cfg), "base": base}}
+
+
 def sharded_train_state(
     model: CausalLM, params: Any, optimizer: optax.GradientTransformation, seed: int, mesh
 ) -> tuple[TrainState, Any]:
-    """A TrainState for ``params`` placed by the model's logical axes (optimizer moments included)."""
+    """A TrainState for ``params`` placed by the model's logical axes (optimizer moments included);
+    with LoRA, ``params`` is the trainable tree (``split_for_training``)."""
     return sharding.shard_state(
         lambda p: init_train_state(p, optimizer, seed),
-        lambda: init_train_state(init_params(model, boxed=True), optimizer, seed),
+        lambda: init_train_state(boxed_trainable(model), optimizer, seed),
         params,
         mesh,
     )

@@ -1,7 +1,8 @@
 """``rlhf-jax ppo``: load the SFT policy and the reward model, build the PPO stage, train.
 
 The policy and the KL reference both start from ``--policy``; the value network starts
-from the (first) reward model (its own copy of the params, as in InstructGPT), or is a head
+from the (first) reward model (its own copy of the params, as in InstructGPT; with
+``--lora.rank`` adapters on the RM's params, shared with the reward), or is a head
 on the policy backbone with ``value_head="shared"``; critic-free estimators (grpo, dr_grpo,
 rloo, reinforce_pp) build none. The score is the weighted sum of every ``--reward`` model
 and ``--rule-reward`` function (``rewards.RewardSum``). The run directory's model.json points
@@ -23,9 +24,9 @@ import numpy as np
 
 from rlhf_jax import checkpoint, data, ppo, rl, sharding, train_loop
 from rlhf_jax.config import PPOConfig
-from rlhf_jax.drivers.common import load_stage_model, shaped
+from rlhf_jax.drivers.common import boxed_trainable, load_stage_model, lora_record, shaped, with_lora
 from rlhf_jax.drivers.scoring import bind_sample_and_score, decode_rows
-from rlhf_jax.models import CausalLM
+from rlhf_jax.models import CausalLM, lora
 from rlhf_jax.models.params import init_params
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.reward import score_sequences
@@ -55,7 +56,8 @@ def build_networks(cfg: PPOConfig) -> dict[str, Any]:
     rules = [load_rule(spec) for spec in cfg.rule_reward]
     names = [Path(path).name or "rm" for path in cfg.reward] + [spec.partition(":")[2] for spec in cfg.rule_reward]
     reward = RewardSum(models=tuple(rms), rules=tuple(rules), weights=cfg.weights, names=tuple(names))
-    ref_params = policy_params
+    ref_params = policy_params  # with LoRA also the policy's frozen base: one copy
+    policy = with_lora(policy, cfg.lora)
     value_model, value_params = None, None
     if not cfg.hparams.uses_critic:
         pass  # critic-free: no value network at all
@@ -63,8 +65,13 @@ def build_networks(cfg: PPOConfig) -> dict[str, Any]:
         policy = policy.clone(head="lm+scalar")
         policy_params = {**policy_params, "score": init_params(policy)["score"]}
     else:
-        value_model = CausalLM(rms[0].config.replace(remat=run.remat), head="scalar")
-        value_params = jax.tree.map(jnp.copy, rm_params[0])
+        value_model = with_lora(CausalLM(rms[0].config.replace(remat=run.remat), head="scalar"), cfg.lora)
+        if cfg.lora.enabled:  # adapters + a copy of the RM's score head; the base is the RM's own params
+            value_params = lora.trainable_init(value_model, rm_params[0], run.seed + 1)
+        else:
+            value_params = jax.tree.map(jnp.copy, rm_params[0])
+    if cfg.lora.enabled:  # the policy trains adapters (and a shared value head) only
+        policy_params = lora.trainable_init(policy, policy_params, run.seed)
     return dict(
         policy=policy,
         policy_params=policy_params,
@@ -92,7 +99,9 @@ def normalized_reward_params(cfg: PPOConfig, nets: dict, prompts: Any) -> tuple:
     n = min(hp.batch_size, len(prompts))
     ids, mask = jnp.asarray(prompts.arrays["input_ids"][:n]), jnp.asarray(prompts.arrays["attention_mask"][:n])
     sample = jax.jit(
-        bind_sample_and_score(nets["policy"].clone(head="lm"), reward.models[0], hp.max_new_tokens, hp.temperature, tok)
+        bind_sample_and_score(
+            ppo.reference_model(nets["policy"]), reward.models[0], hp.max_new_tokens, hp.temperature, tok
+        )
     )
     ref = {k: v for k, v in nets["ref_params"].items() if k != "score"}
     gen, first = sample(ref, nets["reward_params"][0], ids, mask, jax.random.key(cfg.run.seed + 3))
@@ -116,14 +125,18 @@ def normalized_reward_params(cfg: PPOConfig, nets: dict, prompts: Any) -> tuple:
 
 
 def make_evaluate(
-    cfg: PPOConfig, nets: dict, val: Any, reward_params: tuple, out: Path, gold_fn: Callable | None
+    cfg: PPOConfig, nets: dict, val: Any, frozen: tuple, out: Path, gold_fn: Callable | None
 ) -> Callable[[Any], dict]:
     """Greedy samples of the EMA policy on validation prompts: score, length, gold score, a few samples.
+
+    ``frozen``: the iteration's (reference params, reward params); with LoRA the EMA adapters
+    are joined with the reference params, the policy's base.
 
     ``val/rm_score`` is the weighted sum of the rewards (no EOS penalty); with several rewards,
     each one's mean is ``val/scores/<name>``.
     """
     tok, reward = nets["tokenizer"], nets["reward"]
+    ref_params, reward_params = frozen
     n = min(cfg.eval_prompts, len(val))
     val_ids, val_mask = jnp.asarray(val.arrays["input_ids"][:n]), jnp.asarray(val.arrays["attention_mask"][:n])
     sample = jax.jit(
@@ -142,7 +155,7 @@ def make_evaluate(
     samples_path = out / "samples.jsonl"
 
     def evaluate(st) -> dict:
-        ema = {k: v for k, v in st.ema_params.items() if k != "score"}
+        ema = ppo.network_params(nets["policy"], {k: v for k, v in st.ema_params.items() if k != "score"}, ref_params)
         gen, scores = sample(ema, reward_params[0], val_ids, val_mask, jax.random.key(0))
         parts = {}
         if len(reward.names) > 1:
@@ -222,14 +235,14 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
     def init_state(policy_params, value_params):
         return ppo.init_ppo_state(policy_params, value_params, policy_opt, value_opt, kl_coef=hp.kl_coef, seed=run.seed)
 
-    def boxed_state():
-        boxed_value = None if value_model is None else init_params(value_model, boxed=True)
-        return init_state(init_params(policy, boxed=True), boxed_value)
+    def boxed_state():  # with LoRA: the trainable trees only
+        boxed_value = None if value_model is None else boxed_trainable(value_model)
+        return init_state(boxed_trainable(policy), boxed_value)
 
     state, shardings = sharding.shard_state(
         lambda pv: init_state(*pv), boxed_state, (nets["policy_params"], nets["value_params"]), mesh
     )
-    ref_sh = sharding.param_shardings(lambda: init_params(policy.clone(head="lm"), boxed=True), mesh)
+    ref_sh = sharding.param_shardings(lambda: init_params(ppo.reference_model(policy), boxed=True), mesh)
     reward_params = tuple(
         jax.device_put(params, sharding.param_shardings(lambda m=m: init_params(m, boxed=True), mesh))
         for m, params in zip(nets["reward"].models, nets["reward_params"])
@@ -259,8 +272,14 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
             }
         return batch
 
-    evaluate = None if val is None else make_evaluate(cfg, nets, val, frozen[1], out, gold_fn)
-    checkpoint.write_model_info(out, policy.clone(head="lm"), tok, params_path=("ema_params",))
+    evaluate = None if val is None else make_evaluate(cfg, nets, val, frozen, out, gold_fn)
+    checkpoint.write_model_info(
+        out,
+        ppo.reference_model(policy),
+        tok,
+        params_path=("ema_params",),
+        extra=lora_record(cfg.lora, cfg.policy, "lm", "best"),
+    )
     stage = train_loop.Stage(
         name="ppo",
         state=state,

@@ -14,7 +14,17 @@ import numpy as np
 
 from rlhf_jax import checkpoint, data, reward, sharding, train_loop
 from rlhf_jax.config import RewardConfig
-from rlhf_jax.drivers.common import load_stage_model, model_inputs_only, shaped, sharded_train_state, weighted_eval
+from rlhf_jax.drivers.common import (
+    load_stage_model,
+    lora_record,
+    model_inputs_only,
+    shaped,
+    sharded_train_state,
+    split_for_training,
+    weighted_eval,
+    with_lora,
+)
+from rlhf_jax.models import lora
 from rlhf_jax.optim import TrainState, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,9 @@ def run_rm(cfg: RewardConfig) -> Path:
 
     mesh = sharding.make_mesh(run.mesh)
     optimizer = make_optimizer(cfg.optim, total)
+    model = with_lora(model, cfg.lora)
+    params, frozen = split_for_training(model, params, mesh, run.seed)  # LoRA: (adapters + score, (base,))
+    base = frozen[0] if frozen else None
     state, shardings = sharded_train_state(model, params, optimizer, run.seed, mesh)
     eval_fn = None
     if val is not None:
@@ -53,7 +66,7 @@ def run_rm(cfg: RewardConfig) -> Path:
         def eval_fn(st: TrainState) -> dict:
             metrics, pairs = weighted_eval(
                 eval_step,
-                st.params,
+                lora.with_base(base, st.params),
                 val,
                 batch_size=cfg.batch_size,
                 max_batches=run.eval_batches,
@@ -64,7 +77,9 @@ def run_rm(cfg: RewardConfig) -> Path:
             )
             return metrics | {"val/num_pairs": pairs}
 
-    checkpoint.write_model_info(out, model, tokenizer)
+    plain = lora.without_lora(model)
+    record = lora_record(cfg.lora, cfg.init, "scalar", "best")
+    checkpoint.write_model_info(out, plain, tokenizer, extra=record)
     stage = train_loop.Stage(
         name="rm",
         state=state,
@@ -73,6 +88,7 @@ def run_rm(cfg: RewardConfig) -> Path:
         next_batch=shaped(run, model_inputs_only(lambda: next(train_it), RANKING_INPUTS), *RANKING_BUCKETS),
         iterators={"train": train_it},
         total_steps=total,
+        frozen=frozen,
         evaluate=eval_fn,
         best_metric="val/accuracy" if eval_fn else None,
         best_mode="max",
@@ -89,7 +105,7 @@ def run_rm(cfg: RewardConfig) -> Path:
         best_model, best_params, _ = checkpoint.load_model(out, head="scalar")
         bias = reward.demonstration_bias(best_model, best_params, demo_ds)
         log.info("reward model: demonstrations scored mean %.4f; bias %.4f stored", -bias, bias)
-    checkpoint.write_model_info(out, model, tokenizer, extra={"reward_bias": bias})
+    checkpoint.write_model_info(out, plain, tokenizer, extra={"reward_bias": bias, **record})
     return out
 
 

@@ -14,9 +14,18 @@ import numpy as np
 
 from rlhf_jax import checkpoint, data, sft, sharding, train_loop
 from rlhf_jax.config import SFTConfig
-from rlhf_jax.drivers.common import load_stage_model, model_inputs_only, shaped, sharded_train_state, weighted_eval
+from rlhf_jax.drivers.common import (
+    load_stage_model,
+    lora_record,
+    model_inputs_only,
+    shaped,
+    sharded_train_state,
+    split_for_training,
+    weighted_eval,
+    with_lora,
+)
 from rlhf_jax.drivers.scoring import make_sample_scorer
-from rlhf_jax.models import CausalLM
+from rlhf_jax.models import CausalLM, lora
 from rlhf_jax.optim import TrainState, make_optimizer
 
 LM_INPUTS = ("input_ids", "attention_mask", "loss_mask")
@@ -71,6 +80,9 @@ def run_sft(cfg: SFTConfig) -> Path:
 
     mesh = sharding.make_mesh(run.mesh)
     optimizer = make_optimizer(cfg.optim, total)
+    model = with_lora(model, cfg.lora)
+    params, frozen = split_for_training(model, params, mesh, run.seed)  # LoRA: (adapters, (base,))
+    base = frozen[0] if frozen else None
     state, shardings = sharded_train_state(model, params, optimizer, run.seed, mesh)
 
     eval_fn = None
@@ -90,7 +102,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         def eval_fn(st: TrainState) -> dict:
             metrics, _ = weighted_eval(
                 eval_step,
-                st.params,
+                lora.with_base(base, st.params),
                 val,
                 batch_size=cfg.batch_size,
                 max_batches=run.eval_batches,
@@ -100,10 +112,15 @@ def run_sft(cfg: SFTConfig) -> Path:
                 names={"loss": "val/loss", "accuracy": "val/accuracy"},
             )
             if scorer is not None:
-                metrics["val/rm_score"] = scorer(st.params)
+                metrics["val/rm_score"] = scorer(lora.with_base(base, st.params))
             return metrics
 
-    checkpoint.write_model_info(out, CausalLM(model.config.replace(dropout=0.0, remat=False)), tokenizer)
+    checkpoint.write_model_info(
+        out,
+        CausalLM(model.config.replace(dropout=0.0, remat=False, lora=None)),
+        tokenizer,
+        extra=lora_record(cfg.lora, cfg.init, "lm", "latest"),
+    )
     stage = train_loop.Stage(
         name=cfg.mode,
         state=state,
@@ -112,6 +129,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         next_batch=shaped(run, model_inputs_only(mixed_batches(train_it, ptx_it), LM_INPUTS), *LM_BUCKETS),
         iterators=iterators,
         total_steps=total,
+        frozen=frozen,
         evaluate=eval_fn,
         best_metric=best_metric,
         best_mode=best_mode,
