@@ -31,6 +31,34 @@ CFG = ModelConfig(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_device_and_compilation_cache(tmp_path_factory):
+    """As tests/test_resume.py: runs on one device with a persistent compilation cache (the
+    repeated PPO compiles of the resume test become cache hits); the old settings come back."""
+    import functools
+
+    from jax._src import compilation_cache as cc
+
+    from rlhf_jax import sharding
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(sharding, "make_mesh", functools.partial(sharding.make_mesh, devices=jax.devices()[:1]))
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {n: getattr(jax.config, n) for n in names}
+    for n, v in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)):
+        jax.config.update(n, v)
+    cc.reset_cache()
+    yield
+    patch.undo()
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
 def _perturbed(trainable: dict, scale: float = 0.05) -> dict:
     """Adapters with a non-zero B (a fresh adapter is an exact no-op)."""
     leaves, tree = jax.tree.flatten(trainable)
@@ -127,7 +155,7 @@ def _ppo_cfg(world, out: Path, policy: Path, reward: Path, **run_changes) -> PPO
         reward=str(reward),
         out=str(out),
         ptx_data=str(world.files["text"]),
-        max_steps=3,
+        max_steps=2,
         max_prompt_len=8,
         ptx_seq_len=12,
         run=_run_cfg(**run_changes),
@@ -141,7 +169,7 @@ def _ppo_cfg(world, out: Path, policy: Path, reward: Path, **run_changes) -> PPO
 def sft_run(world, tmp_path_factory):
     """LoRA SFT on the HF base: only the adapters train."""
     out = tmp_path_factory.mktemp("lora_sft") / "sft"
-    return run_sft(F.sft_config(world, out, max_steps=3, batch_size=8, run=_run_cfg(), lora=LORA))
+    return run_sft(F.sft_config(world, out, max_steps=2, batch_size=8, run=_run_cfg(), lora=LORA))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +202,7 @@ def test_ppo_lora_resume_is_exact_and_checkpoints_hold_only_what_changes(world, 
     run_ppo(_ppo_cfg(world, resumed, sft_run, rm_run))
     a, meta_a, step_a = F.read_checkpoint(straight)
     b, meta_b, step_b = F.read_checkpoint(resumed)
-    assert step_a == step_b == 3
+    assert step_a == step_b == 2
     F.assert_trees_equal(a, b)
     assert meta_a["iterators"] == meta_b["iterators"]
     assert F.train_losses(straight) == F.train_losses(resumed)
