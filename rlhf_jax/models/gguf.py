@@ -308,7 +308,8 @@ def _convert_into(src: Path, tmp: Path, dtype: str) -> dict:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    with _no_init_weights():  # every weight is overwritten below: skip the random init (~10 s at 262k vocab)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     state = {k: v.to(torch_dtype) for k, v in loaded.state_dict().items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
@@ -337,6 +338,15 @@ def _convert_into(src: Path, tmp: Path, dtype: str) -> dict:
     }
 
 
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (moved in transformers 5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 @contextlib.contextmanager
 def _parse_gguf_once():
     """Within the block, transformers parses each GGUF file once instead of three times.
@@ -346,7 +356,9 @@ def _parse_gguf_once():
     weights and the tokenizer, and rebuilds ``gguf.get_tensor_name_map`` for every
     submodule (~400 times, ~13 s). Both are looked up on the ``gguf`` module at call time,
     so memoising them here cuts a conversion from about a minute to about 25 s. The readers
-    are read-only memory maps; the originals are restored on exit.
+    are read-only memory maps; the originals are restored on exit. The reader parses over a
+    plain ndarray view of its memory map (:func:`_plain_reader`): 3-4x faster on large
+    vocabularies (Gemma 3's 262k tokens: 24 s -> 7 s).
     """
     import gguf
 
@@ -356,7 +368,7 @@ def _parse_gguf_once():
     def reader(path, mode="r"):
         key = (os.path.realpath(path), mode)
         if key not in readers:
-            readers[key] = reader_cls(path, mode)
+            readers[key] = _plain_reader(reader_cls)(path, mode)
         return readers[key]
 
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
@@ -364,6 +376,26 @@ def _parse_gguf_once():
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+
+
+@functools.cache
+def _plain_reader(reader_cls: type) -> type:
+    """``reader_cls`` (gguf.GGUFReader) reading through a plain ndarray view of its np.memmap.
+
+    The reader slices its data once per metadata value (three times per token of a 262k
+    vocabulary); slicing an np.memmap goes through Python-level ``__getitem__`` and
+    ``__array_finalize__``, a plain ndarray view of the same pages does not. Same bytes,
+    same fields and tensors.
+    """
+    import numpy as np
+
+    class _PlainReader(reader_cls):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            if type(self.data) is not np.ndarray:
+                self.data = self.data.view(np.ndarray)  # keeps the memmap (and its mmap) alive as .base
+            return super()._get(offset, dtype, count, override_order)
+
+    return _PlainReader
 
 
 def _file_type(src: Path) -> str:

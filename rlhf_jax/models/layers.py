@@ -172,7 +172,9 @@ def rotary(x: Array, positions: Array, *, rotary_dim: int, theta: Array | float,
       [B, T, H, Dh] in x's dtype.
     """
     exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim  # [R/2]
-    inv_freq = 1.0 / (jnp.asarray(theta, jnp.float32) ** exponents) / factor  # [R/2]
+    # HF rounds pow, then the reciprocal; XLA would fold 1 / pow(a, b) into pow(a, -b), one ulp off in
+    # a third of the frequencies, which Gemma 3's large activations turned into 3e-3 logit differences.
+    inv_freq = 1.0 / jax.lax.optimization_barrier(jnp.asarray(theta, jnp.float32) ** exponents) / factor  # [R/2]
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, R]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
