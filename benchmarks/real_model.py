@@ -20,7 +20,9 @@ that peak memory and compile time belong to that entry alone):
 * ``sft``: one SFT step, batch 8, with DEFAULT flags. rlhf_jax: ``sft.make_train_step`` with
   ``SFTConfig``'s defaults (AdamW lr 1e-5 cosine, clip 1.0, dropout 0) on batches made the way
   ``drivers/sft.py`` makes them: ``data.tokenize_demonstrations`` at the default ``seq_len`` 512,
-  cut by ``data.trim_batch`` to the bucket length (64 or 128 here). Peer: TRL's SFTTrainer with its
+  then the default ``--run.pad-to pack``: the 8 examples packed whole (segment ids) into as few
+  rows of their bucket length as fit (``data.pack_batch``; ``bucket`` would cut 8 rows to 64
+  or 128 here). Peer: TRL's SFTTrainer with its
   defaults (conversational prompt/completion rows: loss on the completion, padding to the longest
   row of the batch) except fp32 and no logging / saving. Both sides take the same rows in file
   order (``shuffle=False`` / a sequential sampler). Rate: REAL (non-pad) tokens / s over the timed steps.
@@ -241,7 +243,8 @@ def _train_steps(step_fn, state, shardings, batches: list[dict], mesh, *, warmup
 def jax_sft(a: argparse.Namespace, paths: dict) -> dict:
     from rlhf_jax import data, sft
     from rlhf_jax.config import SFTConfig
-    from rlhf_jax.drivers.common import load_stage_model, sharded_train_state
+    from rlhf_jax.drivers.common import load_stage_model, model_inputs_only, shaped, sharded_train_state
+    from rlhf_jax.drivers.sft import LM_BUCKETS, LM_INPUTS, LM_PACK
     from rlhf_jax.optim import make_optimizer
 
     cfg = SFTConfig(data=paths["demos"], init=a.model_dir, out="unused", batch_size=SFT_BATCH)
@@ -251,11 +254,9 @@ def jax_sft(a: argparse.Namespace, paths: dict) -> dict:
     recs, _ = data.load_records(paths["demos"], "demonstrations")
     ds = data.tokenize_demonstrations(recs, tok, seq_len=cfg.seq_len, prompt_loss=cfg.prompt_loss)
     it = data.BatchIterator(ds.arrays, batch_size=SFT_BATCH, seed=cfg.run.seed, shuffle=False)
-    keys = ("input_ids", "attention_mask", "loss_mask")  # drivers/sft.py's LM_INPUTS, cut as its LM_BUCKETS
-    batches = []
-    for _ in range(a.warmup + a.repeats):
-        b = {k: v for k, v in next(it).items() if k in keys}
-        batches.append(data.trim_batch(b, keys=keys, mask_key="attention_mask", left=False))
+    # made as drivers/sft.py makes them: its LM_INPUTS, packed (run.pad_to "pack", the default) or cut to buckets
+    next_batch = shaped(cfg.run, model_inputs_only(lambda: next(it), LM_INPUTS), *LM_BUCKETS, pack=LM_PACK)
+    batches = [next_batch() for _ in range(a.warmup + a.repeats)]
     mesh = _mesh()
     optimizer = make_optimizer(cfg.optim, 1000)
     state, shardings = sharded_train_state(model, params, optimizer, cfg.run.seed, mesh)
@@ -267,7 +268,8 @@ def jax_sft(a: argparse.Namespace, paths: dict) -> dict:
     return {"impl": "rlhf_jax sft.make_train_step (SFTConfig defaults, seq_len 512 cut to buckets)",
             "step_s": _stats(r["times"]), "tokens_per_s": real / sum(r["times"]), "padded_tokens_per_s": padded / sum(r["times"]),
             "real_tokens_per_step": real / len(timed), "padded_tokens_per_step": padded / len(timed),
-            "bucket_lengths": sorted({b["input_ids"].shape[1] for b in batches}), "first_step_s": r["first_step_s"],
+            "batch_shapes": sorted({b["input_ids"].shape for b in batches}), "pad_to": cfg.run.pad_to,
+            "first_step_s": r["first_step_s"],
             "compile_s": r["compile_s"], "compiled_shapes": r["shapes"], "model_load_s": load_s,
             "peak_rss_before_first_step_mb": r["peak_rss_before_first_step_mb"], "xla_memory": r["xla_memory"],
             "rss_after_load_mb": loaded["vmrss_mb"], "loss": r["last_metrics"].get("loss"),

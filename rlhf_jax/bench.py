@@ -25,7 +25,7 @@ import numpy as np
 
 from rlhf_jax import reward, sft, sharding
 from rlhf_jax.bench_report import format_row, write_outputs
-from rlhf_jax.config import DType, MeshConfig, ModelConfig, OptimConfig, PPOHyperparams
+from rlhf_jax.config import DType, MeshConfig, ModelConfig, OptimConfig, PPOHyperparams, Remat
 from rlhf_jax.drivers.common import sharded_train_state
 from rlhf_jax.mfu import peak_flops, ppo_flops, stats, train_flops
 from rlhf_jax.models import CausalLM
@@ -109,7 +109,7 @@ class BenchArgs:
     stages: tuple[Stage, ...] = ("sft", "rm", "ppo")
     out: str = "bench_out"  # directory for results.json, results.md, results.png
     dtype: DType = "float32"  # compute dtype ("bfloat16" on accelerators); parameters and losses stay float32
-    remat: bool = False  # rematerialise every block in the backward pass
+    remat: Remat = "dots"  # what each block keeps for the backward pass (RunConfig.remat's default)
     batch_size: int = 8  # SFT rows; RM prompts = batch_size // 2 (K responses each); PPO episodes = 2 x batch_size
     seq_len: int = 128  # SFT and RM sequence length; PPO prompt and response = seq_len // 2 each
     rm_k: int = 4  # responses ranked per prompt (C(K,2) comparisons from K forward passes)

@@ -21,7 +21,7 @@ def markdown_table(result: dict) -> str:
     lines = [
         (
             f"Device: {result['num_devices']} x {result['device']} ({result['platform']}), compute {result['dtype']}"
-            f"{', remat' if result['remat'] else ''}; peak {result['peak_flops'] / 1e12:.3g} TFLOP/s "
+            f", remat {result['remat']}; peak {result['peak_flops'] / 1e12:.3g} TFLOP/s "
             f"({result['peak_source']})."
         ),
         "",

@@ -13,6 +13,18 @@ from typing import Literal
 
 Family = Literal["gpt2", "llama", "neox", "gemma3"]
 DType = Literal["float32", "bfloat16", "float16"]
+# What a block keeps for its backward pass: "none" everything; "dots" only its matmul outputs
+# (the elementwise ops and the attention softmax are recomputed); "full" only its input.
+Remat = Literal["none", "dots", "full"]
+
+
+def _remat_value(value) -> str:
+    """``remat`` as one of :data:`Remat`; the former booleans (model.json, Python callers) map
+    True -> "full", False -> "none"."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    _check(value in ("none", "dots", "full"), f"remat must be 'none', 'dots' or 'full', got {value!r}")
+    return value
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -112,13 +124,14 @@ class ModelConfig:
     dropout: float = 0.0  # residual and embedding dropout; off by default
     dtype: DType = "float32"  # compute dtype of matmuls and activations
     param_dtype: DType = "float32"
-    remat: bool = False  # rematerialise each block in the backward pass
+    remat: Remat = "none"  # what each block keeps for the backward pass (see Remat)
     hf_model_type: str | None = None  # e.g. "qwen2": which HF config class to export to
     # Adapters on the dense projections (models.layers.Linear); set by a stage's driver from its
     # run config's ``lora``, never stored in model.json (a run's model is exported merged).
     lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "remat", _remat_value(self.remat))
         if isinstance(self.lora, dict):  # from JSON
             object.__setattr__(self, "lora", LoRAConfig(**self.lora))
         if self.lora is not None and not self.lora.enabled:
@@ -314,10 +327,14 @@ class RunConfig:
     dedup_prefix_chars: int | None = None  # drop a row whose prompt starts like an earlier row's (this many chars)
     max_prompts_per_user: int | None = None  # keep at most this many rows per user id (InstructGPT: 200)
     dtype: DType = "float32"  # compute dtype (params stay float32)
-    # "bucket": each batch is cut to the next bucket length above its longest row (16, 32, ... 512,
-    # then multiples of 256; the configured lengths are caps); "max": every batch at the configured length
-    pad_to: Literal["bucket", "max"] = "bucket"
-    remat: bool = False
+    # "pack": SFT / pretraining rows are packed, whole, into fewer rows of a bucket length (segment ids
+    # keep the examples apart), everything else as "bucket"; "bucket": each batch is cut to the next
+    # bucket length above its longest row (16, 32, ... 512, then multiples of 256; the configured lengths
+    # are caps); "max": every batch at the configured length
+    pad_to: Literal["pack", "bucket", "max"] = "pack"
+    # What each block keeps for the backward pass of a training step (README, "Memory"): "dots"
+    # keeps matmul outputs and recomputes the elementwise ops; "full" keeps block inputs only
+    remat: Remat = "dots"
     progress: bool = True
     # End this invocation once the step counter reaches this value (a checkpoint is saved there);
     # the schedule still spans the stage's total steps, so a later run resumes exactly. None: run to the end.
@@ -334,6 +351,7 @@ class RunConfig:
     trace_data: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "remat", _remat_value(self.remat))
         _check(self.stop_at_step is None or self.stop_at_step > 0, "RunConfig.stop_at_step must be > 0 or None")
         _check(self.max_consecutive_skips >= 1, "RunConfig.max_consecutive_skips must be >= 1")
         for name in ("log_every", "eval_every", "save_every", "eval_batches"):

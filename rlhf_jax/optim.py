@@ -194,11 +194,22 @@ def skip_nonfinite(new_state: Any, old_state: Any, metrics: dict) -> tuple[Any, 
       old_state: the state before it (same structure).
       metrics: the step's metrics with boolean scalar ``finite/<name>`` entries.
     """
+    finite, out = nonfinite_metrics(metrics)
+    return select_state(finite, new_state, old_state), out
+
+
+def select_state(take: jax.Array, new_state: Any, old_state: Any) -> Any:
+    """``new_state`` where the bool scalar ``take`` is True, else ``old_state``, leaf by leaf (bitwise)."""
+    return jax.tree.map(lambda new, old: jnp.where(take, new, old), new_state, old_state)
+
+
+def nonfinite_metrics(metrics: dict) -> tuple[jax.Array, dict]:
+    """(all ``finite/<name>`` flags True, ``metrics`` with the flags turned into
+    ``nonfinite/<name>`` and ``nonfinite/skipped``, 1.0 where non-finite / skipped)."""
     flags = {k[len("finite/") :]: v for k, v in metrics.items() if k.startswith("finite/")}
     out = {k: v for k, v in metrics.items() if not k.startswith("finite/")}
     finite = jnp.stack([jnp.asarray(v, bool) for v in flags.values()]).all() if flags else jnp.asarray(True)
-    state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
     for name, ok in flags.items():
         out[f"nonfinite/{name}"] = 1.0 - jnp.asarray(ok, jnp.float32)
     out["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
-    return state, out
+    return finite, out

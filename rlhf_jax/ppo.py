@@ -42,9 +42,14 @@ frozen base is ``ref_params``, so the reference log-probs are the base model's, 
 plain model (``reference_model``). A LoRA value network trains adapters and its score head on
 the first reward model's params. Gradients and optimizer state exist for the trainable trees only.
 
-Non-finite values: an iteration whose RM scores (``reward``), log-probs (``logits``),
-advantages or returns, losses or gradients are not all finite is skipped as a whole
-(``optim.skip_nonfinite``): the state comes back bitwise, iteration counter included.
+Non-finite values: an iteration whose rollout has non-finite RM scores (``reward``),
+log-probs (``logits``), advantages or returns changes nothing: the state comes back bitwise,
+iteration counter included. A minibatch whose losses or gradients are not all finite stops
+the update there: its optimizer step and every later one of the iteration are skipped, the
+earlier ones stand, and neither the KL coefficient nor the iteration counter moves. The choice is made inside the
+minibatch scan, step by step, so that XLA updates the state in place: skipping the whole
+iteration would keep a second copy of every parameter, moment and EMA alive (3.6 GB for
+SmolLM2-135M's policy and value network).
 """
 
 from __future__ import annotations
@@ -69,8 +74,9 @@ from rlhf_jax.optim import (
     apply_gradients,
     blame_first_nonfinite,
     init_train_state,
+    nonfinite_metrics,
     norm_finite,
-    skip_nonfinite,
+    select_state,
 )
 from rlhf_jax.rewards import RewardSum
 from rlhf_jax.sampling import generate
@@ -420,11 +426,20 @@ def make_update(
     epochs x minibatches scans. The bases (LoRA's frozen weights; None for full fine-tuning)
     are joined with the trainable trees the gradients are taken with respect to.
 
+    ``proceed`` (bool scalar, default True): False skips every optimizer step (a non-finite
+    rollout). Otherwise the first minibatch with a non-finite loss or gradient and every later
+    one are skipped (``optim.select_state`` inside the scan, so the state is updated in place).
+
     Metrics are means over the minibatches, except the ``finite/*`` flags: those of the first
-    minibatch with a non-finite quantity (later minibatches inherit its NaNs through the params,
-    so they do not count), all True when every minibatch was finite.
+    minibatch with a non-finite quantity, all True when every minibatch was finite.
     """
     n_mb, mb_size = cfg.num_minibatches, cfg.minibatch_size
+
+    def guarded_step(carry, xs, policy_base, value_base):
+        state, proceed = carry
+        new_state, metrics = minibatch_step(state, xs, policy_base, value_base)
+        take = proceed & jnp.stack([jnp.asarray(v, bool) for k, v in metrics.items() if k.startswith("finite/")]).all()
+        return (select_state(take, new_state, state), take), metrics
 
     def minibatch_step(state: PPOState, xs, policy_base, value_base):
         mb, ptx = xs
@@ -460,23 +475,23 @@ def make_update(
         )
         return state.replace(policy=new_policy, value=new_value, ema_params=ema), metrics
 
-    def update(state: PPOState, ro: Rollout, ptx_batch: dict | None, policy_base=None, value_base=None):
+    def update(state: PPOState, ro: Rollout, ptx_batch: dict | None, policy_base=None, value_base=None, proceed=True):
         fields = ["sequences", "sequence_mask", "response_mask", "old_logprobs", "advantages"]
         fields += ["values", "returns"] if cfg.uses_critic else []
         fields += ["ref_logprobs"] if cfg.kl_in_loss else []
         data = {k: getattr(ro, k) for k in fields}
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.iteration + (1 << 30))
 
-        def epoch(state, epoch_idx):
+        def epoch(carry, epoch_idx):
             perm = jax.random.permutation(jax.random.fold_in(key, epoch_idx), cfg.batch_size)
             shuffled = jax.tree.map(lambda x: x[perm].reshape(n_mb, mb_size, *x.shape[1:]), data)
             ptx = None
             if ptx_batch is not None:  # [E * n_mb * rows, T] -> this epoch's [n_mb, rows, T]
                 ptx = jax.tree.map(lambda x: x.reshape(cfg.ppo_epochs, n_mb, -1, *x.shape[1:])[epoch_idx], ptx_batch)
-            step = functools.partial(minibatch_step, policy_base=policy_base, value_base=value_base)
-            return jax.lax.scan(step, state, (shuffled, ptx))
+            step = functools.partial(guarded_step, policy_base=policy_base, value_base=value_base)
+            return jax.lax.scan(step, carry, (shuffled, ptx))
 
-        state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.ppo_epochs))
+        (state, _), metrics = jax.lax.scan(epoch, (state, jnp.asarray(proceed)), jnp.arange(cfg.ppo_epochs))
         flags = {k: v.reshape(-1) for k, v in metrics.items() if k.startswith("finite/")}  # [E * n_mb] each
         out = {k: jnp.mean(v) for k, v in metrics.items() if not k.startswith("finite/")}
         return state, out | blame_first_nonfinite(flags)
@@ -499,8 +514,9 @@ def make_iteration(
 
     ``batch``: ``prompt_ids``/``prompt_mask`` [N, P] (N = batch_size / group_size); with ptx also ``ptx_input_ids``,
     ``ptx_attention_mask``, ``ptx_loss_mask`` [E * n_minibatches * rows, T]. An iteration with
-    a non-finite score, log-prob, advantage, loss or gradient returns ``state`` bitwise
-    (``optim.skip_nonfinite``); the metrics name the first quantity that was not finite.
+    a non-finite score, log-prob or advantage returns ``state`` bitwise; a non-finite loss or
+    gradient skips that minibatch's step and the later ones (see the module docstring); the
+    metrics name the first quantity that was not finite.
     """
     rollout_fn = make_rollout(cfg, policy, value, rm, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     reward, bare = as_reward(rm)
@@ -512,7 +528,14 @@ def make_iteration(
         if "ptx_input_ids" in batch:
             ptx = {k[len("ptx_") :]: v for k, v in batch.items() if k.startswith("ptx_")}
         first_rm = rm_params if bare else rm_params[0]  # a LoRA value network's base
-        new_state, metrics = update_fn(state, ro, ptx, ref_params, first_rm)
+        # The rollout's checks come first; the update's are blamed only when the rollout was finite.
+        rollout = {
+            "reward": all_finite((ro.scores, ro.score_components)),
+            "logits": all_finite((ro.old_logprobs, ro.ref_logprobs)),
+            "advantages": all_finite((ro.advantages, ro.returns)),
+        }
+        rollout_ok = jnp.stack(list(rollout.values())).all()
+        new_state, metrics = update_fn(state, ro, ptx, ref_params, first_rm, proceed=rollout_ok)
 
         mask = ro.response_mask
         seq_kl = jnp.sum(ro.kl * mask, axis=1)  # [B] KL(pi || pi_ref) of each episode (k-estimator sums)
@@ -539,18 +562,18 @@ def make_iteration(
                 returns_var + 1e-8
             )
             metrics["val/mean"] = ops.masked_mean(ro.values, mask)
-        new_state = new_state.replace(kl_coef=kl_coef, iteration=state.iteration + 1)
-        # The rollout's checks come first; the update's are blamed only when the rollout was finite.
-        rollout = {
-            "reward": all_finite((ro.scores, ro.score_components)),
-            "logits": all_finite((ro.old_logprobs, ro.ref_logprobs)),
-            "advantages": all_finite((ro.advantages, ro.returns)),
-        }
         update = {k[len("finite/") :]: metrics.pop(k) for k in list(metrics) if k.startswith("finite/")}
         names = list(dict.fromkeys([*rollout, *update]))
         true = jnp.asarray(True)
         in_order = {f"finite/{n}": jnp.stack([rollout.get(n, true), update.get(n, true)]) for n in names}  # [2] each
-        return skip_nonfinite(new_state, state, metrics | blame_first_nonfinite(in_order))
+        finite, metrics = nonfinite_metrics(metrics | blame_first_nonfinite(in_order))
+        # The update skipped its own non-finite steps in place; the counters follow the iteration's
+        # verdict (a non-finite rollout leaves new_state == state bitwise).
+        new_state = new_state.replace(
+            kl_coef=jnp.where(finite, kl_coef, state.kl_coef),
+            iteration=jnp.where(finite, state.iteration + 1, state.iteration),
+        )
+        return new_state, metrics
 
     return iteration
 

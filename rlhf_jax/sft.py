@@ -35,7 +35,8 @@ def lm_objective(
 
     Args:
       model, params: the LM (an LM head; ``lm+scalar`` too).
-      batch: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, T].
+      batch: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, T]; packed rows
+        (``data.pack_batch``) also carry ``segment_ids`` and ``position_ids`` [B, T].
       dropout_key: enables dropout when given.
       chunk: positions per LM-head chunk (``models.lm_head.token_stats``: the logits of a
         large vocabulary are never all in memory); ``"auto"`` chunks only when the [B, T, V]
@@ -54,6 +55,8 @@ def lm_objective(
         {"params": params},
         ids,
         attention_mask=batch["attention_mask"],
+        segment_ids=batch.get("segment_ids"),
+        position_ids=batch.get("position_ids"),
         deterministic=dropout_key is None,
         rngs=rngs,
         head_slice=(0, t - 1),

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_jax.data import bucket_length, trim_batch
+from rlhf_jax.data import bucket_length, pack_batch, trim_batch
 
 
 def naive_bucket(longest: int, cap: int) -> int:
@@ -65,3 +65,90 @@ def test_trim_at_the_cap_returns_the_batch_itself():
     empty = {"input_ids": np.zeros((2, 40), np.int32), "attention_mask": np.zeros((2, 40), np.int32)}
     out = trim_batch(empty, keys=("input_ids", "attention_mask"), mask_key="attention_mask", left=True)
     assert out["input_ids"].shape == (2, 16)
+
+
+# ----------------------------------------------------------------------------- packing
+LM_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+def _lm_rows(lengths, cap, seed=0):
+    rng = np.random.default_rng(seed)
+    n = len(lengths)
+    mask = (np.arange(cap)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)  # [B, T] right-padded
+    ids = rng.integers(3, 50, (n, cap)).astype(np.int32) * mask
+    loss = mask * (rng.random((n, cap)) < 0.7)  # some prompt tokens carry no loss
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss.astype(np.int32)}
+
+
+@given(st.lists(st.integers(0, 60), min_size=1, max_size=12), st.sampled_from([1, 2, 4]))
+@settings(max_examples=200, deadline=None)
+def test_pack_keeps_every_example_whole_and_apart(lengths, multiple):
+    cap = 64
+    lengths = lengths + [0] * (-len(lengths) % multiple)  # the batch splits over the shards
+    batch = _lm_rows(lengths, cap)
+    out = pack_batch(batch, keys=LM_KEYS, mask_key="attention_mask", row_multiple=multiple)
+    rows, length = out["input_ids"].shape
+    assert length == bucket_length(max(max(lengths), 1), cap)
+    assert rows % multiple == 0 and rows <= len(lengths)
+    found = []  # every (row, segment) slice of the packed batch is one input example, whole
+    for r in range(rows):
+        seg, pos = out["segment_ids"][r], out["position_ids"][r]
+        real = out["attention_mask"][r] > 0
+        assert np.array_equal(seg > 0, real)
+        for s in np.unique(seg[seg > 0]):
+            cols = np.flatnonzero(seg == s)
+            assert np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols)))  # contiguous
+            assert np.array_equal(pos[cols], np.arange(len(cols)))  # positions restart
+            found.append((out["input_ids"][r, cols], out["loss_mask"][r, cols]))
+    examples = [i for i, n in enumerate(lengths) if n > 0]
+    assert len(found) == len(examples)
+    for i in examples:  # matched by content; the first token's loss flag is cleared
+        n = lengths[i]
+        hits = [lm for ids, lm in found if len(ids) == n and np.array_equal(ids, batch["input_ids"][i, :n])]
+        assert any(np.array_equal(lm[1:], batch["loss_mask"][i, 1:n]) and lm[0] == 0 for lm in hits)
+
+
+def test_pack_refuses_what_it_cannot_pack():
+    batch = _lm_rows([5, 3], 16)
+    with pytest.raises(ValueError, match="not per-token"):
+        pack_batch({**batch, "weights": np.ones(2)}, keys=LM_KEYS, mask_key="attention_mask")
+    batch["attention_mask"][1, :2] = 0  # left padding
+    with pytest.raises(ValueError, match="row 1 is not right-padded"):
+        pack_batch(batch, keys=LM_KEYS, mask_key="attention_mask")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2-banded"])
+def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(family):
+    """The SFT objective of a packed batch equals that of the same examples one per row
+    (float reassociation only): segments never see each other, positions restart, and
+    windows (GPT-3's banded layers) count positions inside a segment."""
+    import jax
+
+    from rlhf_jax.config import ModelConfig
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.params import init_params
+    from rlhf_jax.sft import lm_objective
+
+    common = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+    if family == "llama":
+        cfg = ModelConfig(family="llama", activation="silu", num_kv_heads=1, **common)
+    else:
+        cfg = ModelConfig(
+            family="gpt2",
+            layer_types=("full_attention", "sliding_attention"),
+            sliding_window=4,
+            max_position_embeddings=64,
+            **common,
+        )
+    model = CausalLM(cfg)
+    params = init_params(model, jax.random.key(0))
+    batch = _lm_rows([9, 30, 4, 17, 12, 6, 1, 22], 32, seed=1)
+    packed = pack_batch(batch, keys=LM_KEYS, mask_key="attention_mask")
+    assert packed["input_ids"].shape[0] < 8  # it did pack
+    grad = jax.jit(jax.value_and_grad(lambda p, b: lm_objective(model, p, b, chunk=None), has_aux=True))
+    (loss, metrics), g = grad(params, batch)
+    (ploss, pmetrics), pg = grad(params, packed)
+    assert float(metrics["num_tokens"]) == float(pmetrics["num_tokens"])
+    np.testing.assert_allclose(float(ploss), float(loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(pg), jax.tree.leaves(g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -125,10 +125,11 @@ def test_remat_and_dropout_paths(name):
         return model.apply({"params": p}, ids, attention_mask=mask).logits.sum()
 
     plain = jax.value_and_grad(lambda p: loss(CausalLM(cfg), p))(params)
-    remat = jax.value_and_grad(lambda p: loss(CausalLM(cfg.replace(remat=True)), p))(params)
-    np.testing.assert_allclose(remat[0], plain[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1])):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    for policy in ("dots", "full", True):  # True: the former boolean spelling of "full"
+        remat = jax.value_and_grad(lambda p, policy=policy: loss(CausalLM(cfg.replace(remat=policy)), p))(params)
+        np.testing.assert_allclose(remat[0], plain[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1])):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     # dropout: different layers draw different masks, and it changes the output
     drop = CausalLM(cfg.replace(dropout=0.5, remat=True))
     out = drop.apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)}).logits

@@ -163,7 +163,9 @@ def _rm_setup() -> SimpleNamespace:
 def _ppo_setup() -> SimpleNamespace:
     nets = T.nets.__wrapped__()
     # no EOS penalty: every episode's reward is the (poisoned) RM score, not only those that ended
-    cfg = T.ppo_config(ptx_coef=1.0, adaptive_kl=True, no_eos_penalty=None)
+    # one optimizer step per iteration: a non-finite gradient then skips the whole iteration (with
+    # several minibatches the steps before the first non-finite one stand: rlhf_jax.ppo's docstring)
+    cfg = T.ppo_config(ptx_coef=1.0, adaptive_kl=True, no_eos_penalty=None, minibatch_size=T.B, ppo_epochs=1)
     setup = T.PPOSetup(
         cfg,
         nets,

@@ -6,6 +6,12 @@ removes the all-pad columns down to :func:`bucket_length` of the batch's longest
 small set of lengths (16, 32, 64, ... 512, then multiples of 256, never above the cap), so
 each compiled step is traced once per bucket and reused. Only padding is removed: no real
 token is ever cut, and results change by float reassociation at most.
+
+:func:`pack_batch` goes further for LM rows (SFT, pretraining text): the batch's examples
+are packed, whole, into fewer rows of the bucket length, each row holding several examples
+told apart by ``segment_ids`` (attention stays inside a segment and positions restart, as
+in MaxText), so a batch of short chat rows computes on few pad tokens. The same examples
+make the same step; only the row layout changes.
 """
 
 from __future__ import annotations
@@ -73,3 +79,88 @@ def trim_batch(batch: dict, *, keys: Sequence[str], mask_key: str, left: bool) -
         return batch
     cut = (lambda a: a[..., cap - length :]) if left else (lambda a: a[..., :length])
     return {k: cut(v) if k in keys else v for k, v in batch.items()}
+
+
+def _next_row_count(rows: int, multiple: int, most: int) -> int:
+    """The smallest of ``multiple * 2**k`` >= ``rows``, at most ``most`` (few distinct shapes)."""
+    count = multiple
+    while count < rows:
+        count *= 2
+    return max(min(count, most), rows)
+
+
+def pack_batch(
+    batch: dict,
+    *,
+    keys: Sequence[str],
+    mask_key: str,
+    target_mask_key: str | None = "loss_mask",
+    row_multiple: int = 1,
+) -> dict:
+    """Right-padded rows, one example each, packed whole into fewer rows of a bucket length.
+
+    Examples are placed first-fit by decreasing length into rows of ``L = bucket_length``
+    of the longest example; the row count is ``row_multiple * 2**k`` (at most the input's
+    B), so that the rows still split evenly over the batch shards and few shapes compile.
+
+    Args:
+      batch: name -> [B, T] arrays, exactly ``keys``; row b's real tokens are its first
+        ``sum(batch[mask_key][b])`` columns.
+      keys: the per-token arrays to pack (``mask_key`` and ``target_mask_key`` among them).
+      mask_key: the attention mask [B, T].
+      target_mask_key: the loss mask; zeroed at each segment's first token, which must not
+        be predicted from the previous example's last token (None: there is none).
+      row_multiple: the packed row count is a multiple of this (the batch shards of this host).
+
+    Returns:
+      ``keys`` as [R, L] plus ``segment_ids`` [R, L] int32 (1, 2, ... per example in a row,
+      0 at padding) and ``position_ids`` [R, L] int32 (restarting at 0 in every segment).
+
+    Raises:
+      ValueError: a row is not right-padded, or ``batch`` holds arrays outside ``keys``.
+
+    >>> m = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]])
+    >>> out = pack_batch({"input_ids": m * [[5], [6], [7], [8]], "attention_mask": m},
+    ...                  keys=("input_ids", "attention_mask"), mask_key="attention_mask", target_mask_key=None)
+    >>> out["input_ids"].tolist(), out["segment_ids"].tolist(), out["position_ids"].tolist()
+    ([[5, 5, 5, 6], [7, 7, 8, 8]], [[1, 1, 1, 2], [1, 1, 2, 2]], [[0, 1, 2, 0], [0, 1, 0, 1]])
+    """
+    extra = sorted(set(batch) - set(keys))
+    if extra:
+        raise ValueError(f"pack_batch: arrays {extra} are not per-token arrays of the packed rows")
+    mask = np.asarray(batch[mask_key])
+    b, cap = mask.shape
+    lengths = mask.sum(axis=1).astype(np.int64)  # [B]
+    if np.any(mask != (np.arange(cap)[None, :] < lengths[:, None])):
+        bad = int(np.argmax(np.any(mask != (np.arange(cap)[None, :] < lengths[:, None]), axis=1)))
+        raise ValueError(f"pack_batch: row {bad} is not right-padded (its real tokens are not its first columns)")
+    length = bucket_length(_agree_across_hosts(max(int(lengths.max(initial=0)), 1)), cap)
+    bins: list[list[int]] = []  # example indices per packed row
+    room: list[int] = []
+    for i in sorted(range(b), key=lambda i: (-lengths[i], i)):  # first fit, decreasing length
+        if lengths[i] == 0:
+            continue
+        for r, free in enumerate(room):
+            if free >= lengths[i]:
+                bins[r].append(i)
+                room[r] -= int(lengths[i])
+                break
+        else:
+            bins.append([i])
+            room.append(length - int(lengths[i]))
+    rows = _next_row_count(_agree_across_hosts(max(len(bins), 1)), row_multiple, max(b, row_multiple))
+    out = {k: np.zeros((rows, length), np.asarray(batch[k]).dtype) for k in keys}
+    segment_ids = np.zeros((rows, length), np.int32)
+    position_ids = np.zeros((rows, length), np.int32)
+    for r, members in enumerate(bins):
+        start = 0
+        for segment, i in enumerate(members, start=1):
+            n = int(lengths[i])
+            for k in keys:
+                out[k][r, start : start + n] = np.asarray(batch[k])[i, :n]
+            segment_ids[r, start : start + n] = segment
+            position_ids[r, start : start + n] = np.arange(n)
+            if target_mask_key is not None:
+                out[target_mask_key][r, start] = 0
+            start += n
+    return {**out, "segment_ids": segment_ids, "position_ids": position_ids}

@@ -119,22 +119,41 @@ def weighted_eval(
     return {names[k]: v / max(total, 1.0) for k, v in sums.items()}, total
 
 
-def shaped(run: RunConfig, next_batch: Callable[[], dict], *groups: tuple) -> Callable[[], dict]:
-    """``next_batch`` cut to bucket lengths (``data.bucketed``) unless ``run.pad_to == "max"``.
+def shaped(
+    run: RunConfig,
+    next_batch: Callable[[], dict],
+    *groups: tuple,
+    pack: tuple | None = None,
+    row_multiple: int = 1,
+) -> Callable[[], dict]:
+    """``next_batch`` cut to bucket lengths (``data.trim_batch``) unless ``run.pad_to == "max"``.
 
-    Groups that name arrays the batch does not have (e.g. ptx rows in plain PPO) are skipped.
+    Groups (keys, mask_key, left) that name arrays the batch does not have (e.g. ptx rows in
+    plain PPO) are skipped. ``pack`` = (keys, mask_key, target_mask_key): with
+    ``run.pad_to == "pack"`` the batch (exactly those keys) is packed by ``data.pack_batch``
+    into a multiple of ``row_multiple`` rows instead of being trimmed.
     """
     if run.pad_to == "max":
         return next_batch
 
     def f() -> dict:
         batch = next_batch()
+        if pack is not None and run.pad_to == "pack":
+            keys, mask_key, target_mask_key = pack
+            return data.pack_batch(
+                batch, keys=keys, mask_key=mask_key, target_mask_key=target_mask_key, row_multiple=row_multiple
+            )
         for keys, mask_key, left in groups:
             if mask_key in batch:
                 batch = data.trim_batch(batch, keys=keys, mask_key=mask_key, left=left)
         return batch
 
     return f
+
+
+def batch_shards_per_host(mesh) -> int:
+    """Rows of a host's batch must split evenly over this many ('data' x 'fsdp') shards."""
+    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
 
 
 def model_inputs_only(next_batch: Callable[[], dict], keys: tuple[str, ...]) -> Callable[[], dict]:

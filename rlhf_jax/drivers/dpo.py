@@ -83,7 +83,7 @@ def cached_reference_logps(cfg: DPOConfig, model: CausalLM, params: Any, parts: 
     ref_params = jax.device_put(params, ref_sh)
     out = {
         name: reference_logps(
-            model, ref_params, ds.arrays, batch_size=cfg.batch_size, mesh=mesh, bucket=cfg.run.pad_to == "bucket"
+            model, ref_params, ds.arrays, batch_size=cfg.batch_size, mesh=mesh, bucket=cfg.run.pad_to != "max"
         )
         for name, ds in parts.items()
     }
@@ -168,10 +168,10 @@ def run_dpo(cfg: DPOConfig) -> Path:
                 batch_size=cfg.batch_size,
                 max_batches=run.eval_batches,
                 mesh=mesh,
-                bucket=run.pad_to == "bucket",
+                bucket=run.pad_to != "max",
             )
 
-    checkpoint.write_model_info(out, CausalLM(model.config.replace(dropout=0.0, remat=False)), tokenizer)
+    checkpoint.write_model_info(out, CausalLM(model.config.replace(dropout=0.0, remat="none")), tokenizer)
     stage = train_loop.Stage(
         name="dpo",
         state=state,

@@ -72,7 +72,7 @@ def run_rm(cfg: RewardConfig) -> Path:
                 max_batches=run.eval_batches,
                 mesh=mesh,
                 weight="num_pairs",
-                buckets=RANKING_BUCKETS if run.pad_to == "bucket" else (),
+                buckets=RANKING_BUCKETS if run.pad_to != "max" else (),
                 names={"ranking_loss": "val/loss", "accuracy": "val/accuracy"},
             )
             return metrics | {"val/num_pairs": pairs}

@@ -108,8 +108,8 @@ def run_sample(
     rm, rm_params, rm_tok = checkpoint.load_model(reward, head="scalar")
     if tok.get_vocab() != rm_tok.get_vocab():
         raise ValueError(f"--policy {policy} and --reward {reward} use different tokenizers")
-    model = CausalLM(model.config.replace(dropout=0.0, remat=False), head="lm")
-    rm = CausalLM(rm.config.replace(dropout=0.0, remat=False), head="scalar")
+    model = CausalLM(model.config.replace(dropout=0.0, remat="none"), head="lm")
+    rm = CausalLM(rm.config.replace(dropout=0.0, remat="none"), head="scalar")
 
     records, report = data.load_records(prompts, "prompts", on_error=on_error)
     if report.skipped:

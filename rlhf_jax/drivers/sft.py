@@ -15,6 +15,7 @@ import numpy as np
 from rlhf_jax import checkpoint, data, sft, sharding, train_loop
 from rlhf_jax.config import SFTConfig
 from rlhf_jax.drivers.common import (
+    batch_shards_per_host,
     load_stage_model,
     lora_record,
     model_inputs_only,
@@ -30,6 +31,7 @@ from rlhf_jax.optim import TrainState, make_optimizer
 
 LM_INPUTS = ("input_ids", "attention_mask", "loss_mask")
 LM_BUCKETS = ((LM_INPUTS, "attention_mask", False),)  # right-padded rows
+LM_PACK = (LM_INPUTS, "attention_mask", "loss_mask")  # data.pack_batch's (keys, mask, target mask)
 
 
 def mixed_batches(main: Any, ptx: Any | None) -> Callable[[], dict]:
@@ -108,7 +110,7 @@ def run_sft(cfg: SFTConfig) -> Path:
                 max_batches=run.eval_batches,
                 mesh=mesh,
                 weight="num_tokens",
-                buckets=LM_BUCKETS if run.pad_to == "bucket" else (),
+                buckets=LM_BUCKETS if run.pad_to != "max" else (),
                 names={"loss": "val/loss", "accuracy": "val/accuracy"},
             )
             if scorer is not None:
@@ -117,7 +119,7 @@ def run_sft(cfg: SFTConfig) -> Path:
 
     checkpoint.write_model_info(
         out,
-        CausalLM(model.config.replace(dropout=0.0, remat=False, lora=None)),
+        CausalLM(model.config.replace(dropout=0.0, remat="none", lora=None)),
         tokenizer,
         extra=lora_record(cfg.lora, cfg.init, "lm", "latest"),
     )
@@ -126,7 +128,13 @@ def run_sft(cfg: SFTConfig) -> Path:
         state=state,
         state_shardings=shardings,
         train_step=sft.make_train_step(model, optimizer),
-        next_batch=shaped(run, model_inputs_only(mixed_batches(train_it, ptx_it), LM_INPUTS), *LM_BUCKETS),
+        next_batch=shaped(
+            run,
+            model_inputs_only(mixed_batches(train_it, ptx_it), LM_INPUTS),
+            *LM_BUCKETS,
+            pack=LM_PACK,
+            row_multiple=batch_shards_per_host(mesh),
+        ),
         iterators=iterators,
         total_steps=total,
         frozen=frozen,

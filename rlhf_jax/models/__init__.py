@@ -9,6 +9,7 @@ from rlhf_jax.models.transformer import (
     init_cache,
     lm_logits,
     positions_from_mask,
+    positions_from_segments,
     stack_legacy_layers,
     unembedding,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "lm_logits",
     "load_tokenizer",
     "positions_from_mask",
+    "positions_from_segments",
     "resize_vocab",
     "save_pretrained",
     "stack_legacy_layers",

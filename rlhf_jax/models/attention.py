@@ -7,6 +7,8 @@ the RoPE base and linear scaling factor. Nothing branches on the layer index in 
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,25 +31,41 @@ def layer_specs(cfg: ModelConfig) -> dict[str, Array]:
     }
 
 
-def attention_masks(cfg: ModelConfig, positions: Array, key_mask: Array, query_slots: Array) -> dict[str, Array]:
+def attention_masks(
+    cfg: ModelConfig,
+    positions: Array,
+    key_mask: Array,
+    query_slots: Array,
+    *,
+    key_positions: Array | None = None,
+    segment_ids: Array | None = None,
+) -> dict[str, Array]:
     """What every layer's mask is made of, computed once outside the layer scan.
 
     Args:
       positions: [B, T] positions of the queries.
       key_mask: [B, S] 1 for slots holding a real token (S = T without a cache).
       query_slots: [T] the cache slot of each query.
+      key_positions: [B, S] positions of the keys; None = ``positions_from_mask(key_mask)``.
+      segment_ids: [B, T] (no cache, S == T): which packed example each token belongs to;
+        a query then sees only keys of its own segment (MaxText-style packing).
 
     Returns:
-      ``causal`` [B, T, S] bool: the key is real and not after the query (by cache slot);
-      ``distance`` [B, T, S] int32: query position - key position, where a layer has a
-      window (absent otherwise). A window counts token positions, not slots, so padding
-      between a prompt and its continuation never shrinks it.
+      ``causal`` [B, T, S] bool: the key is real, not after the query (by cache slot) and,
+      with ``segment_ids``, in the query's segment; ``distance`` [B, T, S] int32: query
+      position - key position, where a layer has a window (absent otherwise). A window
+      counts token positions, not slots, so padding between a prompt and its continuation
+      never shrinks it.
     """
     s = key_mask.shape[1]
     causal = jnp.arange(s)[None, :] <= query_slots[:, None]  # [T, S]
-    out = {"causal": causal[None] & (key_mask[:, None, :] > 0)}  # [B, T, S]
+    allowed = causal[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    out = {"causal": allowed}
     if any(cfg.layer_windows):
-        key_positions = positions_from_mask(key_mask)  # [B, S]
+        if key_positions is None:
+            key_positions = positions_from_mask(key_mask)  # [B, S]
         out["distance"] = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
     return out
 
@@ -100,18 +118,34 @@ class Attention(nn.Module):
         g = h // kv
         # queries of the G heads sharing a KV head stacked along rows: [B, Hkv, G*T, Dh]
         qg = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
-        scale = (cfg.query_pre_attn_scalar or dh) ** -0.5
-        scores = jnp.matmul(qg, k).astype(jnp.float32) * scale  # [B, Hkv, G*T, S]
-        scores = softcap(scores, cfg.attn_logit_softcap)
         allowed = masks["causal"]  # [B, T, S]
         if "distance" in masks:  # some layer has a window; this one's may be 0 (dense)
             window = layer["window"]
             allowed = allowed & ((window <= 0) | (masks["distance"] < window))
-        allowed = jnp.tile(allowed, (1, g, 1))[:, None]  # [B, 1, G*T, S], rows ordered (g, t)
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G*T, S]
-        out = jnp.matmul(probs, v)  # [B, Hkv, G*T, Dh]
+        scale = (cfg.query_pre_attn_scalar or dh) ** -0.5
+        out = _attend(qg, k, v, allowed, scale, cfg.attn_logit_softcap)  # [B, Hkv, G*T, Dh]
         out = out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)  # [B, T, H, Dh]
         out = constrain(out, ("batch", "length", "heads", "kv"))
         out = dense(cfg, x.shape[-1], ("heads", "kv", "embed"), use_bias=cfg.out_bias, name="o", in_dims=2)(out)
         return out, cache  # [B, T, D]
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4, 5))
+def _attend(qg: Array, k: Array, v: Array, allowed: Array, scale: float, cap: float | None) -> Array:
+    """softmax(q k^T * scale, masked) v of stacked query groups: [B, Hkv, G*T, Dh].
+
+    Args: qg [B, Hkv, G*T, Dh] (rows ordered (g, t)); k [B, Hkv, Dh, S]; v [B, Hkv, S, Dh];
+    allowed [B, T, S] bool.
+
+    Under ``jax.checkpoint``: the backward pass keeps q, k, v and recomputes the scores and
+    probabilities instead of holding [B, H, T, S] float32 per layer (at T = 512 the probs
+    of 30 layers alone would take 2.3 GB for 8 rows). The recomputed part is 2 of the
+    layer's ~14 matmul FLOPs per token at T = 512 and fewer at shorter T.
+    """
+    g = qg.shape[2] // allowed.shape[1]
+    scores = jnp.matmul(qg, k).astype(jnp.float32) * scale  # [B, Hkv, G*T, S]
+    scores = softcap(scores, cap)
+    mask = jnp.tile(allowed, (1, g, 1))[:, None]  # [B, 1, G*T, S], rows ordered (g, t)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G*T, S]
+    return jnp.matmul(probs, v)  # [B, Hkv, G*T, Dh]

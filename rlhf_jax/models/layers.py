@@ -53,6 +53,20 @@ def positions_from_mask(mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: Array) -> Array:
+    """Position ids [B, T] that restart at 0 where ``segment_ids`` [B, T] changes (packed rows).
+
+    >>> positions_from_segments(jnp.array([[1, 1, 1, 2, 2, 0]])).tolist()
+    [[0, 1, 2, 0, 1, 0]]
+    """
+    t = segment_ids.shape[-1]
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+
+
 def softcap(x: Array, cap: float | None) -> Array:
     """``cap * tanh(x / cap)`` (Gemma's logit soft-capping); identity when ``cap`` is None."""
     return x if cap is None else cap * jnp.tanh(x / cap)

@@ -30,7 +30,16 @@ import numpy as np
 
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.models.attention import Attention, attention_masks, layer_specs
-from rlhf_jax.models.layers import MLP, Norm, constrain, param_init, positions_from_mask, softcap, to_dtype
+from rlhf_jax.models.layers import (
+    MLP,
+    Norm,
+    constrain,
+    param_init,
+    positions_from_mask,
+    positions_from_segments,
+    softcap,
+    to_dtype,
+)
 
 Array = jax.Array
 __all__ = [
@@ -40,6 +49,7 @@ __all__ = [
     "init_cache",
     "lm_logits",
     "positions_from_mask",
+    "positions_from_segments",
     "stack_legacy_layers",
     "to_dtype",
     "unembedding",
@@ -185,6 +195,7 @@ class CausalLM(nn.Module):
         attention_mask: Array | None = None,
         *,
         position_ids: Array | None = None,
+        segment_ids: Array | None = None,
         cache: KVCache | None = None,
         deterministic: bool = True,
         head_slice: tuple[int, int] | None = None,
@@ -194,7 +205,10 @@ class CausalLM(nn.Module):
         """Args:
         input_ids: [B, T] int token ids.
         attention_mask: [B, T], 1 for real tokens (left or right padding); None = all real.
-        position_ids: [B, T]; derived from the mask (and the cache's mask) when None.
+        position_ids: [B, T]; derived from the mask (and the cache's mask), or from
+          ``segment_ids`` (restarting per segment), when None.
+        segment_ids: [B, T] int (no cache): several examples packed in one row, numbered
+          1, 2, ... (0 at padding); attention stays within a segment (``data.pack_batch``).
         cache: a KVCache; the T new tokens are written at slots cache.index .. +T.
         deterministic: False enables dropout (needs a 'dropout' rng).
         head_slice: static (start, stop): apply the head to positions start:stop only
@@ -213,13 +227,19 @@ class CausalLM(nn.Module):
         if cache is None:
             key_mask, query_slots, cache_index = attention_mask, jnp.arange(t), jnp.zeros((), jnp.int32)
             if position_ids is None:
-                position_ids = positions_from_mask(attention_mask)
+                position_ids = (
+                    positions_from_mask(attention_mask) if segment_ids is None else positions_from_segments(segment_ids)
+                )
+            key_positions = position_ids
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed rows) cannot be used with a KV cache")
             cache_index = cache.index
             key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache_index))  # [B, S]
             query_slots = cache_index + jnp.arange(t)
             if position_ids is None:
                 position_ids = jax.lax.dynamic_slice_in_dim(positions_from_mask(key_mask), cache_index, t, axis=1)
+            key_positions = None  # positions_from_mask(key_mask), where a window needs them
 
         embed = nn.Embed(
             cfg.vocab_size,
@@ -245,7 +265,10 @@ class CausalLM(nn.Module):
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
         x = constrain(x, ("batch", "length", "act_embed"))
 
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        block = Block
+        if cfg.remat != "none":  # "dots": keep the matmul outputs; "full": keep the block's input only
+            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+            block = nn.remat(Block, prevent_cse=False, policy=policy)
         stack = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -254,7 +277,9 @@ class CausalLM(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        masks = attention_masks(cfg, position_ids, key_mask, query_slots)
+        masks = attention_masks(
+            cfg, position_ids, key_mask, query_slots, key_positions=key_positions, segment_ids=segment_ids
+        )
         kv = None if cache is None else (cache.keys, cache.values)
         (x, kv), _ = stack(cfg, deterministic=deterministic, name="layers")(
             (x, kv), layer_specs(cfg), position_ids, masks, cache_index
