@@ -11,6 +11,9 @@ Stages (each an ordinary rlhf_jax run directory under ``--out``):
      over-optimisation curve), each from ``sft`` against ``rm``;
   7. evaluation on held-out users' prompts with the gold preference, the held-out
      pretraining loss, and ``report.md`` with plots.
+
+:func:`prepare` runs stages 1-5 alone and :func:`ppo_config` gives the demo's PPO run, for
+other experiments from the same SFT model and RM (``experiments/compare_methods.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -112,20 +116,74 @@ def _run(**kw) -> RunConfig:
     return RunConfig(**{"log_every": 10, "eval_every": 50, "save_every": 1000, "keep_last": 1, **kw})
 
 
-def run_demo(cfg: DemoConfig) -> Path:
-    """Run every stage (skipping finished ones when re-run); returns the report path."""
+def sample_groups(
+    policy, params, tok, texts: list[str], ks, seed: int, *, max_new_tokens: int
+) -> tuple[list[list[str]], list[list[bool]], list[int]]:
+    """K samples per prompt (``ks[i]`` for prompt i, temperature 1) as (response texts without
+    EOS, whether each ended with EOS, the indices of the prompts kept: those with >= 2 texts)."""
+    groups: list[list[str]] = [[] for _ in texts]
+    ended: list[list[bool]] = [[] for _ in texts]
+    for j in range(int(max(ks))):
+        outs = evaluate.sample_responses(
+            policy,
+            params,
+            tok,
+            texts,
+            key=jax.random.key(seed + j),
+            max_prompt_len=32,
+            max_new_tokens=max_new_tokens,
+        )
+        for g, e, k, o in zip(groups, ended, ks, outs):
+            text, has_eos = evaluate.strip_eos(o, tok.eos_token)
+            if len(g) < k and text:
+                g.append(text)
+                e.append(has_eos)
+    keep = [i for i, g in enumerate(groups) if len(g) >= 2]
+    return [groups[i] for i in keep], [ended[i] for i in keep], keep
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the demo's stages 1-5 leave: the world, its files and user split, SFT and RM.
+
+    ``rng`` is the demo's generator after drawing the rankings' K (its evaluation goes on
+    drawing from it); ``base_big`` / ``sft_big`` are None when prepared without them.
+    """
+
+    world: World
+    tokenizer: Any
+    files: dict[str, Path]
+    train_prompts: list[dict]
+    val_prompts: list[dict]
+    test_prompts: list[dict]
+    base: Path
+    sft: Path
+    rankings: Path
+    rm: Path
+    rng: np.random.Generator
+    base_big: Path | None = None
+    sft_big: Path | None = None
+
+
+def _timed(timings: dict[str, float], name: str, fn):
+    t0 = time.perf_counter()
+    result = fn()
+    timings[name] = time.perf_counter() - t0
+    log.info("demo: %s done in %.1f s", name, timings[name])
+    return result
+
+
+def prepare(cfg: DemoConfig, *, big: bool = True, timings: dict[str, float] | None = None) -> Prepared:
+    """Stages 1-5 of the demo (world, base, SFT, rankings, RM; with ``big`` also the 4x larger
+    base and SFT) under ``cfg.out``, skipping finished runs when re-run. ``timings`` collects
+    each stage's wall time. Other experiments on the built-in task start from here."""
     cfg = cfg.scaled()
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
+    timings = {} if timings is None else timings
 
     def stage(name: str, fn):
-        t0 = time.perf_counter()
-        result = fn()
-        timings[name] = time.perf_counter() - t0
-        log.info("demo: %s done in %.1f s", name, timings[name])
-        return result
+        return _timed(timings, name, fn)
 
     world = World(
         WorldConfig(
@@ -191,15 +249,19 @@ def run_demo(cfg: DemoConfig) -> Path:
         "".join(json.dumps(r) + "\n" for r in demo_rows if r["user_id"] not in test_users)
     )
 
-    def big(steps: int) -> int:
+    def scaled_steps(steps: int) -> int:
         return max(1, round(cfg.big_step_fraction * steps))
 
     base_dir = stage("pretrain", lambda: base("base", cfg.hidden_size, cfg.num_layers, cfg.pretrain_steps))
-    big_dir = stage(
-        "pretrain_big", lambda: base("base_big", 2 * cfg.hidden_size, 2 * cfg.num_layers, big(cfg.pretrain_steps))
-    )
+    big_dir = sft_big_dir = None
+    if big:
+        big_dir = stage(
+            "pretrain_big",
+            lambda: base("base_big", 2 * cfg.hidden_size, 2 * cfg.num_layers, scaled_steps(cfg.pretrain_steps)),
+        )
     sft_dir = stage("sft", lambda: sft("sft", base_dir, cfg.sft_steps))
-    sft_big_dir = stage("sft_big", lambda: sft("sft_big", big_dir, big(cfg.sft_steps)))
+    if big:
+        sft_big_dir = stage("sft_big", lambda: sft("sft_big", big_dir, scaled_steps(cfg.sft_steps)))
 
     # ---- rankings of the SFT model's own samples (K = 4..9), by simulated labelers
     policy, policy_params, _ = checkpoint.load_model(sft_dir)
@@ -207,31 +269,11 @@ def run_demo(cfg: DemoConfig) -> Path:
     rank_src = [r for r in train_p + val_p][: cfg.ranking_prompts]
     ks = rng.integers(4, 10, len(rank_src))
 
-    def sample_groups(texts: list[str], ks, seed: int) -> tuple[list[list[str]], list[list[bool]]]:
-        """K samples per prompt as (response text without EOS, whether it ended with EOS)."""
-        groups: list[list[str]] = [[] for _ in texts]
-        ended: list[list[bool]] = [[] for _ in texts]
-        for j in range(int(max(ks))):
-            outs = evaluate.sample_responses(
-                policy,
-                policy_params,
-                tok,
-                texts,
-                key=jax.random.key(seed + j),
-                max_prompt_len=32,
-                max_new_tokens=cfg.max_new_tokens,
-            )
-            for g, e, k, o in zip(groups, ended, ks, outs):
-                text, has_eos = evaluate.strip_eos(o, tok.eos_token)
-                if len(g) < k and text:
-                    g.append(text)
-                    e.append(has_eos)
-        keep = [i for i, g in enumerate(groups) if len(g) >= 2]
-        return [groups[i] for i in keep], [ended[i] for i in keep], keep
-
     def collect():
         texts = [r["prompt"] for r in rank_src]
-        groups, ended, keep = sample_groups(texts, ks, 100)
+        groups, ended, keep = sample_groups(
+            policy, policy_params, tok, texts, ks, 100, max_new_tokens=cfg.max_new_tokens
+        )
         recs = world.rankings(
             [texts[i] for i in keep], groups, [rank_src[i]["user_id"] for i in keep], seed=cfg.seed, ended=ended
         )
@@ -257,35 +299,74 @@ def run_demo(cfg: DemoConfig) -> Path:
             )
         ),
     )
+    return Prepared(
+        world=world,
+        tokenizer=tok,
+        files=files,
+        train_prompts=train_p,
+        val_prompts=val_p,
+        test_prompts=test_p,
+        base=base_dir,
+        sft=sft_dir,
+        rankings=rankings_path,
+        rm=rm_dir,
+        rng=rng,
+        base_big=big_dir,
+        sft_big=sft_big_dir,
+    )
+
+
+def ppo_config(cfg: DemoConfig, prep: Prepared, out: Path, *, ptx: bool, kl_coef: float = 0.1, **hparams) -> PPOConfig:
+    """The demo's PPO run from ``prep.sft`` against ``prep.rm`` (PPO-ptx with ``ptx``, gamma 27.8);
+    ``hparams`` override :class:`PPOHyperparams` fields (e.g. ``estimator``, ``group_size``)."""
+    cfg = cfg.scaled()
+    return PPOConfig(
+        prompts=str(prep.files["prompts"]),
+        policy=str(prep.sft),
+        reward=str(prep.rm),
+        out=str(out),
+        ptx_data=str(prep.files["pretrain"]) if ptx else None,
+        max_steps=cfg.ppo_steps,
+        max_prompt_len=32,
+        ptx_seq_len=64,
+        eval_prompts=64,
+        hparams=PPOHyperparams(
+            **{
+                "batch_size": 64,
+                "minibatch_size": 16,
+                "ppo_epochs": 1,
+                "max_new_tokens": cfg.max_new_tokens,
+                "kl_coef": kl_coef,
+                "ptx_rows": 8,
+                "ema_decay": cfg.ppo_ema_decay,
+                **hparams,
+            }
+        ),
+        optim=OptimConfig(
+            learning_rate=cfg.ppo_learning_rate, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1
+        ),
+        run=_run(seed=cfg.seed, eval_every=max(1, cfg.ppo_steps // 6), log_every=1, split_fractions=(0.8, 0.1, 0.1)),
+    )
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run every stage (skipping finished ones when re-run); returns the report path."""
+    cfg = cfg.scaled()
+    root = Path(cfg.out)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    def stage(name: str, fn):
+        return _timed(timings, name, fn)
+
+    prep = prepare(cfg, timings=timings)
+    world, tok, files, test_p, rng = prep.world, prep.tokenizer, prep.files, prep.test_prompts, prep.rng
+    sft_dir, sft_big_dir, rm_dir = prep.sft, prep.sft_big, prep.rm
+    policy, policy_params, _ = checkpoint.load_model(sft_dir)
 
     def ppo(name: str, *, ptx: bool, kl_coef: float = 0.1) -> Path:
         return run_ppo(
-            PPOConfig(
-                prompts=str(files["prompts"]),
-                policy=str(sft_dir),
-                reward=str(rm_dir),
-                out=str(root / name),
-                ptx_data=str(files["pretrain"]) if ptx else None,
-                max_steps=cfg.ppo_steps,
-                max_prompt_len=32,
-                ptx_seq_len=64,
-                eval_prompts=64,
-                hparams=PPOHyperparams(
-                    batch_size=64,
-                    minibatch_size=16,
-                    ppo_epochs=1,
-                    max_new_tokens=cfg.max_new_tokens,
-                    kl_coef=kl_coef,
-                    ptx_rows=8,
-                    ema_decay=cfg.ppo_ema_decay,
-                ),
-                optim=OptimConfig(
-                    learning_rate=cfg.ppo_learning_rate, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1
-                ),
-                run=_run(
-                    seed=cfg.seed, eval_every=max(1, cfg.ppo_steps // 6), log_every=1, split_fractions=(0.8, 0.1, 0.1)
-                ),
-            ),
+            ppo_config(cfg, prep, root / name, ptx=ptx, kl_coef=kl_coef),
             gold_fn=lambda ps, rs: [world.gold_score(p, r) for p, r in zip(ps, rs)],
         )
 
@@ -329,7 +410,9 @@ def run_demo(cfg: DemoConfig) -> Path:
             del v["responses"]
         # RM accuracy on held-out users' comparisons, against two labelers' agreement on the same pools
         held = [r["prompt"] for r in test_p][: cfg.eval_prompts]
-        groups, ended, keep = sample_groups(held, rng.integers(4, 10, len(held)), 500)
+        groups, ended, keep = sample_groups(
+            policy, policy_params, tok, held, rng.integers(4, 10, len(held)), 500, max_new_tokens=cfg.max_new_tokens
+        )
         held = [held[i] for i in keep]
         recs = world.rankings(held, groups, [None] * len(held), seed=cfg.seed + 2, ended=ended)
         results["rm_accuracy"] = rm_pair_accuracy(recs)
