@@ -377,9 +377,13 @@ def jax_ppo(a: argparse.Namespace, paths: dict, *, ptx: bool) -> dict:
     from rlhf_jax.optim import make_optimizer
     from rlhf_jax.ppo import init_ppo_state, make_iteration
 
+    from rlhf_jax.config import RunConfig
+
     t0 = time.perf_counter()
     policy, policy_params, tok = checkpoint.load_model(a.model_dir, head="lm")
     scalar, rm_params, _ = checkpoint.load_model(a.model_dir, head="scalar")
+    remat = RunConfig().remat  # as drivers/ppo.py builds the trained networks (the default --run.remat)
+    policy, scalar = (m.clone(config=m.config.replace(remat=remat)) for m in (policy, scalar))
     value_params = jax.tree.map(lambda x: np.array(x, copy=True), rm_params)
     load_s, loaded = time.perf_counter() - t0, rss_mb()
     host = _prompt_batch(tok, paths, PPO_EPISODES)
@@ -431,7 +435,7 @@ def jax_ppo(a: argparse.Namespace, paths: dict, *, ptx: bool) -> dict:
                 times.append(dt)
     s = _stats(times)
     m = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-    return {"impl": "rlhf_jax ppo.make_iteration" + (" with ptx" if ptx else ""), "iter_s": s,
+    return {"impl": "rlhf_jax ppo.make_iteration" + (" with ptx" if ptx else ""), "iter_s": s, "remat": remat,
             "episodes_per_s": PPO_EPISODES / s["median"], "prompt_len": p, "new": PPO_NEW,
             "ptx_rows": host["ptx_input_ids"].shape if ptx else None, "first_step_s": first, "compile_s": compile_s,
             "model_load_s": load_s, "rss_after_load_mb": loaded["vmrss_mb"],

@@ -81,12 +81,20 @@ def trim_batch(batch: dict, *, keys: Sequence[str], mask_key: str, left: bool) -
     return {k: cut(v) if k in keys else v for k, v in batch.items()}
 
 
-def _next_row_count(rows: int, multiple: int, most: int) -> int:
-    """The smallest of ``multiple * 2**k`` >= ``rows``, at most ``most`` (few distinct shapes)."""
-    count = multiple
-    while count < rows:
-        count *= 2
-    return max(min(count, most), rows)
+ROW_STEPS = 8  # packed row counts come in steps of an eighth of the batch: at most 8 shapes per length
+
+
+def packed_row_count(rows: int, multiple: int, batch: int) -> int:
+    """The rows a packed batch gets: ``rows`` rounded up to a step of ``batch / ROW_STEPS``
+    (itself a multiple of ``multiple``, the batch shards), at most ``batch``.
+
+    >>> [packed_row_count(r, 1, 8) for r in (1, 3, 5, 8)]
+    [1, 3, 5, 8]
+    >>> [packed_row_count(r, 8, 64) for r in (1, 9, 60)]
+    [8, 16, 64]
+    """
+    step = max(multiple, -(-batch // ROW_STEPS // multiple) * multiple)
+    return max(min(-(-rows // step) * step, max(batch, multiple)), rows)
 
 
 def pack_batch(
@@ -100,8 +108,9 @@ def pack_batch(
     """Right-padded rows, one example each, packed whole into fewer rows of a bucket length.
 
     Examples are placed first-fit by decreasing length into rows of ``L = bucket_length``
-    of the longest example; the row count is ``row_multiple * 2**k`` (at most the input's
-    B), so that the rows still split evenly over the batch shards and few shapes compile.
+    of the longest example; the row count is rounded up by :func:`packed_row_count` (a
+    multiple of ``row_multiple``, at most the input's B), so that the rows still split
+    evenly over the batch shards and at most ``ROW_STEPS`` row counts compile per length.
 
     Args:
       batch: name -> [B, T] arrays, exactly ``keys``; row b's real tokens are its first
@@ -148,7 +157,7 @@ def pack_batch(
         else:
             bins.append([i])
             room.append(length - int(lengths[i]))
-    rows = _next_row_count(_agree_across_hosts(max(len(bins), 1)), row_multiple, max(b, row_multiple))
+    rows = packed_row_count(_agree_across_hosts(max(len(bins), 1)), row_multiple, b)
     out = {k: np.zeros((rows, length), np.asarray(batch[k]).dtype) for k in keys}
     segment_ids = np.zeros((rows, length), np.int32)
     position_ids = np.zeros((rows, length), np.int32)
