@@ -373,11 +373,10 @@ def jax_ppo(a: argparse.Namespace, paths: dict, *, ptx: bool) -> dict:
     import numpy as np
 
     from rlhf_jax import bench, checkpoint, data, sharding
+    from rlhf_jax.config import RunConfig
     from rlhf_jax.models.params import init_params
     from rlhf_jax.optim import make_optimizer
     from rlhf_jax.ppo import init_ppo_state, make_iteration
-
-    from rlhf_jax.config import RunConfig
 
     t0 = time.perf_counter()
     policy, policy_params, tok = checkpoint.load_model(a.model_dir, head="lm")
