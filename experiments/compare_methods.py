@@ -140,44 +140,22 @@ def render_table(rows: list[dict]) -> str:
 
 
 def sample_with_tokens(model, params, tok, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64) -> dict:
-    """One temperature-1 response per prompt, exactly as ``evaluate.sample_responses`` draws them
-    (same key, batches and padding), with the tokens kept for the log-probs: ``texts`` (with
-    ``<eos>`` when emitted), ``seq`` / ``mask`` [N, P+R] (left-padded prompt + response), ``P``."""
+    """One temperature-1 response per prompt, exactly as the demo's evaluation draws them (same
+    key, batches and padding), with the tokens kept for the log-probs (``evaluate.sample_with_tokens``)."""
     import jax
-    import jax.numpy as jnp
 
-    from rlhf_jax import data
-    from rlhf_jax.sampling import generate
+    from rlhf_jax.tasks import evaluate
 
-    records = [{"prompt": p, "example_id": i, "user_id": None} for i, p in enumerate(prompts)]
-    ds = data.tokenize_prompts(records, tok, max_prompt_len=32)
-    if len(ds) != len(prompts):
-        raise ValueError(f"{len(prompts) - len(ds)} prompts do not fit max_prompt_len=32")
-    ids, mask = ds.arrays["input_ids"], ds.arrays["attention_mask"]
-    key = jax.random.key(EVAL_KEY)
-    texts, seqs, masks = [], [], []
-    for start in range(0, len(ids), batch_size):
-        chunk_ids, chunk_mask = ids[start : start + batch_size], mask[start : start + batch_size]
-        n = len(chunk_ids)
-        if n < batch_size:
-            chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[:1], batch_size - n, 0)])
-            chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[:1], batch_size - n, 0)])
-        gen = generate(
-            model,
-            params,
-            jnp.asarray(chunk_ids),
-            jnp.asarray(chunk_mask),
-            jax.random.fold_in(key, start),
-            max_new_tokens=max_new_tokens,
-            temperature=1.0,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        tokens, gmask = np.asarray(gen.tokens)[:n], np.asarray(gen.mask)[:n]
-        texts += [tok.decode(row[m > 0].tolist(), skip_special_tokens=False) for row, m in zip(tokens, gmask)]
-        seqs.append(np.concatenate([chunk_ids[:n], tokens], axis=1))
-        masks.append(np.concatenate([chunk_mask[:n].astype(np.int32), gmask.astype(np.int32)], axis=1))
-    return {"texts": texts, "seq": np.concatenate(seqs), "mask": np.concatenate(masks), "P": ids.shape[1]}
+    return evaluate.sample_with_tokens(
+        model,
+        params,
+        tok,
+        prompts,
+        key=jax.random.key(EVAL_KEY),
+        max_prompt_len=32,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
 
 
 def response_logps(model, params, seq: np.ndarray, mask: np.ndarray, prompt_len: int, batch_size: int = 64):

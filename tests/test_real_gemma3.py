@@ -47,7 +47,7 @@ from rlhf_jax.models.transformer import lm_logits, unembedding
 from rlhf_jax.sampling import generate
 from tests import hf_fixtures as H
 from tests import real_model_fixtures as R
-from tests.test_real_model import _torch_logits
+from tests.test_real_model import _torch_logits, assert_same_greedy
 
 VOCAB = 262_144
 WINDOW = 512
@@ -208,15 +208,7 @@ def _greedy_decoding_matches_transformers(jax_model, torch_model):
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         )
-    ref = ref[:, ids.shape[1] :].numpy()
-    answers = []
-    for b in range(len(ids)):
-        n = int(np.asarray(out.mask)[b].sum())  # up to and including EOS
-        ours = np.asarray(out.tokens)[b, :n].tolist()
-        theirs = ref[b].tolist()
-        theirs = theirs[: theirs.index(tok.eos_token_id) + 1] if tok.eos_token_id in theirs else theirs
-        assert ours == theirs, f"row {b}: rlhf_jax {tok.decode(ours)!r} != transformers {tok.decode(theirs)!r}"
-        answers.append(tok.decode(ours, skip_special_tokens=True))
+    answers = assert_same_greedy(out, ref[:, ids.shape[1] :].numpy(), tok)
     print("greedy continuations:", answers)
     # a base model continues the text: ' the capital of the country of France. ...', ' 100 degrees Celsius. ...'
     assert "France" in answers[0] and "100" in answers[1], answers

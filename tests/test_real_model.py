@@ -64,6 +64,20 @@ def torch_model(smollm2):
     return H.load_hf(smollm2)
 
 
+def assert_same_greedy(out, ref: np.ndarray, tok) -> list[str]:
+    """rlhf_jax's greedy tokens (``sampling.generate`` output) equal transformers' ``ref`` [B, R]
+    row by row, each up to and including its EOS; returns the decoded answers."""
+    answers = []
+    for b in range(len(ref)):
+        n = int(np.asarray(out.mask)[b].sum())  # up to and including EOS
+        ours = np.asarray(out.tokens)[b, :n].tolist()
+        theirs = ref[b].tolist()
+        theirs = theirs[: theirs.index(tok.eos_token_id) + 1] if tok.eos_token_id in theirs else theirs
+        assert ours == theirs, f"row {b}: rlhf_jax {tok.decode(ours)!r} != transformers {tok.decode(theirs)!r}"
+        answers.append(tok.decode(ours, skip_special_tokens=True))
+    return answers
+
+
 def _torch_logits(torch_model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     import torch
 
@@ -262,15 +276,7 @@ def test_logits_and_greedy_decoding_match_transformers(jax_model, torch_model):
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.eos_token_id,
         )
-    ref = ref[:, ids.shape[1] :].numpy()
-    answers = []
-    for b in range(len(ids)):
-        n = int(np.asarray(out.mask)[b].sum())  # up to and including EOS
-        ours = np.asarray(out.tokens)[b, :n].tolist()
-        theirs = ref[b].tolist()
-        theirs = theirs[: theirs.index(tok.eos_token_id) + 1] if tok.eos_token_id in theirs else theirs
-        assert ours == theirs, f"row {b}: rlhf_jax {tok.decode(ours)!r} != transformers {tok.decode(theirs)!r}"
-        answers.append(tok.decode(ours, skip_special_tokens=True))
+    answers = assert_same_greedy(out, ref[:, ids.shape[1] :].numpy(), tok)
     print("greedy answers:", answers)
     assert sum(map(len, answers)) > 40 and "Paris" in answers[0], answers
 

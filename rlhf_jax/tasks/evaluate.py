@@ -27,17 +27,49 @@ def sample_responses(
     temperature: float = 1.0,
     batch_size: int = 64,
 ) -> list[str]:
-    """One response per prompt, decoded with its ``<eos>`` when one was emitted.
+    """One response per prompt, decoded with its ``<eos>`` when one was emitted
+    (:func:`sample_with_tokens`' ``texts``)."""
+    return sample_with_tokens(
+        model,
+        params,
+        tokenizer,
+        prompts,
+        key=key,
+        max_prompt_len=max_prompt_len,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+    )["texts"]
+
+
+def sample_with_tokens(
+    model: CausalLM,
+    params: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    key: jax.Array,
+    max_prompt_len: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+) -> dict:
+    """One response per prompt, with its tokens.
 
     Prompts are batched at a fixed ``batch_size`` (the last batch is padded with copies),
     so generation compiles once. Prompts longer than ``max_prompt_len`` raise.
+
+    Returns:
+      ``texts``: the responses, with ``<eos>`` when one was emitted; ``seq`` / ``mask``
+      [N, P + R]: the left-padded prompt followed by the response; ``P``: the prompt width.
     """
     records = [{"prompt": p, "example_id": i, "user_id": None} for i, p in enumerate(prompts)]
     ds = data.tokenize_prompts(records, tokenizer, max_prompt_len=max_prompt_len)
     if len(ds) != len(prompts):
         raise ValueError(f"{len(prompts) - len(ds)} prompts do not fit max_prompt_len={max_prompt_len}")
     ids, mask = ds.arrays["input_ids"], ds.arrays["attention_mask"]
-    out: list[str] = []
+    texts: list[str] = []
+    seqs, masks = [], []
     for start in range(0, len(ids), batch_size):
         chunk_ids, chunk_mask = ids[start : start + batch_size], mask[start : start + batch_size]
         n = len(chunk_ids)
@@ -56,8 +88,10 @@ def sample_responses(
             pad_token_id=tokenizer.pad_token_id,
         )
         tokens, gmask = np.asarray(gen.tokens)[:n], np.asarray(gen.mask)[:n]
-        out += [tokenizer.decode(row[m > 0].tolist(), skip_special_tokens=False) for row, m in zip(tokens, gmask)]
-    return out
+        texts += [tokenizer.decode(row[m > 0].tolist(), skip_special_tokens=False) for row, m in zip(tokens, gmask)]
+        seqs.append(np.concatenate([chunk_ids[:n], tokens], axis=1))
+        masks.append(np.concatenate([chunk_mask[:n].astype(np.int32), gmask.astype(np.int32)], axis=1))
+    return {"texts": texts, "seq": np.concatenate(seqs), "mask": np.concatenate(masks), "P": ids.shape[1]}
 
 
 def strip_eos(response: str, eos_token: str) -> tuple[str, bool]:
