@@ -37,12 +37,18 @@ class LoRAConfig:
     QLoRA found adapting every linear layer matches full fine-tuning best; ``("q", "v")`` is
     the original paper's choice. ``dropout`` applies to an adapter's input where the stage
     trains with dropout (SFT); RL passes and reward-model steps run without dropout.
+
+    ``base_bits`` (QLoRA, Dettmers et al. 2023): the frozen base kernels of the ``targets``
+    are held quantized, None = float (plain LoRA), 8 = int8 with an absmax scale per output
+    channel, 4 = NF4 in blocks of 64 (``models.quant``); embeddings, norms and the LM head
+    stay float, and the adapters train in float32 as before.
     """
 
     rank: int = 0
     alpha: float = 16.0  # the adapter's update is scaled by alpha / rank
     dropout: float = 0.0
     targets: tuple[str, ...] = LORA_TARGETS
+    base_bits: int | None = None  # QLoRA: None (float base), 8 or 4
 
     def __post_init__(self) -> None:
         targets = self.targets
@@ -55,6 +61,14 @@ class LoRAConfig:
         bad = sorted(set(self.targets) - set(LORA_TARGETS))
         check(not bad, f"LoRAConfig.targets: unknown {bad}; choose from {', '.join(LORA_TARGETS)}")
         check(bool(self.targets) or self.rank == 0, "LoRAConfig.targets: at least one target when rank > 0")
+        check(
+            self.base_bits in (None, 8, 4),
+            f"LoRAConfig.base_bits must be None, 8 (int8) or 4 (NF4), got {self.base_bits}",
+        )
+        check(
+            self.base_bits is None or self.rank > 0,
+            f"LoRAConfig.base_bits={self.base_bits} quantizes the frozen base under LoRA adapters: set rank > 0 too",
+        )
 
     @property
     def enabled(self) -> bool:

@@ -12,7 +12,7 @@ import optax
 
 from rlhf_jax import checkpoint, data, sharding
 from rlhf_jax.config import LoRAConfig, RunConfig
-from rlhf_jax.models import CausalLM, lora
+from rlhf_jax.models import CausalLM, lora, quant
 from rlhf_jax.models.params import init_params
 from rlhf_jax.optim import TrainState, init_train_state
 
@@ -44,14 +44,16 @@ def split_for_training(model: CausalLM, params: Any, mesh, seed: int = 0) -> tup
 
     Full fine-tuning: ``(params, ())``. LoRA (``model.config.lora``): fresh adapters plus the
     score head, if any (``models.lora.trainable_init``), and ``(base,)``: the loaded weights,
-    placed once by their logical axes and passed to every step, never donated or checkpointed.
+    placed once by their logical axes and passed to every step, never donated or checkpointed;
+    QLoRA (``lora.base_bits``): the adapted kernels of the base quantized (``models.quant``).
     """
     if model.config.lora is None:
         return params, ()
     base_model = lora.without_lora(model)
-    base = {k: v for k, v in params.items() if k not in lora.TRAINABLE_HEADS}
+    trainable = lora.trainable_init(model, params, seed)
+    base = quant.quantize_base({k: v for k, v in params.items() if k not in lora.TRAINABLE_HEADS}, model.config.lora)
     base_sh = sharding.param_shardings(lambda: lora.split(init_params(base_model, boxed=True))[0], mesh)
-    return lora.trainable_init(model, params, seed), (jax.device_put(base, base_sh),)
+    return trainable, (jax.device_put(base, quant.quantize_shardings(base_sh, model.config.lora)),)
 
 
 def lora_record(lora_cfg: LoRAConfig, base_source: str, base_head: str, which: str) -> dict:

@@ -26,7 +26,7 @@ from rlhf_jax import checkpoint, data, ppo, rl, sharding, train_loop
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.drivers.common import boxed_trainable, load_stage_model, lora_record, shaped, with_lora
 from rlhf_jax.drivers.scoring import bind_sample_and_score, decode_rows
-from rlhf_jax.models import CausalLM, lora
+from rlhf_jax.models import CausalLM, lora, quant
 from rlhf_jax.models.params import init_params
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.reward import score_sequences
@@ -57,6 +57,7 @@ def build_networks(cfg: PPOConfig) -> dict[str, Any]:
     names = [Path(path).name or "rm" for path in cfg.reward] + [spec.partition(":")[2] for spec in cfg.rule_reward]
     reward = RewardSum(models=tuple(rms), rules=tuple(rules), weights=cfg.weights, names=tuple(names))
     ref_params = policy_params  # with LoRA also the policy's frozen base: one copy
+    ref_params = quant.quantize_base(ref_params, cfg.lora)  # QLoRA: the reference is the quantized base
     policy = with_lora(policy, cfg.lora)
     value_model, value_params = None, None
     if not cfg.hparams.uses_critic:
@@ -243,6 +244,7 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
         lambda pv: init_state(*pv), boxed_state, (nets["policy_params"], nets["value_params"]), mesh
     )
     ref_sh = sharding.param_shardings(lambda: init_params(ppo.reference_model(policy), boxed=True), mesh)
+    ref_sh = quant.quantize_shardings(ref_sh, cfg.lora)
     reward_params = tuple(
         jax.device_put(params, sharding.param_shardings(lambda m=m: init_params(m, boxed=True), mesh))
         for m, params in zip(nets["reward"].models, nets["reward_params"])

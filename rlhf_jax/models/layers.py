@@ -13,7 +13,7 @@ stacked adapters under the layer scan, but (i) its float32 adapters promote a bf
 output to float32 and the layer scan rejects the carry, (ii) its adapter dropout is always on
 (every apply, evaluation and RL scoring included, needs a 'dropout' rng), and (iii) the
 adapters of multi-axis kernels get logical names guessed from flattened shapes. Twenty lines
-here avoid all three.
+here avoid all three. QLoRA's quantized base (``LoRAConfig.base_bits``) is ``models.quant``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import ModelConfig
+from rlhf_jax.models.quant import QUANT_LEAVES, qmatmul
 
 Array = jax.Array
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -105,6 +106,10 @@ class Norm(nn.Module):
 class Linear(nn.Module):
     """y = x W (+ b), contracting the last ``in_dims`` axes of x; W [*in_shape, *features].
 
+    W is the ``kernel`` param, or, in a QLoRA base tree, the quantized leaves that
+    ``models.quant.quantize_base`` put in its place (found by name whatever the config says, so
+    the adapter-free reference model applies to the same quantized tree).
+
     (Flax's DenseGeneral reshapes a flat kernel inside its initialiser, which breaks
     logical-partitioning constraints of multi-axis kernels under a mesh context.)"""
 
@@ -118,20 +123,24 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         in_shape = x.shape[x.ndim - self.in_dims :]
-        kernel = self.param(
-            "kernel",
-            param_init(nn.initializers.normal(0.02), self.axes),
-            (*in_shape, *self.features),
-            to_dtype(cfg.param_dtype),
-        )
         dtype = to_dtype(cfg.dtype)
         lead = x.shape[: x.ndim - self.in_dims]
         # One 2-D product [N, K] @ [K, M]: its gradients are 2-D products too, which XLA's
         # CPU matmul runs at full speed; dot_general over [B, T, ...] gives gradients that
         # contract two axes at once and made the CPU SFT step 12% slower (README, Performance).
         x2 = x.astype(dtype).reshape(math.prod(lead), math.prod(in_shape))  # [N, K]
-        w2 = kernel.astype(dtype).reshape(math.prod(in_shape), math.prod(self.features))  # [K, M]
-        y2 = x2 @ w2  # [N, M]
+        km = (math.prod(in_shape), math.prod(self.features))
+        quantized = {k: self.get_variable("params", k) for k in QUANT_LEAVES if self.has_variable("params", k)}
+        if quantized:  # a QLoRA base (models.quant): this layer's kernel dequantized on the fly
+            y2 = qmatmul(x2, quantized, km, dtype)  # [N, M]
+        else:
+            kernel = self.param(
+                "kernel",
+                param_init(nn.initializers.normal(0.02), self.axes),
+                (*in_shape, *self.features),
+                to_dtype(cfg.param_dtype),
+            )
+            y2 = x2 @ kernel.astype(dtype).reshape(km)  # [N, K] @ [K, M] -> [N, M]
         if cfg.lora is not None and self.name in cfg.lora.targets:
             y2 = y2 + self.adapter(x2, in_shape)
         y = y2.reshape(*lead, *self.features)  # [*lead, *features]

@@ -13,6 +13,10 @@ trees (params of one ``CausalLM`` are their union):
 
 Export merges ``W + (alpha / r) A B`` into full weights (:func:`merge_adapters`), or writes
 the adapters alone in PEFT's format (:func:`peft_state_dict`, :func:`peft_config`).
+
+QLoRA (``LoRAConfig.base_bits``): the base's adapted kernels are held quantized
+(``models.quant.quantize_base``, done by the driver); the split, join and reference model
+below work on such a tree unchanged, and a merge goes into the dequantized base.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import LoRAConfig, ModelConfig
+from rlhf_jax.models import quant
 from rlhf_jax.models.params import init_params
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
@@ -88,11 +93,20 @@ def trainable_init(model, base: dict, seed: int = 0) -> dict:
 
 def merge_adapters(params: dict, lora: LoRAConfig) -> dict:
     """Full weights: every ``kernel`` with adapters becomes ``kernel + scale * A B`` (float32
-    product, then the kernel's dtype); the adapter leaves are dropped. Host or device arrays."""
+    product, then the kernel's dtype); the adapter leaves are dropped. Host or device arrays.
+
+    QLoRA (``lora.base_bits``): ``params`` holds the float base the run started from; its
+    adapted kernels are quantized and dequantized again first (deterministic: the weights the
+    run trained on), so the adapters are merged into the dequantized base.
+    """
+    return _merge(quant.roundtrip_base(params, lora), lora)
+
+
+def _merge(params: dict, lora: LoRAConfig) -> dict:
     out = {}
     for key, value in params.items():
         if isinstance(value, dict):
-            out[key] = merge_adapters(value, lora)
+            out[key] = _merge(value, lora)
         elif key not in ADAPTER_LEAVES:
             out[key] = value
     if "lora_a" in params:
