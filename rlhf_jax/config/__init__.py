@@ -9,13 +9,14 @@ optimizer, what every run shares), :mod:`~rlhf_jax.config.stages` (SFT, reward m
 :mod:`~rlhf_jax.config.ppo`; everything is importable from ``rlhf_jax.config``.
 """
 
-from rlhf_jax.config.model import LORA_TARGETS, DType, Family, LoRAConfig, ModelConfig, Remat
+from rlhf_jax.config.model import LORA_TARGETS, AttentionImpl, DType, Family, LoRAConfig, ModelConfig, Remat
 from rlhf_jax.config.ppo import PPOConfig, PPOHyperparams
 from rlhf_jax.config.run import MeshConfig, OptimConfig, RunConfig
 from rlhf_jax.config.stages import DPOConfig, DPOHyperparams, RewardConfig, RewardHyperparams, SFTConfig
 
 __all__ = [
     "LORA_TARGETS",
+    "AttentionImpl",
     "DPOConfig",
     "DPOHyperparams",
     "DType",

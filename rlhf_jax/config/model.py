@@ -13,6 +13,11 @@ DType = Literal["float32", "bfloat16", "float16"]
 # What a block keeps for its backward pass: "none" everything; "dots" only its matmul outputs
 # (the elementwise ops and the attention softmax are recomputed); "full" only its input.
 Remat = Literal["none", "dots", "full"]
+# How a layer computes softmax(q k^T) v without a KV cache: "einsum" our XLA matmuls (any platform,
+# every feature, scores recomputed in the backward pass); "jax" ``jax.nn.dot_product_attention``
+# with its XLA implementation; "cudnn" the same call with cuDNN's fused (flash) kernel: GPU only,
+# bfloat16 / float16, no attention logit soft-capping; "auto" "cudnn" where that holds, else "einsum".
+AttentionImpl = Literal["auto", "einsum", "jax", "cudnn"]
 
 
 def remat_value(value) -> str:
@@ -131,6 +136,7 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype of matmuls and activations
     param_dtype: DType = "float32"
     remat: Remat = "none"  # what each block keeps for the backward pass (see Remat)
+    attention: AttentionImpl = "auto"  # the attention kernel of passes without a KV cache (see AttentionImpl)
     hf_model_type: str | None = None  # e.g. "qwen2": which HF config class to export to
     # Adapters on the dense projections (models.layers.Linear); set by a stage's driver from its
     # run config's ``lora``, never stored in model.json (a run's model is exported merged).
@@ -171,6 +177,15 @@ class ModelConfig:
             )
         check(
             self.rope_scaling_factor > 0, f"ModelConfig.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}"
+        )
+        check(
+            self.attention in ("auto", "einsum", "jax", "cudnn"),
+            f"ModelConfig.attention must be 'auto', 'einsum', 'jax' or 'cudnn', got {self.attention!r}",
+        )
+        check(
+            self.attention not in ("jax", "cudnn") or self.attn_logit_softcap is None,
+            f"ModelConfig.attention={self.attention!r} has no attention logit soft-capping "
+            f"(attn_logit_softcap={self.attn_logit_softcap}): use 'einsum' or 'auto'",
         )
         for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)

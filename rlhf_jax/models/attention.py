@@ -104,30 +104,75 @@ class Attention(nn.Module):
         if cfg.uses_rope:
             rope = dict(rotary_dim=cfg.rotary_dim, theta=layer["rope_theta"], factor=layer["rope_factor"])
             q, k = rotary(q, positions, **rope), rotary(k, positions, **rope)
-        k = k.transpose(0, 2, 3, 1)  # [B, Hkv, Dh, T]
-        v = v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
-        if cache is not None:
-            ck, cv = cache  # [L, B, Hkv, Dh, S], [L, B, Hkv, S, Dh]
-            i = layer["index"]
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, 0, 0, cache_index))
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, 0, cache_index, 0))
-            cache = (ck, cv)
-            k = jax.lax.dynamic_index_in_dim(ck, i, axis=0, keepdims=False).astype(q.dtype)  # [B, Hkv, Dh, S]
-            v = jax.lax.dynamic_index_in_dim(cv, i, axis=0, keepdims=False).astype(q.dtype)  # [B, Hkv, S, Dh]
-        b, t = x.shape[:2]
-        g = h // kv
-        # queries of the G heads sharing a KV head stacked along rows: [B, Hkv, G*T, Dh]
-        qg = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
         allowed = masks["causal"]  # [B, T, S]
         if "distance" in masks:  # some layer has a window; this one's may be 0 (dense)
             window = layer["window"]
             allowed = allowed & ((window <= 0) | (masks["distance"] < window))
         scale = (cfg.query_pre_attn_scalar or dh) ** -0.5
-        out = _attend(qg, k, v, allowed, scale, cfg.attn_logit_softcap)  # [B, Hkv, G*T, Dh]
-        out = out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)  # [B, T, H, Dh]
+        out = None
+        if cache is None:  # [B, T, H, Dh] through jax.nn.dot_product_attention, where chosen and supported
+            out = _library_attention(cfg, q, k, v, allowed, scale)
+        if out is None:
+            out, cache = _einsum_attention(cfg, q, k, v, allowed, scale, cache, cache_index, layer["index"])
         out = constrain(out, ("batch", "length", "heads", "kv"))
         out = dense(cfg, x.shape[-1], ("heads", "kv", "embed"), use_bias=cfg.out_bias, name="o", in_dims=2)(out)
         return out, cache  # [B, T, D]
+
+
+def _einsum_attention(cfg: ModelConfig, q, k, v, allowed, scale, cache, cache_index, layer_index):
+    """Our own attention: q [B, T, H, Dh], k / v [B, T, Hkv, Dh] (+ the stacked cache, written at
+    ``cache_index`` for layer ``layer_index``) -> (out [B, T, H, Dh], cache)."""
+    h, kv, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    k = k.transpose(0, 2, 3, 1)  # [B, Hkv, Dh, T]
+    v = v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+    if cache is not None:
+        ck, cv = cache  # [L, B, Hkv, Dh, S], [L, B, Hkv, S, Dh]
+        i = layer_index
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, 0, 0, cache_index))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, 0, cache_index, 0))
+        cache = (ck, cv)
+        k = jax.lax.dynamic_index_in_dim(ck, i, axis=0, keepdims=False).astype(q.dtype)  # [B, Hkv, Dh, S]
+        v = jax.lax.dynamic_index_in_dim(cv, i, axis=0, keepdims=False).astype(q.dtype)  # [B, Hkv, S, Dh]
+    b, t = q.shape[:2]
+    g = h // kv
+    # queries of the G heads sharing a KV head stacked along rows: [B, Hkv, G*T, Dh]
+    qg = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
+    out = _attend(qg, k, v, allowed, scale, cfg.attn_logit_softcap)  # [B, Hkv, G*T, Dh]
+    return out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh), cache
+
+
+def attention_kernel(cfg: ModelConfig, dtype) -> str:
+    """``cfg.attention`` resolved for compute dtype ``dtype``: "auto" is "cudnn" on a GPU in
+    bfloat16 / float16 without attention logit soft-capping, else "einsum"."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jax.default_backend() == "gpu" and half and cfg.attn_logit_softcap is None:
+        return "cudnn"
+    return "einsum"
+
+
+def _library_attention(cfg: ModelConfig, q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array | None:
+    """``jax.nn.dot_product_attention`` of q [B, T, H, Dh], k / v [B, S, Hkv, Dh] (grouped-query
+    heads are its native layout) under the mask ``allowed`` [B, T, S]: [B, T, H, Dh], or None
+    when the resolved kernel is "einsum", or when "auto" chose cuDNN and cuDNN's trace-time
+    checks refuse these shapes (head dim, sequence lengths, GPU generation): the caller then
+    uses its own einsum attention. An explicit "cudnn" raises instead."""
+    kernel = attention_kernel(cfg, q.dtype)
+    if kernel == "einsum":
+        return None
+    attend = functools.partial(
+        jax.nn.dot_product_attention,
+        mask=allowed[:, None],  # [B, 1, T, S], broadcast over heads
+        scale=scale,
+        implementation="cudnn" if kernel == "cudnn" else "xla",
+    )
+    if cfg.attention == "auto":
+        try:
+            return attend(q, k, v)
+        except (NotImplementedError, ValueError, RuntimeError):
+            return None
+    return attend(q, k, v)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4, 5))
