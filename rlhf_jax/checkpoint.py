@@ -239,7 +239,8 @@ def write_model_info(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = {
-        "model": dataclasses.asdict(model.config),
+        # the attention kernel is the machine's choice (a cuDNN run's model must load on a CPU)
+        "model": dataclasses.asdict(model.config.replace(attention="auto")),
         "head": model.head,
         "params_path": list(params_path),
         **(extra or {}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhf_jax.config.model import DType, Remat, remat_value
+from rlhf_jax.config.model import AttentionImpl, DType, Remat, remat_value
 from rlhf_jax.config.validate import check
 
 
@@ -90,6 +90,9 @@ class RunConfig:
     # What each block keeps for the backward pass of a training step (README, "Memory"): "dots"
     # keeps matmul outputs and recomputes the elementwise ops; "full" keeps block inputs only
     remat: Remat = "dots"
+    # The attention kernel of training and scoring passes (ModelConfig.attention): "auto" is cuDNN's
+    # fused kernel on a GPU in bfloat16 / float16, our einsum attention elsewhere
+    attention: AttentionImpl = "auto"
     progress: bool = True
     # End this invocation once the step counter reaches this value (a checkpoint is saved there);
     # the schedule still spans the stage's total steps, so a later run resumes exactly. None: run to the end.

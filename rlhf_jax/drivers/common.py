@@ -20,9 +20,10 @@ from rlhf_jax.optim import TrainState, init_train_state
 def load_stage_model(
     source: str, head: str, run: RunConfig, *, dropout: float = 0.0, which: str = "best"
 ) -> tuple[CausalLM, Any, Any]:
-    """(model, params, tokenizer) of ``source`` for training: the run's dtype and remat, ``dropout``."""
+    """(model, params, tokenizer) of ``source`` for training: the run's dtype, remat and attention
+    kernel, ``dropout``."""
     model, params, tokenizer = checkpoint.load_model(source, head=head, dtype=run.dtype, which=which)
-    model = CausalLM(model.config.replace(dropout=dropout, remat=run.remat), head=head)
+    model = CausalLM(model.config.replace(dropout=dropout, remat=run.remat, attention=run.attention), head=head)
     data.check_vocab(tokenizer, model.config.vocab_size)
     return model, params, tokenizer
 

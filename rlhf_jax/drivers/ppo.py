@@ -66,7 +66,8 @@ def build_networks(cfg: PPOConfig) -> dict[str, Any]:
         policy = policy.clone(head="lm+scalar")
         policy_params = {**policy_params, "score": init_params(policy)["score"]}
     else:
-        value_model = with_lora(CausalLM(rms[0].config.replace(remat=run.remat), head="scalar"), cfg.lora)
+        value_cfg = rms[0].config.replace(remat=run.remat, attention=run.attention)
+        value_model = with_lora(CausalLM(value_cfg, head="scalar"), cfg.lora)
         if cfg.lora.enabled:  # adapters + a copy of the RM's score head; the base is the RM's own params
             value_params = lora.trainable_init(value_model, rm_params[0], run.seed + 1)
         else:
