@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax.tasks.evaluate import bootstrap_ci, response_logps, win_outcomes  # noqa: F401  (shared with the demo)
+
 log = logging.getLogger("compare_methods")
 
 METHODS = ("PPO-ptx", "GRPO", "RLOO", "DPO pairs", "DPO PL")
@@ -90,24 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- statistics / table
-
-
-def win_outcomes(gold_a: np.ndarray, gold_b: np.ndarray) -> np.ndarray:
-    """Per prompt: 1 where ``a``'s gold score is higher, 0.5 on a tie, 0 otherwise.
-
-    >>> win_outcomes(np.array([1.0, 0.0, -1.0]), np.array([0.0, 0.0, 0.5])).tolist()
-    [1.0, 0.5, 0.0]
-    """
-    return np.where(gold_a > gold_b, 1.0, np.where(gold_a == gold_b, 0.5, 0.0))
-
-
-def bootstrap_ci(values: np.ndarray, *, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (prompts resampled with replacement)."""
-    values = np.asarray(values, np.float64)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-    lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return float(lo), float(hi)
 
 
 def best_of_n_kl(n: int) -> float:
@@ -156,29 +140,6 @@ def sample_with_tokens(model, params, tok, prompts: list[str], *, max_new_tokens
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )
-
-
-def response_logps(model, params, seq: np.ndarray, mask: np.ndarray, prompt_len: int, batch_size: int = 64):
-    """Summed log-probs (temperature 1) of each row's response tokens -> [N] (PPO's scoring pass)."""
-    import jax
-    import jax.numpy as jnp
-
-    from rlhf_jax.ppo import response_forward
-
-    @jax.jit
-    def f(p, s, m):
-        lp = response_forward(model, p, s, m, prompt_len).logprobs  # [B, R]
-        return jnp.sum(lp * m[:, prompt_len:], axis=1)
-
-    out = []
-    for i in range(0, len(seq), batch_size):
-        s, m = seq[i : i + batch_size], mask[i : i + batch_size]
-        n = len(s)
-        if n < batch_size:
-            s = np.concatenate([s, np.repeat(s[:1], batch_size - n, 0)])
-            m = np.concatenate([m, np.repeat(m[:1], batch_size - n, 0)])
-        out.append(np.asarray(f(params, jnp.asarray(s), jnp.asarray(m)))[:n])
-    return np.concatenate(out).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------- the experiment

@@ -51,14 +51,19 @@ class PipelineConfig:
             raise ValueError("PipelineConfig.samples_per_prompt must be in 2..9 (InstructGPT: K = 4..9)")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def union_of_comparisons(paths: list[Path], out: Path) -> Path:
+    """All ranking records of ``paths`` in one file: what each round's new reward model trains on."""
+    return write_jsonl(out, [row for p in paths for row in read_jsonl(p)])
 
 
 def collect_comparisons(cfg: PipelineConfig, round_dir: Path, policy_dir: Path) -> Path | None:
@@ -93,12 +98,12 @@ def collect_comparisons(cfg: PipelineConfig, round_dir: Path, policy_dir: Path) 
             {"prompt": t, "responses": [r for r, _ in g], "ended": [e for _, e in g], "user_id": p.get("user_id")}
             for t, g, p in zip(texts, groups, prompts)
         ]
-        _write_jsonl(to_rank, rows)
+        write_jsonl(to_rank, rows)
     if cfg.labeler == "file":
         log.warning('pipeline: rank %s and write %s (add "ranks", 0 = best), then run again', to_rank, ranked)
         return None
     world = World(WorldConfig(seed=cfg.world_seed))
-    rows = _read_jsonl(to_rank)
+    rows = read_jsonl(to_rank)
     usable = [r for r in rows if len(set(r["responses"])) >= 2 and all(r["responses"])]
     recs = world.rankings(
         [r["prompt"] for r in usable],
@@ -107,7 +112,7 @@ def collect_comparisons(cfg: PipelineConfig, round_dir: Path, policy_dir: Path) 
         seed=len(rows),
         ended=[r["ended"] for r in usable],
     )
-    return _write_jsonl(ranked, recs)
+    return write_jsonl(ranked, recs)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
@@ -123,7 +128,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             if new is None:
                 return policy_dir
             comparisons.append(new)
-        merged = _write_jsonl(round_dir / "all_rankings.jsonl", [row for p in comparisons for row in _read_jsonl(p)])
+        merged = union_of_comparisons(comparisons, round_dir / "all_rankings.jsonl")
         rm_dir = run_rm(dataclasses.replace(cfg.rm, data=str(merged), init=str(sft_dir), out=str(round_dir / "rm")))
         policy_dir = run_ppo(
             dataclasses.replace(cfg.ppo, policy=str(sft_dir), reward=str(rm_dir), out=str(round_dir / "ppo"))

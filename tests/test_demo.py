@@ -1,63 +1,147 @@
-"""``rlhf-jax demo --quick``: the whole InstructGPT study, test-sized, through the command line."""
+"""``rlhf-jax demo --quick --rounds 2``: the whole InstructGPT study, test-sized, through the command line,
+with one iterated RLHF round; the report's statistics on fake numbers."""
 
 from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from rlhf_jax import checkpoint
 from rlhf_jax.cli import main
+from rlhf_jax.config import PPOConfig
+from rlhf_jax.drivers.ppo import build_networks
+from rlhf_jax.pipeline import read_jsonl
+from rlhf_jax.tasks import demo, evaluate, report
 from rlhf_jax.train_loop import read_metrics
 
-STAGES = ("base", "base_big", "sft", "sft_big", "rm", "ppo_ptx", "ppo", "ppo_nokl")
-MODELS = ("SFT", "SFT big", "PPO", "PPO-ptx")
+STAGES = ("base", "base_big", "sft", "sft_big", "rm", "ppo_ptx", "ppo", "ppo_nokl", "round_1/rm", "round_1/ppo_ptx")
+MODELS = ("SFT", "SFT big", "PPO", "PPO-ptx", "PPO-ptx, round 1")
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo") / "run"
-    main(["demo", "--quick", "--out", str(root)])
+    main(["demo", "--quick", "--rounds", "2", "--out", str(root)])
     return root, json.loads((root / "results.json").read_text())
 
 
-def test_every_artifact_is_written(demo):
-    root, _ = demo
+def test_every_artifact_is_written(demo_run):
+    root, _ = demo_run
     for name in ("pretrain", "pretrain_heldout", "demonstrations", "prompts", "rankings"):
         assert (root / "data" / f"{name}.jsonl").stat().st_size > 0, name
     for stage in STAGES:
         assert checkpoint.read_model_info(root / stage)["params_path"], stage
         assert any((root / stage / "checkpoints").iterdir()), stage
         assert read_metrics(root / stage), f"{stage} wrote no metrics"
-    for name in ("ppo_ptx", "ppo", "ppo_nokl"):
+    for name in ("ppo_ptx", "ppo", "ppo_nokl", "round_1/ppo_ptx"):
         samples = [json.loads(line) for line in (root / name / "samples.jsonl").read_text().splitlines()]
         assert samples and {"prompt", "response", "rm_score"} <= samples[0].keys()
-    report = (root / "report.md").read_text()
-    for plot in ("ppo_curves.png", "win_rates.png", "overoptimisation.png"):
-        assert (root / plot).stat().st_size > 1000 and plot in report
-    for claim in ("RLHF beats SFT", "alignment tax", "over-optimisation"):
-        assert claim in report
+    report_md = (root / "report.md").read_text()
+    for plot in ("ppo_curves.png", "win_rates.png", "overoptimisation.png", "alignment_tax.png"):
+        assert (root / plot).stat().st_size > 1000 and plot in report_md
+    for claim in ("RLHF beats SFT", "alignment tax", "over-optimisation", "## Rounds"):
+        assert claim in report_md
 
 
-def test_results_are_complete_and_finite(demo):
-    _, results = demo
+def test_results_are_complete_and_finite(demo_run):
+    _, results = demo_run
     assert set(results["models"]) == set(MODELS)
     for name in MODELS:
         m = results["models"][name]
         assert np.isfinite(m["gold"]) and np.isfinite(m["heldout_loss"]) and m["params"] > 0
-    # the "big" SFT model is at least 4x the aligned one
     assert results["models"]["SFT big"]["params"] >= 4 * results["models"]["SFT"]["params"]
     for v in results["win_rates"].values():
         assert 0.0 <= v <= 1.0
     for key in ("rm_accuracy", "labeler_agreement"):
         assert 0.0 <= results[key] <= 1.0
     assert results["quick"] is True and results["total_s"] > 0
+    assert results["final_policy"] == "PPO-ptx, round 1"
 
 
-def test_ppo_improves_the_gold_score_over_sft(demo):
+def test_ppo_improves_the_gold_score_over_sft(demo_run):
     """The hidden gold preference (never seen by the reward model) prefers the RL policies'
     samples on held-out users' prompts to the SFT model's."""
-    _, results = demo
+    _, results = demo_run
     gold = {name: results["models"][name]["gold"] for name in MODELS}
     assert gold["PPO-ptx"] > gold["SFT"] and gold["PPO"] > gold["SFT"], gold
+
+
+def test_rounds_are_reported_one_entry_each(demo_run):
+    _, results = demo_run
+    rounds = results["rounds"]
+    assert [e["round"] for e in rounds] == [0, 1]
+    assert "rm_on_new_samples_before" not in rounds[0]
+    for e in rounds:
+        assert 0 <= e["win_rate"] <= 1 and np.isfinite([e["gold"], e["kl"], e["heldout_loss"]]).all()
+        assert 0 <= e["rm_heldout"]["accuracy"] <= 1 and len(e["win_vs_sft"]) == len(e["gold_scores"])
+    before, after = rounds[1]["rm_on_new_samples_before"], rounds[1]["rm_on_new_samples_after"]
+    assert before["group_pairs"] == after["group_pairs"]  # the same comparisons, judged by both RMs
+    assert rounds[1]["win_rate"] == results["win_rates"]["PPO-ptx, round 1 vs SFT"]
+
+
+def test_round_1_rm_trains_on_all_comparisons_so_far(demo_run):
+    root, results = demo_run
+    first, new = read_jsonl(root / "data" / "rankings.jsonl"), read_jsonl(root / "round_1" / "rankings.jsonl")
+    union = read_jsonl(root / "round_1" / "all_rankings.jsonl")
+    assert new and union == first + new
+    assert results["rounds"][1]["comparisons_total"] == len(first) + len(new)
+    # its steps scale with the data (as often over each comparison as round 0's RM), from the SFT model
+    assert results["rounds"][1]["rm_steps"] == max(1, round(results["rounds"][0]["rm_steps"] * len(union) / len(first)))
+    meta = checkpoint.Checkpointer(root / "round_1" / "rm" / "checkpoints").restore_meta()
+    assert meta["config"]["data"] == str(root / "round_1" / "all_rankings.jsonl")
+    assert meta["config"]["init"] == str(root / "sft")
+
+
+def test_round_1_continues_the_policy_against_the_sft_reference(demo_run):
+    """Round 1's PPO starts from round 0's latest EMA policy; its KL reference is still SFT, bitwise."""
+    root, _ = demo_run
+    meta = checkpoint.Checkpointer(root / "round_1" / "ppo_ptx" / "checkpoints").restore_meta()
+    assert meta["config"]["policy"] == str(root / "ppo_ptx") and meta["config"]["reference"] == str(root / "sft")
+    pcfg = PPOConfig(
+        prompts=str(root / "data" / "prompts.jsonl"),
+        policy=str(root / "ppo_ptx"),
+        reward=str(root / "round_1" / "rm"),
+        out=str(root / "unused"),
+    )
+    nets = build_networks(pcfg, reference=str(root / "sft"))
+    _, sft_params, _ = checkpoint.load_model(root / "sft")
+    _, prev_params, _ = checkpoint.load_model(root / "ppo_ptx", which="latest")
+
+    def same(a, b) -> bool:
+        return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    assert same(nets["ref_params"], sft_params) and same(nets["policy_params"], prev_params)
+    assert not same(sft_params, prev_params)
+
+
+def test_report_pools_seeds(demo_run, tmp_path):
+    _, results = demo_run
+    other = json.loads(json.dumps(results)) | {"seed": 1}
+    text = report.write_report(tmp_path, [results, other]).read_text()
+    assert "Seed(s) 0, 1" in text and "## Rounds" in text
+    win = report.pooled([results["win_outcomes"]["PPO-ptx vs SFT"]] * 2)
+    assert win[1] <= win[0] <= win[2] and np.isclose(win[0], results["win_rates"]["PPO-ptx vs SFT"])
+
+
+def test_seeds_flag():
+    assert demo.DemoConfig(seeds="0,1,2").seed_list == (0, 1, 2)
+    assert demo.DemoConfig(seed=4).seed_list == (4,)
+    for bad in ("0,x", "1,1"):
+        with pytest.raises(ValueError):
+            demo.DemoConfig(seeds=bad)
+    with pytest.raises(ValueError):
+        demo.DemoConfig(rounds=0)
+
+
+def test_weighted_bootstrap_and_matched_kl():
+    acc, pairs = np.array([1.0, 0.0]), np.array([3.0, 1.0])
+    lo, hi = evaluate.bootstrap_ci(acc, resamples=400, seed=0, weights=pairs)
+    assert lo == 0.0 and hi == 1.0  # resamples of one group only reach both ends
+    a = [{"kl": 0.0, "heldout_loss": 2.0}, {"kl": 1.0, "heldout_loss": 2.2}]
+    b = [{"kl": 0.0, "heldout_loss": 2.0}, {"kl": 0.5, "heldout_loss": 1.9}, {"kl": 2.0, "heldout_loss": 1.8}]
+    t = evaluate.tax_at_matched_kl(a, b)
+    assert t["kl"] == 1.0 and np.isclose(t["a"], 2.2) and np.isclose(t["b"], 1.9 - 0.1 / 3)
+    assert evaluate.tax_at_matched_kl(a, [{"kl": 0.0, "heldout_loss": 2.0}]) is None

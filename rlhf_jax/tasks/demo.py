@@ -10,10 +10,15 @@ Stages (each an ordinary rlhf_jax run directory under ``--out``):
   6. ``ppo_ptx`` (gamma 27.8), ``ppo`` (gamma 0) and ``ppo_nokl`` (beta 0, for the
      over-optimisation curve), each from ``sft`` against ``rm``;
   7. evaluation on held-out users' prompts with the gold preference, the held-out
-     pretraining loss, and ``report.md`` with plots.
+     pretraining loss, and ``report.md`` with plots;
+  8. ``--rounds N``: N - 1 further rounds of iterated RLHF (new rankings of the last PPO-ptx
+     policy's samples, an RM on all comparisons so far, PPO-ptx continued against it);
+  9. ``--seeds 0,1,2``: all of it once per seed, one report with bootstrap intervals.
 
-:func:`prepare` runs stages 1-5 alone and :func:`ppo_config` gives the demo's PPO run, for
-other experiments from the same SFT model and RM (``experiments/compare_methods.py``).
+This module holds the configuration and stages 1-5 (:func:`prepare`, also the start of other
+experiments from the same SFT model and RM, ``experiments/compare_methods.py``) and the
+demo's run configs (:func:`rm_config`, :func:`ppo_config`); stages 6-9 are
+:mod:`rlhf_jax.tasks.demo_rounds` (``run_demo``).
 """
 
 from __future__ import annotations
@@ -26,16 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
-from rlhf_jax import checkpoint, data, reward
+from rlhf_jax import checkpoint, data
 from rlhf_jax.config import OptimConfig, PPOConfig, PPOHyperparams, RewardConfig, RunConfig, SFTConfig
-from rlhf_jax.drivers import run_ppo, run_rm, run_sft
-from rlhf_jax.tasks import evaluate, report, tiny
+from rlhf_jax.drivers import run_rm, run_sft
+from rlhf_jax.tasks import evaluate, tiny
 from rlhf_jax.tasks.world import World, WorldConfig
 from rlhf_jax.tasks.world_lang import FAMILIES
-from rlhf_jax.train_loop import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,11 @@ class DemoConfig:
       eval_temperature: sampling temperature of the evaluation responses (1.0: the policy's
         own distribution, as in rollouts and the labelers' comparisons; 0: greedy).
       max_new_tokens: response length limit everywhere.
+      rounds: RLHF rounds (InstructGPT step 4, :mod:`rlhf_jax.tasks.demo_rounds`): 1 is SFT ->
+        RM -> PPO-ptx; each further round ranks the last policy's samples, retrains the RM
+        on all comparisons so far and continues PPO-ptx from the last policy.
+      seeds: ``"0,1,2"``: the whole demo once per seed, one after another, under
+        ``out/seed_<s>``, and one report with 95% bootstrap intervals (empty: ``seed`` alone).
     """
 
     out: str = "runs/demo"
@@ -90,6 +98,24 @@ class DemoConfig:
     eval_prompts: int = 480
     eval_temperature: float = 1.0
     max_new_tokens: int = 16
+    rounds: int = 3
+    seeds: str = ""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError("DemoConfig.rounds must be >= 1")
+        self.seed_list  # noqa: B018  (validates --seeds)
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        """``--seeds 0,1,2`` as integers; empty: ``(seed,)``."""
+        try:
+            seeds = tuple(int(x) for x in self.seeds.replace(" ", "").split(",") if x)
+        except ValueError:
+            raise ValueError(f"DemoConfig.seeds: {self.seeds!r} is not a comma-separated list of integers") from None
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"DemoConfig.seeds: {self.seeds!r} repeats a seed")
+        return seeds or (self.seed,)
 
     def scaled(self) -> DemoConfig:
         if not self.quick:
@@ -113,33 +139,9 @@ class DemoConfig:
 
 
 def _run(**kw) -> RunConfig:
-    return RunConfig(**{"log_every": 10, "eval_every": 50, "save_every": 1000, "keep_last": 1, **kw})
-
-
-def sample_groups(
-    policy, params, tok, texts: list[str], ks, seed: int, *, max_new_tokens: int
-) -> tuple[list[list[str]], list[list[bool]], list[int]]:
-    """K samples per prompt (``ks[i]`` for prompt i, temperature 1) as (response texts without
-    EOS, whether each ended with EOS, the indices of the prompts kept: those with >= 2 texts)."""
-    groups: list[list[str]] = [[] for _ in texts]
-    ended: list[list[bool]] = [[] for _ in texts]
-    for j in range(int(max(ks))):
-        outs = evaluate.sample_responses(
-            policy,
-            params,
-            tok,
-            texts,
-            key=jax.random.key(seed + j),
-            max_prompt_len=32,
-            max_new_tokens=max_new_tokens,
-        )
-        for g, e, k, o in zip(groups, ended, ks, outs):
-            text, has_eos = evaluate.strip_eos(o, tok.eos_token)
-            if len(g) < k and text:
-                g.append(text)
-                e.append(has_eos)
-    keep = [i for i, g in enumerate(groups) if len(g) >= 2]
-    return [groups[i] for i in keep], [ended[i] for i in keep], keep
+    # remat "none": the demo's 2-layer d64 models have nothing to gain from recomputation (the
+    # RunConfig default "dots" is for real models) and PPO took 40 / 29 s with it against 24 / 16 s
+    return RunConfig(**{"log_every": 10, "eval_every": 50, "save_every": 1000, "keep_last": 1, "remat": "none", **kw})
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ class Prepared:
     sft_big: Path | None = None
 
 
-def _timed(timings: dict[str, float], name: str, fn):
+def timed(timings: dict[str, float], name: str, fn):
     t0 = time.perf_counter()
     result = fn()
     timings[name] = time.perf_counter() - t0
@@ -183,7 +185,7 @@ def prepare(cfg: DemoConfig, *, big: bool = True, timings: dict[str, float] | No
     timings = {} if timings is None else timings
 
     def stage(name: str, fn):
-        return _timed(timings, name, fn)
+        return timed(timings, name, fn)
 
     world = World(
         WorldConfig(
@@ -270,12 +272,16 @@ def prepare(cfg: DemoConfig, *, big: bool = True, timings: dict[str, float] | No
     ks = rng.integers(4, 10, len(rank_src))
 
     def collect():
-        texts = [r["prompt"] for r in rank_src]
-        groups, ended, keep = sample_groups(
-            policy, policy_params, tok, texts, ks, 100, max_new_tokens=cfg.max_new_tokens
-        )
-        recs = world.rankings(
-            [texts[i] for i in keep], groups, [rank_src[i]["user_id"] for i in keep], seed=cfg.seed, ended=ended
+        recs = evaluate.ranked_samples(
+            world,
+            policy,
+            policy_params,
+            tok,
+            rank_src,
+            ks,
+            sample_seed=100,
+            label_seed=cfg.seed,
+            max_new_tokens=cfg.max_new_tokens,
         )
         path = root / "data" / "rankings.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -284,20 +290,7 @@ def prepare(cfg: DemoConfig, *, big: bool = True, timings: dict[str, float] | No
     rankings_path = stage("rankings", collect)
     rm_dir = stage(
         "rm",
-        lambda: run_rm(
-            RewardConfig(
-                data=str(rankings_path),
-                init=str(sft_dir),
-                out=str(root / "rm"),
-                demonstrations=str(files["demonstrations"]),
-                max_steps=cfg.rm_steps,
-                batch_size=32,
-                max_prompt_len=32,
-                max_response_len=cfg.max_new_tokens + 1,
-                optim=OptimConfig(learning_rate=cfg.rm_learning_rate, warmup_steps=10),
-                run=_run(seed=cfg.seed, eval_every=cfg.rm_steps),
-            )
-        ),
+        lambda: run_rm(rm_config(cfg, rankings_path, sft_dir, files["demonstrations"], root / "rm", cfg.rm_steps)),
     )
     return Prepared(
         world=world,
@@ -316,10 +309,27 @@ def prepare(cfg: DemoConfig, *, big: bool = True, timings: dict[str, float] | No
     )
 
 
+def rm_config(cfg: DemoConfig, rankings: Path, sft: Path, demonstrations: Path, out: Path, steps: int) -> RewardConfig:
+    """The demo's reward model: from ``sft`` on ``rankings``, the demonstrations' mean score set to 0."""
+    return RewardConfig(
+        data=str(rankings),
+        init=str(sft),
+        out=str(out),
+        demonstrations=str(demonstrations),
+        max_steps=steps,
+        batch_size=32,
+        max_prompt_len=32,
+        max_response_len=cfg.max_new_tokens + 1,
+        optim=OptimConfig(learning_rate=cfg.rm_learning_rate, warmup_steps=10),
+        run=_run(seed=cfg.seed, eval_every=steps),
+    )
+
+
 def ppo_config(cfg: DemoConfig, prep: Prepared, out: Path, *, ptx: bool, kl_coef: float = 0.1, **hparams) -> PPOConfig:
     """The demo's PPO run from ``prep.sft`` against ``prep.rm`` (PPO-ptx with ``ptx``, gamma 27.8);
     ``hparams`` override :class:`PPOHyperparams` fields (e.g. ``estimator``, ``group_size``)."""
     cfg = cfg.scaled()
+    every = max(1, cfg.ppo_steps // 6)
     return PPOConfig(
         prompts=str(prep.files["prompts"]),
         policy=str(prep.sft),
@@ -345,101 +355,13 @@ def ppo_config(cfg: DemoConfig, prep: Prepared, out: Path, *, ptx: bool, kl_coef
         optim=OptimConfig(
             learning_rate=cfg.ppo_learning_rate, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1
         ),
-        run=_run(seed=cfg.seed, eval_every=max(1, cfg.ppo_steps // 6), log_every=1, split_fractions=(0.8, 0.1, 0.1)),
+        # a checkpoint at every evaluation: the alignment tax along the run (demo_rounds.trajectory)
+        run=_run(
+            seed=cfg.seed,
+            eval_every=every,
+            save_every=every,
+            keep_last=cfg.ppo_steps // every + 1,
+            log_every=1,
+            split_fractions=(0.8, 0.1, 0.1),
+        ),
     )
-
-
-def run_demo(cfg: DemoConfig) -> Path:
-    """Run every stage (skipping finished ones when re-run); returns the report path."""
-    cfg = cfg.scaled()
-    root = Path(cfg.out)
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
-
-    def stage(name: str, fn):
-        return _timed(timings, name, fn)
-
-    prep = prepare(cfg, timings=timings)
-    world, tok, files, test_p, rng = prep.world, prep.tokenizer, prep.files, prep.test_prompts, prep.rng
-    sft_dir, sft_big_dir, rm_dir = prep.sft, prep.sft_big, prep.rm
-    policy, policy_params, _ = checkpoint.load_model(sft_dir)
-
-    def ppo(name: str, *, ptx: bool, kl_coef: float = 0.1) -> Path:
-        return run_ppo(
-            ppo_config(cfg, prep, root / name, ptx=ptx, kl_coef=kl_coef),
-            gold_fn=lambda ps, rs: [world.gold_score(p, r) for p, r in zip(ps, rs)],
-        )
-
-    ppo_ptx_dir = stage("ppo_ptx", lambda: ppo("ppo_ptx", ptx=True))
-    ppo_dir = stage("ppo", lambda: ppo("ppo", ptx=False))
-    nokl_dir = stage("ppo_nokl", lambda: ppo("ppo_nokl", ptx=False, kl_coef=0.0))
-
-    # ---- evaluation on held-out users
-    def evaluation():
-        texts = [r["prompt"] for r in test_p][: cfg.eval_prompts]
-        heldout_records, _ = data.load_records(files["pretrain_heldout"], "text")
-        heldout = data.tokenize_text(heldout_records, tok, seq_len=64)
-        results = {"models": {}}
-        for name, run_dir in (("SFT", sft_dir), ("SFT big", sft_big_dir), ("PPO", ppo_dir), ("PPO-ptx", ppo_ptx_dir)):
-            m, p, _ = checkpoint.load_model(run_dir, which="latest")
-            outs = evaluate.sample_responses(
-                m,
-                p,
-                tok,
-                texts,
-                key=jax.random.key(7),
-                max_prompt_len=32,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.eval_temperature,
-            )
-            results["models"][name] = {
-                "gold": float(np.mean([world.gold_score(t, o) for t, o in zip(texts, outs)])),
-                "heldout_loss": evaluate.heldout_lm_loss(m, p, heldout),
-                "params": m.config.num_params(),
-                "samples": list(zip(texts[:5], outs[:5])),
-                "responses": outs,
-            }
-        gold = world.gold_score
-        r = results["models"]
-        results["win_rates"] = {
-            "PPO-ptx vs SFT": evaluate.win_rate(gold, texts, r["PPO-ptx"]["responses"], r["SFT"]["responses"]),
-            "PPO vs SFT": evaluate.win_rate(gold, texts, r["PPO"]["responses"], r["SFT"]["responses"]),
-            "PPO-ptx vs SFT big": evaluate.win_rate(gold, texts, r["PPO-ptx"]["responses"], r["SFT big"]["responses"]),
-        }
-        for v in r.values():
-            del v["responses"]
-        # RM accuracy on held-out users' comparisons, against two labelers' agreement on the same pools
-        held = [r["prompt"] for r in test_p][: cfg.eval_prompts]
-        groups, ended, keep = sample_groups(
-            policy, policy_params, tok, held, rng.integers(4, 10, len(held)), 500, max_new_tokens=cfg.max_new_tokens
-        )
-        held = [held[i] for i in keep]
-        recs = world.rankings(held, groups, [None] * len(held), seed=cfg.seed + 2, ended=ended)
-        results["rm_accuracy"] = rm_pair_accuracy(recs)
-        results["labeler_agreement"] = world.labeler_agreement(held, groups, seed=cfg.seed + 3)
-        results["labeler_gold_accuracy"] = world.labeler_accuracy(held, groups, seed=cfg.seed + 3)
-        return results
-
-    def rm_pair_accuracy(recs: list[dict]) -> float:
-        """Pair accuracy of the RM on ranking records, through the same tokenisation as training."""
-        rm, rm_params, _ = checkpoint.load_model(rm_dir)
-        for i, r in enumerate(recs):
-            r["example_id"] = i
-        ds = data.tokenize_rankings(recs, tok, max_prompt_len=32, max_response_len=cfg.max_new_tokens + 1)
-        batch = {k: ds.arrays[k] for k in ("input_ids", "attention_mask", "ranks", "valid", "end_index")}
-        metrics = jax.jit(reward.make_eval_step(rm))(rm_params, batch)
-        return float(metrics["accuracy"])
-
-    results = stage("evaluation", evaluation)
-    rm_val = [m for m in read_metrics(rm_dir) if "val/accuracy" in m]
-    results |= {
-        "seed": cfg.seed,
-        "quick": cfg.quick,
-        "eval_temperature": cfg.eval_temperature,
-        "rm_val_accuracy": rm_val[-1]["val/accuracy"] if rm_val else None,
-        "timings_s": timings,
-        "total_s": time.perf_counter() - t_start,
-        "runs": {"ppo_ptx": str(ppo_ptx_dir), "ppo": str(ppo_dir), "ppo_nokl": str(nokl_dir)},
-    }
-    (root / "results.json").write_text(json.dumps(results, indent=2))
-    return report.write_report(root, results)

@@ -1,4 +1,12 @@
-"""``report.md`` and its plots for ``rlhf-jax demo``: the small-scale InstructGPT results table."""
+"""``report.md`` and its plots for ``rlhf-jax demo``: the small-scale InstructGPT results, per round,
+over one or several seeds.
+
+Intervals are 95% percentile bootstraps over held-out prompts, pooled across seeds (each seed's
+own world and held-out users; prompts resampled with replacement from the pooled set, the
+statistic the mean over it). They measure prompt sampling, not seed-to-seed training variance:
+the per-seed values are listed next to them. A target counts as met only when the interval's
+lower end clears it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_jax.tasks.evaluate import bootstrap_ci, tax_at_matched_kl
 from rlhf_jax.train_loop import read_metrics
+
+RESAMPLES = 2000
+RUN_LABELS = {"ppo_ptx": "PPO-ptx", "ppo": "PPO", "ppo_nokl": "PPO, no KL penalty"}
 
 
 def _series(run_dir: str, key: str) -> tuple[list[int], list[float]]:
@@ -14,80 +26,82 @@ def _series(run_dir: str, key: str) -> tuple[list[int], list[float]]:
     return [m["step"] for m in rows], [m[key] for m in rows]
 
 
-def _plots(root: Path, results: dict) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = results["runs"]
-    names = {"ppo_ptx": "PPO-ptx", "ppo": "PPO", "ppo_nokl": "PPO, no KL penalty"}
-    out = {}
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key, ax, title in (
-        ("objective/scores", axes[0], "reward-model score (training samples)"),
-        ("val/gold_score", axes[1], "gold score (held-out prompts, greedy)"),
-        ("objective/kl", axes[2], "KL(policy || SFT) per episode"),
-    ):
-        for run, label in names.items():
-            x, y = _series(runs[run], key)
-            if x:
-                ax.plot(x, y, marker="o" if key.startswith("val") else None, ms=3, label=label)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO iteration")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "ppo_curves.png", dpi=110)
-    plt.close(fig)
-    out["curves"] = "ppo_curves.png"
-
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    labels = list(results["win_rates"])
-    values = [100 * results["win_rates"][k] for k in labels]
-    bars = ax.bar(labels, values, color=["tab:green", "tab:orange", "tab:blue"][: len(labels)])
-    ax.axhline(50, color="gray", ls="--", lw=1)
-    ax.bar_label(bars, fmt="%.0f%%")
-    ax.set_ylabel("gold-judged win rate (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("held-out users' prompts", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(root / "win_rates.png", dpi=110)
-    plt.close(fig)
-    out["wins"] = "win_rates.png"
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for run, label in names.items():
-        rows = [m for m in read_metrics(runs[run])]
-        kl_by_step = {m["step"]: m["objective/kl"] for m in rows if m.get("objective/kl") is not None}
-        pts = [
-            (kl_by_step[m["step"]], m["val/gold_score"])
-            for m in rows
-            if m.get("val/gold_score") is not None and m["step"] in kl_by_step
-        ]
-        if pts:
-            pts.sort()
-            ax.plot(*zip(*pts), marker="o", ms=3, label=label)
-    ax.set_xlabel("KL(policy || SFT) per episode (nats)")
-    ax.set_ylabel("gold score")
-    ax.set_title("reward over-optimisation", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "overoptimisation.png", dpi=110)
-    plt.close(fig)
-    out["overopt"] = "overoptimisation.png"
-    return out
+def pooled(values: list, weights: list | None = None) -> tuple[float, float, float]:
+    """(mean, lower, upper) of per-prompt values pooled across seeds (``weights``: per-prompt
+    weights of a ratio, e.g. pair counts of a pair accuracy)."""
+    v = np.concatenate([np.asarray(x, np.float64) for x in values])
+    w = None if weights is None else np.concatenate([np.asarray(x, np.float64) for x in weights])
+    mean = float(v.mean() if w is None else (v * w).sum() / max(w.sum(), 1e-12))
+    return (mean, *bootstrap_ci(v, resamples=RESAMPLES, seed=0, weights=w))
 
 
-def results_table(results: dict) -> str:
-    """The markdown table of the paper's claims against what this run measured."""
-    m, w = results["models"], results["win_rates"]
-    sft, ppo, ptx = m["SFT"]["heldout_loss"], m["PPO"]["heldout_loss"], m["PPO-ptx"]["heldout_loss"]
-    gap = 100 * abs(results["rm_accuracy"] - results["labeler_agreement"])
-    nokl = [v for _, v in sorted(zip(*_series(results["runs"]["ppo_nokl"], "val/gold_score")))]
-    peak_then_fall = len(nokl) >= 3 and max(nokl) > nokl[-1] and int(np.argmax(nokl)) < len(nokl) - 1
+def _pct(t: tuple[float, float, float]) -> str:
+    return f"{100 * t[0]:.1f}% [{100 * t[1]:.1f}, {100 * t[2]:.1f}]"
+
+
+def _peak_then_fall(run_dir: str) -> bool:
+    v = [y for _, y in sorted(zip(*_series(run_dir, "val/gold_score")))]
+    return len(v) >= 3 and max(v) > v[-1] and int(np.argmax(v)) < len(v) - 1
+
+
+def matched_tax(res: dict) -> dict | None:
+    """PPO's and PPO-ptx's held-out loss relative to SFT at the largest KL both reach."""
+    tr = res.get("trajectories")
+    if not tr:
+        return None
+    t = tax_at_matched_kl(tr["PPO"], tr["PPO-ptx"])
+    if t is None:
+        return None
+    sft = tr["PPO"][0]["heldout_loss"]
+    return {"kl": t["kl"], "ppo": t["a"] / sft - 1, "ptx": t["b"] / sft - 1}
+
+
+def _acc(entry: dict | None) -> tuple[list, list]:
+    return (entry or {}).get("group_accuracy", []), (entry or {}).get("group_pairs", [])
+
+
+def round_rows(results: list[dict]) -> list[dict]:
+    """Per round, pooled over seeds: RM accuracies, labeler agreement, gold, KL, win rate, held-out loss."""
+    rows = []
+    for r in range(min(len(x["rounds"]) for x in results)):
+        es = [x["rounds"][r] for x in results]
+        row = {
+            "round": r,
+            "comparisons": np.mean([e["comparisons_total"] for e in es]),
+            "rm_heldout": pooled(*zip(*[_acc(e["rm_heldout"]) for e in es])),
+            "agreement": float(np.mean([x["labeler_agreement"] for x in results])),
+            "gold": float(np.mean([e["gold"] for e in es])),
+            "kl": float(np.mean([e["kl"] for e in es])),
+            "win": pooled([e["win_vs_sft"] for e in es]),
+            "heldout_loss": float(np.mean([e["heldout_loss"] for e in es])),
+        }
+        if "rm_on_new_samples_before" in es[0]:
+            row["before"] = pooled(*zip(*[_acc(e["rm_on_new_samples_before"]) for e in es]))
+            row["after"] = pooled(*zip(*[_acc(e["rm_on_new_samples_after"]) for e in es]))
+            row["agreement_new"] = float(np.mean([e["labeler_agreement_new_samples"] for e in es]))
+        rows.append(row)
+    return rows
+
+
+def results_table(results: list[dict]) -> str:
+    """The markdown table of the paper's claims against what the run(s) measured."""
+    final = results[0]["final_policy"]
+    win = pooled([x["win_outcomes"][f"{final} vs SFT"] for x in results])
+    big = pooled([x["win_outcomes"][f"{final} vs SFT big"] for x in results])
+    rounds = round_rows(results)
+    agreement = rounds[0]["agreement"]
+    rm_ok = all(r["rm_heldout"][1] >= agreement - 0.05 for r in rounds)
+    rm_txt = "; ".join(f"r{r['round']} {_pct(r['rm_heldout'])}" for r in rounds)
+    loss = {k: [x["models"][k]["heldout_loss"] for x in results] for k in ("SFT", "PPO", "PPO-ptx")}
+    ptx_rel = [p / s - 1 for p, s in zip(loss["PPO-ptx"], loss["SFT"])]
+    taxes = [matched_tax(x) for x in results]
+    tax_ok = all(t is not None and t["ppo"] >= 0.01 for t in taxes) and all(abs(v) <= 0.02 for v in ptx_rel)
+    tax_txt = ", ".join(
+        "n/a" if t is None else f"KL {t['kl']:.2f}: PPO {100 * t['ppo']:+.2f}% / PPO-ptx {100 * t['ptx']:+.2f}%"
+        for t in taxes
+    )
+    peaks = [_peak_then_fall(x["runs"]["ppo_nokl"]) for x in results]
+    ratio = results[0]["models"]["SFT big"]["params"] / results[0]["models"]["SFT"]["params"]
 
     def ok(flag: bool) -> str:
         return "met" if flag else "**missed**"
@@ -95,38 +109,38 @@ def results_table(results: dict) -> str:
     rows = [
         (
             "RLHF beats SFT",
-            "gold win rate of PPO-ptx over SFT, held-out users",
-            f"{100 * w['PPO-ptx vs SFT']:.0f}%",
-            ">= 65%",
-            ok(w["PPO-ptx vs SFT"] >= 0.65),
+            f"gold win rate of {final} over SFT, held-out users",
+            _pct(win) + f" (round 0: {_pct(rounds[0]['win'])})",
+            ">= 65%, interval's lower end >= 60%",
+            ok(win[0] >= 0.65 and win[1] >= 0.60),
         ),
         (
             "RM learns labeler preferences",
-            "RM pair accuracy on held-out users vs labeler agreement",
-            f"{100 * results['rm_accuracy']:.1f}% vs {100 * results['labeler_agreement']:.1f}%",
-            "within 5 points",
-            ok(gap <= 5),
+            "RM pair accuracy on held-out users' comparisons of SFT samples, every round, vs two labelers' agreement",
+            f"{rm_txt} vs {100 * agreement:.1f}%",
+            "lower end within 5 points, every round",
+            ok(rm_ok),
         ),
         (
             "ptx removes the alignment tax",
-            "held-out pretraining loss: SFT / PPO / PPO-ptx",
-            f"{sft:.3f} / {ppo:.3f} / {ptx:.3f}",
-            "PPO-ptx within 2% of SFT; PPO >= 1% worse than SFT",
-            ok(abs(ptx - sft) / sft <= 0.02 and (ppo - sft) / sft >= 0.01 and ppo > ptx),
+            "held-out pretraining loss vs SFT: PPO-ptx at the end; PPO and PPO-ptx at matched KL (per seed)",
+            f"PPO-ptx {', '.join(f'{100 * v:+.2f}%' for v in ptx_rel)}; {tax_txt}",
+            "PPO-ptx within 2%; PPO >= 1% worse at matched KL",
+            ok(tax_ok),
         ),
         (
             "small aligned beats big unaligned",
-            f"win rate of PPO-ptx over the {m['SFT big']['params'] / m['SFT']['params']:.1f}x larger SFT",
-            f"{100 * w['PPO-ptx vs SFT big']:.0f}%",
-            ">= 50%",
-            ok(w["PPO-ptx vs SFT big"] >= 0.5),
+            f"win rate of {final} over the {ratio:.1f}x larger SFT",
+            _pct(big),
+            ">= 50% (lower end)",
+            ok(big[1] >= 0.5),
         ),
         (
             "KL penalty limits over-optimisation",
-            "gold score vs KL without penalty (plot)",
-            "peaks then falls" if peak_then_fall else "no peak-then-fall seen",
+            "gold score vs KL without penalty (plot), seeds whose curve peaks then falls",
+            f"{sum(peaks)} of {len(peaks)}",
             "peaks then falls",
-            ok(peak_then_fall),
+            ok(all(peaks)),
         ),
     ]
     lines = ["| claim in the paper | measurement here | result | target | |", "|---|---|---|---|---|"]
@@ -134,23 +148,153 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(root: Path, results: dict) -> Path:
+def rounds_table(results: list[dict]) -> str:
+    lines = [
+        "| round | comparisons (all so far) | RM acc., held-out SFT samples | RM acc. on the previous policy's "
+        "samples: before -> after retraining (labeler agreement) | gold | KL from SFT | win rate vs SFT | "
+        "held-out loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in round_rows(results):
+        new = "—"
+        if "before" in r:
+            new = f"{_pct(r['before'])} -> {_pct(r['after'])} ({100 * r['agreement_new']:.1f}%)"
+        lines.append(
+            f"| {r['round']} | {r['comparisons']:,.0f} | {_pct(r['rm_heldout'])} | {new} | {r['gold']:.3f} | "
+            f"{r['kl']:.2f} | {_pct(r['win'])} | {r['heldout_loss']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _plots(root: Path, results: list[dict]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = results[0]
+    out = {}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key, ax, title in (
+        ("objective/scores", axes[0], "reward-model score (training samples)"),
+        ("val/gold_score", axes[1], "gold score (validation prompts, greedy)"),
+        ("objective/kl", axes[2], "KL(policy || SFT) per episode"),
+    ):
+        for run, label in RUN_LABELS.items():
+            x, y = _series(first["runs"][run], key)
+            if x:
+                ax.plot(x, y, marker="o" if key.startswith("val") else None, ms=3, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"PPO iteration (seed {first['seed']}, round 0)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "ppo_curves.png", dpi=110)
+    plt.close(fig)
+    out["curves"] = "ppo_curves.png"
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    labels = list(first["win_outcomes"])
+    stats = [pooled([x["win_outcomes"][k] for x in results]) for k in labels]
+    ys = [100 * s[0] for s in stats]
+    err = [[100 * (s[0] - s[1]) for s in stats], [100 * (s[2] - s[0]) for s in stats]]
+    bars = ax.bar(range(len(labels)), ys, yerr=err, capsize=4, color="tab:green")
+    ax.set_xticks(range(len(labels)), [k.replace(" vs ", "\nvs ") for k in labels], fontsize=7)
+    ax.axhline(50, color="gray", ls="--", lw=1)
+    ax.bar_label(bars, fmt="%.0f%%", fontsize=8)
+    ax.set_ylabel("gold-judged win rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"held-out users' prompts, {len(results)} seed(s), 95% bootstrap", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(root / "win_rates.png", dpi=110)
+    plt.close(fig)
+    out["wins"] = "win_rates.png"
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for run, label in RUN_LABELS.items():
+        rows = read_metrics(first["runs"][run])
+        kl_by_step = {m["step"]: m["objective/kl"] for m in rows if m.get("objective/kl") is not None}
+        pts = sorted(
+            (kl_by_step[m["step"]], m["val/gold_score"])
+            for m in rows
+            if m.get("val/gold_score") is not None and m["step"] in kl_by_step
+        )
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+    rounds = [(e["kl"], e["gold"]) for e in first["rounds"]]
+    ax.plot(*zip(*rounds), marker="s", ls=":", color="k", label="PPO-ptx by round (held-out, sampled)")
+    ax.set_xlabel("KL(policy || SFT) per episode (nats)")
+    ax.set_ylabel("gold score")
+    ax.set_title(f"reward over-optimisation (seed {first['seed']})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "overoptimisation.png", dpi=110)
+    plt.close(fig)
+    out["overopt"] = "overoptimisation.png"
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, color in (("PPO", "tab:orange"), ("PPO-ptx", "tab:green")):
+        for i, x in enumerate(results):
+            pts = sorted((p["kl"], p["heldout_loss"]) for p in x["trajectories"][name])
+            ax.plot(*zip(*pts), marker="o", ms=3, color=color, alpha=0.8, label=name if i == 0 else None)
+    ax.set_xlabel("KL(policy || SFT) per response, held-out prompts (nats)")
+    ax.set_ylabel("held-out pretraining loss")
+    ax.set_title("alignment tax along the PPO runs (every seed)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "alignment_tax.png", dpi=110)
+    plt.close(fig)
+    out["tax"] = "alignment_tax.png"
+    return out
+
+
+def write_report(root: Path, results: list[dict]) -> Path:
+    """``root/report.md`` (and its plots) from one or several seeds' ``results.json`` dicts."""
+    root.mkdir(parents=True, exist_ok=True)
     plots = _plots(root, results)
-    m = results["models"]
-    t = results.get("eval_temperature", 0.0)
+    first = results[0]
+    t = first.get("eval_temperature", 0.0)
     decoding = "greedy" if t == 0 else f"sampled at temperature {t:g}"
+    seeds = ", ".join(str(x["seed"]) for x in results)
+    total = sum(x["total_s"] for x in results)
     lines = [
         "# rlhf_jax demo: InstructGPT at small scale",
         "",
-        f"Seed {results['seed']}, {'quick' if results['quick'] else 'full'} run, "
-        f"{results['total_s'] / 60:.1f} min wall time on this machine ({', '.join(f'{k} {v:.0f}s' for k, v in results['timings_s'].items())}).",
+        f"Seed(s) {seeds}, {'quick' if first['quick'] else 'full'} run, {len(first['rounds'])} RLHF round(s), "
+        f"{total / 60:.1f} min wall time on this machine in all.",
+        "",
+    ]
+    for x in results:
+        lines.append(
+            f"- seed {x['seed']}: {x['total_s'] / 60:.1f} min "
+            f"({', '.join(f'{k} {v:.0f}s' for k, v in x['timings_s'].items())})"
+        )
+    lines += [
+        "",
+        "Intervals: 95% bootstrap over held-out prompts pooled across the seeds (prompt sampling, not "
+        "seed-to-seed training variance); a target is met only when the lower end clears it.",
         "",
         results_table(results),
         "",
-        f"| model | params | mean gold score (held-out, {decoding}) | held-out pretraining loss |",
-        "|---|---|---|---|",
+        "## Rounds (iterated RLHF: new comparisons on the last policy, an RM on all of them, PPO-ptx continued)",
+        "",
+        rounds_table(results),
+        "",
+        f"## Models (mean over seeds; held-out users, {decoding})",
+        "",
+        "| model | params | gold score | KL from SFT | held-out pretraining loss | win rate vs SFT |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {k} | {v['params']:,} | {v['gold']:.3f} | {v['heldout_loss']:.3f} |" for k, v in m.items()]
+    for name, v in first["models"].items():
+        per = [x["models"][name] for x in results]
+        kl = "—" if "kl" not in v else f"{np.mean([p['kl'] for p in per]):.2f}"
+        win = "—" if "win_vs_sft" not in v else _pct(pooled([p["win_vs_sft"] for p in per]))
+        lines.append(
+            f"| {name} | {v['params']:,} | {np.mean([p['gold'] for p in per]):.3f} | {kl} | "
+            f"{np.mean([p['heldout_loss'] for p in per]):.3f} | {win} |"
+        )
     lines += [
         "",
         f"![PPO curves]({plots['curves']})",
@@ -159,10 +303,12 @@ def write_report(root: Path, results: dict) -> Path:
         "",
         f"![over-optimisation]({plots['overopt']})",
         "",
-        f"## Samples (held-out prompts, {decoding})",
+        f"![alignment tax]({plots['tax']})",
+        "",
+        f"## Samples (seed {first['seed']}, held-out prompts, {decoding})",
         "",
     ]
-    for name, v in m.items():
+    for name, v in first["models"].items():
         lines.append(f"**{name}**")
         lines += [f"- `{p}` -> `{r}`" for p, r in v["samples"]]
         lines.append("")
