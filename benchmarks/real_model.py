@@ -77,57 +77,11 @@ MAX_PROMPT_LEN = 64  # PPOConfig.max_prompt_len's default
 
 # ----------------------------------------------------------------------------- the synthetic chat set
 def _task(rng: random.Random) -> tuple[str, str, list[str]]:
-    """(instruction, correct answer, 3 worse answers, best first) of one random task."""
-    kind = rng.randrange(6)
-    if kind == 0:
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
-        return (
-            f"What is {a} + {b}?",
-            f"{a} + {b} = {a + b}.",
-            [f"{a} + {b} = {a + b + rng.choice((-10, 1, 10))}.", f"The answer is {a * b}.", "I like turtles."],
-        )
-    if kind == 1:
-        a, b = rng.randint(12, 49), rng.randint(12, 49)
-        tens, ones = b // 10 * 10, b % 10
-        steps = f"{a} x {b} = {a} x {tens} + {a} x {ones} = {a * tens} + {a * ones} = {a * b}."
-        return (
-            f"Multiply {a} by {b} and show the steps.",
-            steps,
-            [f"{a} x {b} = {a * b}.", f"{a} x {b} = {a + b}.", "Multiplication is repeated addition."],
-        )
-    if kind == 2:
-        words = rng.sample(["green", "river", "stone", "quiet", "apple", "winter", "silver", "paper", "cloud",
-                            "garden", "yellow", "window", "morning", "orange"], rng.randint(2, 5))  # fmt: skip
-        phrase = " ".join(words)
-        return (
-            f"Rewrite in capital letters: {phrase}",
-            phrase.upper(),
-            [phrase.title(), phrase, "Sure! Here is the text."],
-        )
-    if kind == 3:
-        a = rng.randint(1, 60)
-        b = a + rng.randint(2, 7)
-        seq = ", ".join(str(i) for i in range(a, b + 1))
-        return (
-            f"List the integers from {a} to {b}, separated by commas.",
-            seq,
-            [", ".join(str(i) for i in range(a, b)), " ".join(str(i) for i in range(a, b + 1)), f"{a} to {b}."],
-        )
-    if kind == 4:
-        name = rng.choice(["Alice", "Bob", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana"])
-        age = rng.randint(18, 90)
-        return (
-            f"Format as JSON with the keys name and age: {name} is {age} years old.",
-            f'{{"name": "{name}", "age": {age}}}',
-            [f'{{"name": "{name}", "age": "{age}"}}', f"name={name}, age={age}", f"{name} is {age}."],
-        )
-    xs = rng.sample(range(1, 100), rng.randint(3, 6))
-    listed = ", ".join(map(str, xs))
-    return (
-        f"Sort these numbers in ascending order: {listed}.",
-        ", ".join(map(str, sorted(xs))),
-        [", ".join(map(str, sorted(xs, reverse=True))), listed, "They are already sorted."],
-    )
+    """(instruction, correct answer, 3 worse answers, best first) of one random task (``rlhf_jax.tasks.chat``)."""
+    from rlhf_jax.tasks.chat import make_task
+
+    task = make_task(rng)
+    return task.instruction, task.answer, list(task.worse)
 
 
 def write_chat_data(out_dir: Path, *, seed: int = 0, demos: int = 96, groups: int = 32, prompts: int = 16) -> dict:
