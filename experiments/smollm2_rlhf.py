@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import inspect
 import json
-import logging
 import random
 import sys
 import time
@@ -66,8 +65,6 @@ from rlhf_jax.models import load_tokenizer  # noqa: E402
 from rlhf_jax.tasks import evaluate, tiny  # noqa: E402
 from rlhf_jax.tasks.chat import ChatTask, gold_score, make_task  # noqa: E402
 from rlhf_jax.tasks.world_labels import pair_agreement, thurstone_ranks  # noqa: E402
-
-log = logging.getLogger("smollm2_rlhf")
 
 # Standard-library modules whose docstrings are the pretraining text: even positions train, odd are held out.
 STDLIB = ("abc argparse ast asyncio base64 bisect calendar cmath codecs collections contextlib copy csv "
@@ -189,7 +186,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--labeler-sigma", type=float, default=0.35)
     ap.add_argument("--lora-rank", type=int, default=16)
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -199,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         result = fn()
         timings[name] = round(time.perf_counter() - t0, 1)
-        log.info("%s done in %.0f s", name, timings[name])
+        print(f"smollm2_rlhf: {name} done in {timings[name]:.0f} s", flush=True)
         return result
 
     if a.quick:
