@@ -197,12 +197,17 @@ def roundtrip_base(base: dict, lora) -> dict:
     if lora is None or lora.base_bits is None:
         return base
 
-    def f(name, w):
-        q = quantize_kernel(name, w, lora.base_bits)
-        deq = jax.vmap(lambda leaves: dequantize(leaves, w.shape[1:]))(q)  # layer by layer, as Linear does
-        return {"kernel": deq.astype(w.dtype)}
+    return _walk(base, lora.targets, lambda name, w: {"kernel": _roundtrip(w, name, lora.base_bits)})
 
-    return _walk(base, lora.targets, f)
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _roundtrip(w: Array, name: str, bits: int) -> Array:
+    """One stacked kernel [L, *in, *out] quantized, then dequantized layer by layer as ``Linear`` does."""
+    if bits == 8:
+        q = dict(zip(("kernel_q", "kernel_scale"), quantize_int8(w, tuple(range(1, 1 + IN_DIMS[name])))))
+    else:
+        q = dict(zip(("kernel_nf4", "kernel_absmax"), quantize_nf4(w, 1)))
+    return jax.vmap(lambda leaves: dequantize(leaves, w.shape[1:]))(q).astype(w.dtype)
 
 
 def quantize_shardings(base_sh: dict, lora) -> dict:
