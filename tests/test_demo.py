@@ -16,6 +16,7 @@ from rlhf_jax.drivers.ppo import build_networks
 from rlhf_jax.pipeline import read_jsonl
 from rlhf_jax.tasks import demo, evaluate, report
 from rlhf_jax.train_loop import read_metrics
+from tests import stage_fixtures as F
 
 STAGES = ("base", "base_big", "sft", "sft_big", "rm", "ppo_ptx", "ppo", "ppo_nokl", "round_1/rm", "round_1/ppo_ptx")
 MODELS = ("SFT", "SFT big", "PPO", "PPO-ptx", "PPO-ptx, round 1")
@@ -23,8 +24,14 @@ MODELS = ("SFT", "SFT big", "PPO", "PPO-ptx", "PPO-ptx, round 1")
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo") / "run"
-    main(["demo", "--quick", "--rounds", "2", "--out", str(root)])
+    """The quick demo, run once per test session (both xdist workers read the same run)."""
+
+    def build(path):
+        main(["demo", "--quick", "--rounds", "2", "--out", str(path / "run")])
+        return {}
+
+    path, _ = F.build_once(tmp_path_factory, "demo_quick_rounds2", build)
+    root = path / "run"
     return root, json.loads((root / "results.json").read_text())
 
 
