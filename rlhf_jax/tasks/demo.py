@@ -141,7 +141,7 @@ class DemoConfig:
 def _run(**kw) -> RunConfig:
     # remat: the RunConfig default ("dots"). Measured 2026-11-30, the demo's PPO-ptx stage (12 iterations,
     # four interleaved pairs on a loaded 2-core machine): median 0.32-0.60 s/iteration with "dots"
-    # against 0.57-1.04 s with "none"; the slower PPO stages blamed on "dots" were load, not remat
+    # against 0.43-1.04 s with "none"; the slower PPO stages blamed on "dots" were load, not remat
     return RunConfig(**{"log_every": 10, "eval_every": 50, "save_every": 1000, "keep_last": 1, **kw})
 
 
