@@ -36,29 +36,7 @@ def qlora(bits: int) -> LoRAConfig:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_device_and_compilation_cache(tmp_path_factory):
-    """As tests/test_lora.py: one device and a persistent compilation cache; old settings restored."""
-    import functools
-
-    from jax._src import compilation_cache as cc
-
-    from rlhf_jax import sharding
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(sharding, "make_mesh", functools.partial(sharding.make_mesh, devices=jax.devices()[:1]))
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)):
-        jax.config.update(n, v)
-    cc.reset_cache()
-    yield
-    patch.undo()
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+    yield from F.one_device_and_compilation_cache(tmp_path_factory)
 
 
 @jax.jit
