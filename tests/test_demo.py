@@ -110,10 +110,11 @@ def test_round_1_continues_the_policy_against_the_sft_reference(demo_run):
     pcfg = PPOConfig(
         prompts=str(root / "data" / "prompts.jsonl"),
         policy=str(root / "ppo_ptx"),
+        reference=str(root / "sft"),
         reward=str(root / "round_1" / "rm"),
         out=str(root / "unused"),
     )
-    nets = build_networks(pcfg, reference=str(root / "sft"))
+    nets = build_networks(pcfg)
     _, sft_params, _ = checkpoint.load_model(root / "sft")
     _, prev_params, _ = checkpoint.load_model(root / "ppo_ptx", which="latest")
 

@@ -76,6 +76,12 @@ def test_adapters_start_as_a_no_op_split_join_and_merge():
     )
 
 
+def test_a_separate_kl_reference_with_lora_is_refused():
+    """With LoRA the KL reference is the policy's own frozen base; another one is a config error."""
+    with pytest.raises(ValueError, match="PPOConfig.reference"):
+        PPOConfig(prompts="p", policy="ppo", reference="sft", reward="rm", out="o", lora=LoRAConfig(rank=4))
+
+
 def test_ppo_reference_logprobs_are_the_sft_model_bitwise():
     """With LoRA the KL reference is the policy's frozen base: its log-probs equal those of the
     un-adapted SFT model bitwise, while the adapted policy's differ."""

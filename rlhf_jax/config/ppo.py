@@ -145,7 +145,9 @@ class PPOHyperparams:
 class PPOConfig:
     """A PPO / PPO-ptx run: data, models, cadence, optimizer, and the algorithm's ``hparams``.
 
-    The policy and the KL reference both start from ``policy``; the value network from
+    The policy and the KL reference both start from ``policy`` (the reference from ``reference``
+    when that is set: iterated RLHF, where ``policy`` is the previous round's PPO run and its
+    latest checkpoint is taken); the value network from
     ``reward`` (InstructGPT). With ``ptx_data`` the objective adds ``hparams.ptx_coef`` x
     the pretraining LM loss (PPO-ptx); without it, plain PPO.
 
@@ -156,12 +158,15 @@ class PPOConfig:
     """
 
     prompts: str  # prompts file or hub name
-    policy: str  # an SFT run dir or HF dir: the initial policy AND the KL reference
+    policy: str  # an SFT run dir or HF dir: the initial policy AND (reference None) the KL reference
     reward: tuple[str, ...]  # reward-model run dirs (the first initialises the value function)
     out: str
     reward_weights: tuple[float, ...] | None = None  # one per reward, then per rule_reward; None: all 1
     rule_reward: tuple[str, ...] = ()  # "module:function": (prompt_ids, response_ids, response_mask) -> [B]
     ptx_data: str | None = None  # pretraining text; None = plain PPO
+    # the KL reference's run dir when it is not ``policy`` (iterated RLHF: the policy continues
+    # from the previous round's latest PPO checkpoint, the reference stays the SFT model)
+    reference: str | None = None
     max_steps: int = 100  # PPO iterations
     run: RunConfig = RunConfig(eval_every=10, save_every=10, log_every=1)
     max_prompt_len: int = 64
@@ -196,6 +201,10 @@ class PPOConfig:
                 f"PPOConfig.reward_weights: {len(self.reward_weights)} weights for {n} rewards "
                 f"({len(self.reward)} reward models, then {len(self.rule_reward)} rule rewards)",
             )
+        check(
+            self.reference is None or not self.lora.enabled,
+            "PPOConfig.reference: a separate KL reference is not supported with LoRA (the reference is the policy's base)",
+        )
         check(
             self.hparams.uses_critic or self.value_head == "separate",
             f"PPOConfig: value_head='shared' needs a critic, but estimator {self.hparams.estimator!r} is critic-free",

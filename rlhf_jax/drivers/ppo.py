@@ -38,15 +38,15 @@ PROMPT_BUCKETS = (("prompt_ids", "prompt_mask"), "prompt_mask", True)  # left-pa
 PTX_BUCKETS = (("ptx_input_ids", "ptx_attention_mask", "ptx_loss_mask"), "ptx_attention_mask", False)
 
 
-def build_networks(cfg: PPOConfig, *, reference: str | None = None) -> dict[str, Any]:
+def build_networks(cfg: PPOConfig) -> dict[str, Any]:
     """Policy, reference, value network (None when critic-free), the rewards, and the tokenizer.
 
     ``reward`` (a ``RewardSum``) and ``reward_params`` (one tree per reward model) hold every
     reward; ``rm`` / ``rm_params`` are the first reward model, which initialises the value network.
-    ``reference``: the KL reference's run directory when it is not ``cfg.policy`` (iterated RLHF:
-    the policy continues from the previous round's latest PPO policy, the reference stays SFT).
+    ``cfg.reference``: the KL reference's run directory when it is not ``cfg.policy`` (iterated
+    RLHF: the policy continues from the previous round's latest PPO policy, the reference stays SFT).
     """
-    run = cfg.run
+    run, reference = cfg.run, cfg.reference
     which = "best" if reference is None else "latest"
     policy, policy_params, tok = load_stage_model(cfg.policy, "lm", run, which=which)
     rms, rm_params = [], []
@@ -61,11 +61,9 @@ def build_networks(cfg: PPOConfig, *, reference: str | None = None) -> dict[str,
     reward = RewardSum(models=tuple(rms), rules=tuple(rules), weights=cfg.weights, names=tuple(names))
     ref_params = policy_params  # with LoRA also the policy's frozen base: one copy
     if reference is not None:
-        if cfg.lora.enabled:
-            raise ValueError("a separate KL reference is not supported with LoRA (the reference is the policy's base)")
         ref, ref_params, ref_tok = load_stage_model(reference, "lm", run)
         if ref.config != policy.config or tok.get_vocab() != ref_tok.get_vocab():
-            raise ValueError(f"--policy {cfg.policy} and the reference {reference} differ in model or tokenizer")
+            raise ValueError(f"--policy {cfg.policy} and --reference {reference} differ in model or tokenizer")
     ref_params = quant.quantize_base(ref_params, cfg.lora)  # QLoRA: the reference is the quantized base
     policy = with_lora(policy, cfg.lora)
     value_model, value_params = None, None
@@ -195,14 +193,11 @@ def make_evaluate(
     return evaluate
 
 
-def run_ppo(cfg: PPOConfig, *, gold_fn=None, reference: str | None = None) -> Path:
+def run_ppo(cfg: PPOConfig, *, gold_fn=None) -> Path:
     """Train PPO / PPO-ptx; returns the run directory.
 
     ``gold_fn(prompts: list[str], responses: list[str]) -> list[float]`` (optional, the
     built-in task's hidden preference) adds ``val/gold_score`` to each evaluation.
-    ``reference`` (optional): the KL reference's run directory, when the policy starts from
-    another model (``cfg.policy``, its latest checkpoint: a previous PPO run); recorded in the
-    run's config as ``"reference"``.
     """
     run, hp = cfg.run, cfg.hparams
     data_shards, fsdp_shards, _ = run.mesh.shape(jax.device_count())
@@ -213,7 +208,7 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None, reference: str | None = None) -> Pa
             "make it a multiple"
         )
     out = Path(cfg.out)
-    nets = build_networks(cfg, reference=reference)
+    nets = build_networks(cfg)
     policy, value_model, tok = nets["policy"], nets["value"], nets["tokenizer"]
 
     tokenize = lambda recs: data.tokenize_prompts(recs, tok, max_prompt_len=cfg.max_prompt_len)  # noqa: E731
@@ -311,5 +306,5 @@ def run_ppo(cfg: PPOConfig, *, gold_fn=None, reference: str | None = None) -> Pa
         memory_flags="--minibatch-size, --batch-size, --max-new-tokens, --max-prompt-len, --ptx-rows, "
         "--ptx-seq-len, --run.remat",
     )
-    train_loop.run(stage, run, mesh, out, config_json={**dataclasses.asdict(cfg), "reference": reference or cfg.policy})
+    train_loop.run(stage, run, mesh, out, config_json=dataclasses.asdict(cfg))
     return out

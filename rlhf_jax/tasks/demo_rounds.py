@@ -10,7 +10,7 @@ Round 0 is the demo's own reward model and PPO-ptx run. Round r >= 1:
      (``pipeline.union_of_comparisons``), its steps scaled with the number of ranked groups
      so that it passes over them as often as round 0's RM passed over its own;
   3. continues PPO-ptx from round r-1's policy (its latest EMA params) against the new RM,
-     the KL reference still the SFT model (``run_ppo(..., reference=sft)``).
+     the KL reference still the SFT model (``PPOConfig.reference``).
 
 Each round is judged on the held-out users' prompts: gold score, win rate over SFT (per
 prompt, for the bootstrap), KL from SFT (k1 on the policy's own temperature-1 samples),
@@ -211,13 +211,13 @@ def run_rounds(cfg, prep, judge: Judge, ppo_ptx_dir: Path, rm_held: list[dict], 
         new_rm = run_rm(rm_config(cfg, union, prep.sft, prep.files["demonstrations"], rdir / "rm", steps))
         pcfg = ppo_config(cfg, prep, rdir / "ppo_ptx", ptx=True)
         pcfg = dataclasses.replace(
-            pcfg, policy=str(policy_dir), reward=str(new_rm), run=dataclasses.replace(pcfg.run, seed=cfg.seed + r)
-        )
-        new_policy = run_ppo(
             pcfg,
-            gold_fn=gold_fn(prep.world),
+            policy=str(policy_dir),
             reference=str(prep.sft),
+            reward=str(new_rm),
+            run=dataclasses.replace(pcfg.run, seed=cfg.seed + r),
         )
+        new_policy = run_ppo(pcfg, gold_fn=gold_fn(prep.world))
         timings[f"round_{r}"] = time.perf_counter() - t0
         entries.append(
             _round_entry(
