@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.hf_config import CheckpointError, config_from_hf, config_to_hf, read_config, read_json
+from rlhf_jax.models.hf_config import config_from_hf, config_to_hf
+from rlhf_jax.models.hf_config_fields import CheckpointError, read_config, read_json
 from rlhf_jax.models.hf_weights import abstract_params, hf_shapes, params_from_hf, params_to_hf, weight_table
 from rlhf_jax.models.transformer import CausalLM
 

@@ -1,7 +1,9 @@
 """Hugging Face config.json <-> ModelConfig, for the supported families.
 
 Reading a config.json (or any JSON file of a checkpoint directory) gives a CheckpointError
-naming the file when it is not a JSON object.
+naming the file when it is not a JSON object; that, the field type checks and the RoPE
+and activation fields the families share are in :mod:`rlhf_jax.models.hf_config_fields`,
+and this module holds what each family makes of its fields, in both directions.
 
 transformers 4.x and 5.x spellings are both read (5.x moved the RoPE settings into
 ``rope_parameters``); anything that would change the computation and is not supported
@@ -13,133 +15,25 @@ is refused.
 
 from __future__ import annotations
 
-import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 from rlhf_jax.config import ModelConfig
+from rlhf_jax.models.hf_config_fields import (
+    LAYER_TYPES,
+    CheckpointError,
+    check_field_types,
+    read_activation,
+    read_config,
+    read_json,
+    read_rope,
+)
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be imported (the message says which file/tensor and why)."""
-
-
-def read_json(file: Path) -> dict:
-    """A JSON object from ``file``; CheckpointError naming the file if it is not one."""
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: cannot read JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def read_config(path: Path) -> dict:
-    """The parsed config.json of a Hugging Face model directory."""
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    return read_json(cfg_file)
-
+# CheckpointError, read_json and read_config live in hf_config_fields and stay importable from here.
+__all__ = ["SUPPORTED_MODEL_TYPES", "CheckpointError", "config_from_hf", "config_to_hf", "read_config", "read_json"]
 
 _LLAMA_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", *_LLAMA_TYPES, "gemma3_text")
-_LAYER_TYPES = ("full_attention", "sliding_attention")
-_ACTIVATIONS = {
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu": "gelu",
-    "silu": "silu",
-    "swish": "silu",
-}
-
-
-def _rope(hf: dict) -> tuple[float, float]:
-    """(theta, partial rotary factor) from a transformers 4.x or 5.x config dict."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type not in ("default", None):
-        raise CheckpointError(f"config.json: rope_type {rope_type!r} is not supported (only 'default' RoPE)")
-    theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
-    pct = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
-    return float(theta), float(pct)
-
-
-def _activation(hf: dict, key: str) -> str:
-    act = hf.get(key)
-    if not isinstance(act, str) or act not in _ACTIVATIONS:
-        raise CheckpointError(f"config.json: {key}={act!r} is not supported (supported: {sorted(_ACTIVATIONS)})")
-    return _ACTIVATIONS[act]
-
-
-# Fields read from config.json, by the type they must have when present (None = the default).
-_INT_FIELDS = (
-    "vocab_size",
-    "n_embd",
-    "n_layer",
-    "n_head",
-    "n_inner",
-    "n_positions",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_size",
-    "max_position_embeddings",
-    "sliding_window",
-    "sliding_window_pattern",
-)
-_FLOAT_FIELDS = (
-    "layer_norm_epsilon",
-    "layer_norm_eps",
-    "rms_norm_eps",
-    "rope_theta",
-    "rotary_emb_base",
-    "rotary_pct",
-    "partial_rotary_factor",
-    "rope_local_base_freq",
-    "query_pre_attn_scalar",
-    "attn_logit_softcapping",
-    "final_logit_softcapping",
-)
-_BOOL_FIELDS = (
-    "tie_word_embeddings",
-    "attention_bias",
-    "mlp_bias",
-    "use_parallel_residual",
-    "scale_attn_weights",
-    "scale_attn_by_inverse_layer_idx",
-    "use_sliding_window",
-    "use_bidirectional_attention",
-)
-
-
-def _check_field_types(hf: dict) -> None:
-    """Positive ints, positive finite numbers, booleans and objects where config.json must have them."""
-    for key in ("rope_parameters", "rope_scaling"):
-        if hf.get(key) is not None and not isinstance(hf[key], dict):
-            raise CheckpointError(f"config.json: {key} must be an object, got {type(hf[key]).__name__}")
-    rope = hf.get("rope_parameters") or {}
-    layer_types = hf.get("layer_types")
-    if layer_types is not None and (
-        not isinstance(layer_types, list) or not all(isinstance(t, str) and t in _LAYER_TYPES for t in layer_types)
-    ):
-        raise CheckpointError(f"config.json: layer_types={layer_types!r} must be a list of {list(_LAYER_TYPES)}")
-    for key in _BOOL_FIELDS:
-        if hf.get(key) is not None and not isinstance(hf[key], bool):
-            raise CheckpointError(f"config.json: {key}={hf[key]!r} must be true or false")
-    for key in _INT_FIELDS:
-        v = hf.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise CheckpointError(f"config.json: {key}={v!r} must be a positive int")
-    for key in _FLOAT_FIELDS:
-        for v in (hf.get(key), rope.get(key)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
-                raise CheckpointError(f"config.json: {key}={v!r} must be a positive number")
 
 
 def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
@@ -149,7 +43,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
       CheckpointError: an unsupported model type or feature, or a missing, mistyped or
         inconsistent field (the message names it).
     """
-    _check_field_types(hf)
+    check_field_types(hf)
     hf = {k: v for k, v in hf.items() if v is not None}  # null means absent: the default, or missing
     try:
         return _config_from_hf(hf, dtype)
@@ -179,7 +73,7 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
             intermediate_size=hf.get("n_inner"),
             max_position_embeddings=hf["n_positions"],
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            activation=_activation(hf, "activation_function"),
+            activation=read_activation(hf, "activation_function"),
             qkv_bias=True,
             out_bias=True,
             mlp_bias=True,
@@ -188,7 +82,7 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         )
     if model_type == "gemma3_text":
         return _gemma3_from_hf(hf, common)
-    theta, pct = _rope(hf)
+    theta, pct = read_rope(hf)
     if model_type == "gpt_neox":
         bias = hf.get("attention_bias", True)
         return ModelConfig(
@@ -199,7 +93,7 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
             intermediate_size=hf["intermediate_size"],
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             norm_eps=hf.get("layer_norm_eps", 1e-5),
-            activation=_activation(hf, "hidden_act"),
+            activation=read_activation(hf, "hidden_act"),
             rope_theta=theta,
             rotary_pct=pct,
             qkv_bias=bias,
@@ -223,7 +117,7 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         intermediate_size=hf["intermediate_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        activation=_activation(hf, "hidden_act"),
+        activation=read_activation(hf, "hidden_act"),
         rope_theta=theta,
         rotary_pct=pct,
         qkv_bias=attn_bias,
@@ -240,7 +134,7 @@ def _gemma3_rope(hf: dict) -> dict:
     transformers 5's per-layer-type ``rope_parameters`` or 4.x's rope_theta / rope_local_base_freq /
     rope_scaling (which applies to the full-attention layers)."""
     params = hf.get("rope_parameters") or {}
-    if params and not all(isinstance(params.get(k, {}), dict) for k in _LAYER_TYPES):
+    if params and not all(isinstance(params.get(k, {}), dict) for k in LAYER_TYPES):
         raise CheckpointError("config.json: gemma3_text rope_parameters must map layer types to objects")
     full = dict(params.get("full_attention") or {})
     local = dict(params.get("sliding_attention") or {})
@@ -290,7 +184,7 @@ def _gemma3_from_hf(hf: dict, common: dict) -> ModelConfig:
         intermediate_size=hf["intermediate_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 131_072),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        activation=_activation(
+        activation=read_activation(
             {"hidden_activation": hf.get("hidden_activation", hf.get("hidden_act"))}, "hidden_activation"
         ),
         rope_theta=rope["full_attention"][0],

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import ModelConfig
-from rlhf_jax.models.hf_config import CheckpointError
+from rlhf_jax.models.hf_config_fields import CheckpointError
 from rlhf_jax.models.transformer import CausalLM
 
 # Non-parameter buffers that some checkpoints carry.
