@@ -7,7 +7,8 @@ count) in their own phrasing style, labelers who write demonstrations with reali
 errors, and a hidden gold preference (correct, concise, properly ended answers; see
 :mod:`rlhf_jax.tasks.world_labels`) that labelers rank samples by through Thurstone
 noise calibrated to InstructGPT's ~73% inter-labeler agreement. Pure Python + numpy,
-deterministic from ``WorldConfig.seed``::
+deterministic from ``WorldConfig.seed`` (every knob: :mod:`rlhf_jax.tasks.world_config`;
+the word-level tokenizer and chat template: :mod:`rlhf_jax.tasks.world_tokenizer`)::
 
     world = World(WorldConfig(seed=0))
     tok = world.build_tokenizer(run_dir / "tokenizer")
@@ -26,16 +27,14 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from rlhf_jax.tasks import world_labels as wl
+from rlhf_jax.tasks.world_config import WorldConfig
 from rlhf_jax.tasks.world_lang import (
-    FAMILIES,
     NOUN_GROUPS,
     STYLES,
     all_words,
@@ -45,90 +44,9 @@ from rlhf_jax.tasks.world_lang import (
     family_of,
     make_prompt,
 )
+from rlhf_jax.tasks.world_tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, train_word_tokenizer
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "World", "WorldConfig", "correct_answer", "family_of"]
-
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>")
-#: Role markers are single tokens; an assistant turn ends with ``<eos>``.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
-    "{% elif m['role'] == 'assistant' %}<|assistant|> {{ m['content'] }} <eos> "
-    "{% else %}<|system|> {{ m['content'] }} {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorldConfig:
-    """Everything that decides the world; the same config gives the same files, byte for byte.
-
-    Attributes:
-      seed: the root of every random stream.
-      num_users: simulated users (ids ``u000``...); prompts are split by these.
-      prompts_per_user: distinct prompts each user asks.
-      families: the instruction families in use (a subset of ``world_lang.FAMILIES``).
-      main_style_prob: how often a user phrases a prompt in their own style (else another).
-      family_concentration: Dirichlet concentration of each user's family preference
-        (small: users specialise; large: every user asks every family equally).
-      list_len: inclusive (min, max) words in a prompt's list (replace caps at 4).
-      demo_error_rate: fraction of demonstrations with one labeler error (a dropped,
-        duplicated, swapped, wrong or cut-off word, or filler before / after the answer).
-      demo_filler_rate: fraction of the otherwise error-free demonstrations that the labeler
-        wraps in filler ("sure , here it is : ..." / "... hope this helps"): a verbose house
-        style that SFT imitates and the gold preference (and so the rankings) dislikes.
-      pretrain_docs, heldout_docs: documents written to pretrain.jsonl / pretrain_heldout.jsonl.
-      filler_penalty, filler_cap, bad_end_penalty, no_eos_penalty: the gold preference's
-        style terms (see ``world_labels``).
-      labeler_sigma: std of the Thurstone noise on gold scores. 0.52 is calibrated so that
-        two labelers agree on 73% of pairs of SFT-like samples (``World.synthetic_responses``
-        pools, K = 4..9: measured 0.729, range 0.721-0.738, over world seeds 0-4 with 2000
-        pools each); one labeler agrees with the gold order on about 82% of pairs, the
-        ceiling of a reward model's accuracy against the gold preference.
-      labeler_spread: log-normal spread of each labeler's personal weight on style.
-      num_labelers: labelers who share the ranking work.
-    """
-
-    seed: int = 0
-    num_users: int = 40
-    prompts_per_user: int = 30
-    families: tuple[str, ...] = FAMILIES
-    main_style_prob: float = 0.85
-    family_concentration: float = 1.0
-    list_len: tuple[int, int] = (3, 5)
-    demo_error_rate: float = 0.2
-    demo_filler_rate: float = 0.0
-    pretrain_docs: int = 20000
-    heldout_docs: int = 1000
-    filler_penalty: float = 0.1
-    filler_cap: int = 5
-    bad_end_penalty: float = 0.3
-    no_eos_penalty: float = 0.5
-    labeler_sigma: float = 0.52
-    labeler_spread: float = 0.25
-    num_labelers: int = 8
-
-    def __post_init__(self) -> None:
-        def check(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"WorldConfig: {msg}")
-
-        check(self.num_users > 0 and self.prompts_per_user > 0, "num_users and prompts_per_user must be > 0")
-        check(bool(self.families) and set(self.families) <= set(FAMILIES), f"families must be a subset of {FAMILIES}")
-        check(0.0 <= self.main_style_prob <= 1.0, "main_style_prob must be in [0, 1]")
-        check(self.family_concentration > 0, "family_concentration must be > 0")
-        check(2 <= self.list_len[0] <= self.list_len[1] <= 5, "list_len must satisfy 2 <= min <= max <= 5")
-        check(0.0 <= self.demo_error_rate <= 1.0, "demo_error_rate must be in [0, 1]")
-        check(0.0 <= self.demo_filler_rate <= 1.0, "demo_filler_rate must be in [0, 1]")
-        check(self.pretrain_docs > 0 and self.heldout_docs > 0, "pretrain_docs and heldout_docs must be > 0")
-        check(self.labeler_sigma >= 0 and self.labeler_spread >= 0, "labeler_sigma and labeler_spread must be >= 0")
-        check(self.num_labelers >= 2, "num_labelers must be >= 2")
-
-    @property
-    def gold_weights(self) -> wl.GoldWeights:
-        """The style terms of the gold preference."""
-        return wl.GoldWeights(self.filler_penalty, self.filler_cap, self.bad_end_penalty, self.no_eos_penalty)
 
 
 def _text_seed(text: str) -> int:
@@ -360,29 +278,7 @@ class World:
         prompts = self.prompts()
         texts += [p["prompt"] for p in prompts] + [d["response"] for d in self.demonstrations(prompts)]
         texts.append(" ".join(all_words()))
-        core = Tokenizer(models.WordLevel(unk_token="<unk>"))
-        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        trainer = trainers.WordLevelTrainer(vocab_size=1000, min_frequency=1, special_tokens=list(SPECIAL_TOKENS))
-        core.train_from_iterator(texts, trainer=trainer)
-        # The trainer orders words by frequency; rebuild with a sorted vocabulary so ids do not depend on
-        # how ties in frequency are broken (the same world always has the same ids).
-        words = sorted(w for w in core.get_vocab() if w not in SPECIAL_TOKENS)
-        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + tuple(words))}
-        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok = PreTrainedTokenizerFast(
-            tokenizer_object=core,
-            pad_token="<pad>",
-            eos_token="<eos>",
-            unk_token="<unk>",
-            additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
-        )
-        tok.chat_template = CHAT_TEMPLATE
-        missing = [w for w in all_words() if w not in vocab]
-        if missing:  # pragma: no cover - all_words() is part of the training text
-            raise RuntimeError(f"tokenizer is missing words of the language: {missing}")
-        tok.save_pretrained(str(out_dir))
-        return tok
+        return train_word_tokenizer(texts, out_dir)
 
     def write_files(
         self, out_dir: str | Path, *, chat: bool = False, demo_users: Collection[str] | None = None
