@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.models.layers import Norm, constrain, dense, positions_from_mask, rotary, softcap
+from rlhf_jax.models.matmul import mixed_matmul
 
 Array = jax.Array
 
@@ -186,11 +187,14 @@ def _attend(qg: Array, k: Array, v: Array, allowed: Array, scale: float, cap: fl
     probabilities instead of holding [B, H, T, S] float32 per layer (at T = 512 the probs
     of 30 layers alone would take 2.3 GB for 8 rows). The recomputed part is 2 of the
     layer's ~14 matmul FLOPs per token at T = 512 and fewer at shorter T.
+
+    Both matmuls take q's / v's dtype (the compute dtype) and accumulate in float32
+    (``models.matmul``); the scores, the softmax and the probabilities' gradient stay float32.
     """
     g = qg.shape[2] // allowed.shape[1]
-    scores = jnp.matmul(qg, k).astype(jnp.float32) * scale  # [B, Hkv, G*T, S]
+    scores = mixed_matmul(qg, k, qg.dtype) * scale  # [B, Hkv, G*T, S] float32
     scores = softcap(scores, cap)
     mask = jnp.tile(allowed, (1, g, 1))[:, None]  # [B, 1, G*T, S], rows ordered (g, t)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, Hkv, G*T, S]
-    return jnp.matmul(probs, v)  # [B, Hkv, G*T, Dh]
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, Hkv, G*T, S] float32
+    return mixed_matmul(probs, v, v.dtype).astype(v.dtype)  # [B, Hkv, G*T, Dh]

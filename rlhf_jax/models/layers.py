@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import ModelConfig
+from rlhf_jax.models.matmul import mixed_matmul
 from rlhf_jax.models.quant import QUANT_LEAVES, qmatmul
 
 Array = jax.Array
@@ -131,8 +132,10 @@ class Linear(nn.Module):
         x2 = x.astype(dtype).reshape(math.prod(lead), math.prod(in_shape))  # [N, K]
         km = (math.prod(in_shape), math.prod(self.features))
         quantized = {k: self.get_variable("params", k) for k in QUANT_LEAVES if self.has_variable("params", k)}
+        # Compute-dtype operands, float32 accumulation (models.matmul); the adapter and the bias
+        # are added in float32 and the sum rounded once (all of it a no-op in float32).
         if quantized:  # a QLoRA base (models.quant): this layer's kernel dequantized on the fly
-            y2 = qmatmul(x2, quantized, km, dtype)  # [N, M]
+            y2 = qmatmul(x2, quantized, km, dtype)  # [N, M] float32
         else:
             kernel = self.param(
                 "kernel",
@@ -140,7 +143,7 @@ class Linear(nn.Module):
                 (*in_shape, *self.features),
                 to_dtype(cfg.param_dtype),
             )
-            y2 = x2 @ kernel.astype(dtype).reshape(km)  # [N, K] @ [K, M] -> [N, M]
+            y2 = mixed_matmul(x2, kernel.reshape(km), dtype)  # [N, K] @ [K, M] -> [N, M] float32
         if cfg.lora is not None and self.name in cfg.lora.targets:
             y2 = y2 + self.adapter(x2, in_shape)
         y = y2.reshape(*lead, *self.features)  # [*lead, *features]
@@ -151,11 +154,12 @@ class Linear(nn.Module):
                 self.features,
                 to_dtype(cfg.param_dtype),
             )
-            y = y + bias.astype(dtype)
-        return y
+            y = y + bias.astype(jnp.float32)
+        return y.astype(dtype)
 
     def adapter(self, x2: Array, in_shape: tuple[int, ...]) -> Array:
-        """LoRA's update ``(alpha / r) * (x A) B`` [N, M] of the flat inputs x2 [N, K].
+        """LoRA's update ``(alpha / r) * (x A) B`` [N, M] float32 of the flat inputs x2 [N, K]
+        (``x A`` rounded to the compute dtype in between, both products accumulated in float32).
 
         A [*in_shape, r] starts like PEFT's (uniform, bound 1 / sqrt(fan_in)), B [r, *features]
         at zero, so a new adapter leaves the model unchanged; both carry the kernel's logical
@@ -172,9 +176,10 @@ class Linear(nn.Module):
         b = self.param("lora_b", param_init(nn.initializers.zeros, (None, *out_axes)), (lora.rank, *self.features), pdt)
         if lora.dropout > 0 and self.has_rng("dropout"):
             x2 = nn.Dropout(lora.dropout, deterministic=False, name="lora_dropout")(x2)
-        a2 = a.astype(dtype).reshape(x2.shape[1], lora.rank)  # [K, r]
-        b2 = b.astype(dtype).reshape(lora.rank, -1)  # [r, M]
-        return ((x2 @ a2) @ b2) * jnp.asarray(lora.scale, dtype)  # [N, M]
+        a2 = a.reshape(x2.shape[1], lora.rank)  # [K, r]
+        b2 = b.reshape(lora.rank, -1)  # [r, M]
+        xa = mixed_matmul(x2, a2, dtype).astype(dtype)  # [N, r]
+        return mixed_matmul(xa, b2, dtype) * jnp.asarray(lora.scale, jnp.float32)  # [N, M]
 
 
 def dense(cfg: ModelConfig, features, axes, *, use_bias: bool, name: str, in_dims: int = 1) -> Linear:

@@ -41,6 +41,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rlhf_jax.models.matmul import product
+
 Array = jax.Array
 
 # The 16 NF4 levels: quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0 (bitsandbytes' table).
@@ -135,22 +137,29 @@ def dequantize(leaves: dict[str, Array], shape: tuple[int, ...]) -> Array:
     return dequantize_nf4(leaves["kernel_nf4"], leaves["kernel_absmax"], shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def qmatmul(x2: Array, leaves: dict[str, Array], shape: tuple[int, int], dtype: Any) -> Array:
-    """``x2 [N, K] @ W [K, M]`` with W dequantized from ``leaves`` to ``dtype`` (``shape`` = (K, M))."""
-    return x2 @ dequantize(leaves, shape).astype(dtype)
+    """``x2 [N, K] @ W [K, M]`` -> [N, M] float32, with W dequantized from ``leaves`` (``shape`` =
+    (K, M)): both operands in ``dtype``, accumulated in float32 (``models.matmul``)."""
+    return _qmatmul(x2.astype(dtype), leaves, shape, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmatmul(x2: Array, leaves: dict[str, Array], shape: tuple[int, int], dtype: Any) -> Array:
+    return product(x2, dequantize(leaves, shape).astype(dtype))
 
 
 def _qmatmul_fwd(x2, leaves, shape, dtype):
-    return qmatmul(x2, leaves, shape, dtype), leaves  # keep the quantized slice, not the float W
+    return _qmatmul(x2, leaves, shape, dtype), leaves  # keep the quantized slice, not the float W
 
 
 def _qmatmul_bwd(shape, dtype, leaves, g):
     w = dequantize(leaves, shape).astype(dtype)  # [K, M], rebuilt for the backward pass
-    return g @ w.T, jax.tree.map(lambda _: None, leaves)  # the frozen base gets no gradient
+    # as models.matmul.mixed_matmul: the float32 cotangent cast to ``dtype``, accumulated in float32
+    dx = product(g.astype(dtype), w.T).astype(dtype)  # [N, K] in x2's dtype (``dtype``)
+    return dx, jax.tree.map(lambda _: None, leaves)  # the frozen base gets no gradient
 
 
-qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
 # ---------------------------------------------------------------------------- trees

@@ -40,6 +40,7 @@ from rlhf_jax.models.layers import (
     softcap,
     to_dtype,
 )
+from rlhf_jax.models.matmul import mixed_matmul
 
 Array = jax.Array
 __all__ = [
@@ -168,11 +169,12 @@ def unembedding(params: dict, config: ModelConfig) -> Array:
 
 def lm_logits(hidden: Array, unembed: Array, config: ModelConfig) -> Array:
     """Logits [..., V] float32 of final hidden states [..., D] and ``unembedding`` [D, V],
-    exactly as the model's LM head computes them (compute dtype, then final soft-capping)."""
+    exactly as the model's LM head computes them (compute-dtype operands accumulated in float32,
+    ``models.matmul``; then final soft-capping)."""
     dtype = to_dtype(config.dtype)
     lead = hidden.shape[:-1]
     h2 = hidden.astype(dtype).reshape(-1, hidden.shape[-1])  # [N, D]
-    logits = (h2 @ unembed.astype(dtype)).reshape(*lead, unembed.shape[-1]).astype(jnp.float32)  # [..., V]
+    logits = mixed_matmul(h2, unembed, dtype).reshape(*lead, unembed.shape[-1])  # [..., V] float32
     return softcap(logits, config.final_logit_softcap)
 
 
