@@ -5,8 +5,9 @@
     python experiments/compare_methods.py --from runs/demo --out runs/compare   # reuse a demo's SFT + RM
 
 One SFT model and one reward model (the demo's stages 1-5, ``rlhf_jax.tasks.demo.prepare``,
-or those of an existing demo directory given with ``--from``; the big SFT model is not
-trained), then from that SFT model:
+or those of an existing demo directory given with ``--from``; the big SFT model is trained
+only as the RM's initialisation, ``DemoConfig.rm_init``, the demo's default ``sft_big``; a
+``--from`` directory keeps the initialisation its RM was trained from), then from that SFT model:
 
 * ``PPO-ptx``: the demo's PPO-ptx run exactly (GAE, value network, 64 episodes per iteration,
   minibatch 16, 1 epoch, KL 0.1 in the reward (k1), gamma 27.8 with 8 pretraining rows per
@@ -37,6 +38,7 @@ Results go to ``<out>/results.json`` and ``<out>/results.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -164,6 +166,10 @@ def run(args: argparse.Namespace) -> dict:
         for stage in ("sft", "rm"):
             if not (Path(args.from_dir) / stage / "model.json").is_file():
                 raise SystemExit(f"--from {args.from_dir}: no finished {stage} run there")
+        # the RM's initialisation as trained there (demos before DemoConfig.rm_init: the SFT model)
+        with checkpoint.Checkpointer(Path(args.from_dir) / "rm" / "checkpoints") as ck:
+            rm_init = Path(ck.restore_meta()["config"]["init"]).name
+        cfg = dataclasses.replace(cfg, rm_init="sft_big" if rm_init == "sft_big" else "sft")
     rankings_file = Path(cfg.out) / "data" / "rankings.jsonl"
     rankings_before = rankings_file.read_bytes() if args.from_dir and rankings_file.is_file() else None
     prep_timings: dict[str, float] = {}

@@ -95,11 +95,14 @@ def test_round_1_rm_trains_on_all_comparisons_so_far(demo_run):
     union = read_jsonl(root / "round_1" / "all_rankings.jsonl")
     assert new and union == first + new
     assert results["rounds"][1]["comparisons_total"] == len(first) + len(new)
-    # its steps scale with the data (as often over each comparison as round 0's RM), from the SFT model
+    # its steps scale with the data (as often over each comparison as round 0's RM)
     assert results["rounds"][1]["rm_steps"] == max(1, round(results["rounds"][0]["rm_steps"] * len(union) / len(first)))
     meta = checkpoint.Checkpointer(root / "round_1" / "rm" / "checkpoints").restore_meta()
     assert meta["config"]["data"] == str(root / "round_1" / "all_rankings.jsonl")
-    assert meta["config"]["init"] == str(root / "sft")
+    # every round's RM starts from DemoConfig.rm_init, as round 0's does
+    init = str(root / results["config"]["rm_init"])
+    assert meta["config"]["init"] == init
+    assert checkpoint.Checkpointer(root / "rm" / "checkpoints").restore_meta()["config"]["init"] == init
 
 
 def test_round_1_continues_the_policy_against_the_sft_reference(demo_run):
@@ -123,6 +126,12 @@ def test_round_1_continues_the_policy_against_the_sft_reference(demo_run):
 
     assert same(nets["ref_params"], sft_params) and same(nets["policy_params"], prev_params)
     assert not same(sft_params, prev_params)
+    # the value network is a copy of the RM, which has the size of DemoConfig.rm_init's model (sft_big)
+    init_model, _, _ = checkpoint.load_model(root / "sft_big")
+    shape = lambda c: (c.hidden_size, c.num_layers)  # noqa: E731
+    assert shape(nets["value"].config) == shape(nets["rm"].config) == shape(init_model.config)
+    assert same(nets["value_params"], nets["rm_params"])
+    assert shape(nets["policy"].config) != shape(init_model.config)
 
 
 def test_report_pools_seeds(demo_run, tmp_path):
@@ -142,6 +151,9 @@ def test_seeds_flag():
             demo.DemoConfig(seeds=bad)
     with pytest.raises(ValueError):
         demo.DemoConfig(rounds=0)
+    assert demo.DemoConfig().rm_init == "sft_big"
+    with pytest.raises(ValueError):
+        demo.DemoConfig(rm_init="base")
 
 
 def test_weighted_bootstrap_and_matched_kl():

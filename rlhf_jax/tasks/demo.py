@@ -6,9 +6,11 @@ Stages (each an ordinary rlhf_jax run directory under ``--out``):
   3. ``sft``: supervised fine-tuning on demonstrations with 10% pretraining mix
      (the paper's PPO-init model); ``sft_big`` from ``base_big`` the same way;
   4. rankings: K = 4..9 samples per prompt from ``sft``, ranked by simulated labelers;
-  5. ``rm``: the reward model from ``sft``, demonstrations bias set to mean 0;
+  5. ``rm``: the reward model from ``sft_big`` (``--rm-init``; InstructGPT's one 6B RM served
+     every policy size), demonstrations bias set to mean 0;
   6. ``ppo_ptx`` (gamma 27.8), ``ppo`` (gamma 0) and ``ppo_nokl`` (beta 0, for the
-     over-optimisation curve), each from ``sft`` against ``rm``;
+     over-optimisation curve), each from ``sft`` against ``rm``, the value network
+     initialised from ``rm``;
   7. evaluation on held-out users' prompts with the gold preference, the held-out
      pretraining loss, and ``report.md`` with plots;
   8. ``--rounds N``: N - 1 further rounds of iterated RLHF (new rankings of the last PPO-ptx
@@ -29,7 +31,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -62,6 +64,12 @@ class DemoConfig:
       big_step_fraction: the big model's pretraining and SFT steps, as a fraction of the
         small one's (1.0: the same data; ``--quick`` shortens it, the slowest stage).
       rm_learning_rate: the reward model's peak learning rate.
+      rm_init: the model every reward model (round 0's and each round's retrained one) is
+        initialised from: ``"sft_big"``, the big SFT model, as InstructGPT used one 6B RM for
+        its 1.3B, 6B and 175B policies (larger than the small policy, not the policy's own SFT
+        model); ``"sft"``: the policy's own SFT model. PPO's value network is initialised from
+        the RM, so it has the RM's size. ``sft_big`` makes :func:`prepare` train the big models
+        even with ``big=False``.
       ppo_learning_rate, ppo_ema_decay: PPO's constant learning rate and the decay of the
         EMA policy that is evaluated and exported (0.992 as in the paper; ``--quick``'s 12
         iterations need a shorter average).
@@ -91,6 +99,7 @@ class DemoConfig:
     big_step_fraction: float = 1.0
     rm_steps: int = 120
     rm_learning_rate: float = 1e-3
+    rm_init: Literal["sft", "sft_big"] = "sft_big"
     ppo_steps: int = 60
     ppo_learning_rate: float = 1e-4
     ppo_ema_decay: float = 0.992
@@ -104,6 +113,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError("DemoConfig.rounds must be >= 1")
+        if self.rm_init not in ("sft", "sft_big"):
+            raise ValueError(f"DemoConfig.rm_init must be 'sft' or 'sft_big', got {self.rm_init!r}")
         self.seed_list  # noqa: B018  (validates --seeds)
 
     @property
@@ -150,7 +161,9 @@ class Prepared:
     """What the demo's stages 1-5 leave: the world, its files and user split, SFT and RM.
 
     ``rng`` is the demo's generator after drawing the rankings' K (its evaluation goes on
-    drawing from it); ``base_big`` / ``sft_big`` are None when prepared without them.
+    drawing from it); ``base_big`` / ``sft_big`` are None when prepared without them;
+    ``rm_init`` is the model every reward model starts from (``sft`` or ``sft_big``,
+    ``DemoConfig.rm_init``).
     """
 
     world: World
@@ -166,6 +179,11 @@ class Prepared:
     rng: np.random.Generator
     base_big: Path | None = None
     sft_big: Path | None = None
+    rm_init: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.rm_init is None:
+            object.__setattr__(self, "rm_init", self.sft)
 
 
 def timed(timings: dict[str, float], name: str, fn):
@@ -179,7 +197,11 @@ def timed(timings: dict[str, float], name: str, fn):
 def prepare(cfg: DemoConfig, *, big: bool = True, timings: dict[str, float] | None = None) -> Prepared:
     """Stages 1-5 of the demo (world, base, SFT, rankings, RM; with ``big`` also the 4x larger
     base and SFT) under ``cfg.out``, skipping finished runs when re-run. ``timings`` collects
-    each stage's wall time. Other experiments on the built-in task start from here."""
+    each stage's wall time. Other experiments on the built-in task start from here.
+
+    The RM starts from ``cfg.rm_init``; when that is ``"sft_big"`` the big base and SFT models
+    are trained whatever ``big`` says (``big=False`` callers get the demo's own RM, so a
+    finished demo directory and a fresh ``prepare`` agree)."""
     cfg = cfg.scaled()
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -256,6 +278,7 @@ def prepare(cfg: DemoConfig, *, big: bool = True, timings: dict[str, float] | No
         return max(1, round(cfg.big_step_fraction * steps))
 
     base_dir = stage("pretrain", lambda: base("base", cfg.hidden_size, cfg.num_layers, cfg.pretrain_steps))
+    big = big or cfg.rm_init == "sft_big"
     big_dir = sft_big_dir = None
     if big:
         big_dir = stage(
@@ -289,9 +312,10 @@ def prepare(cfg: DemoConfig, *, big: bool = True, timings: dict[str, float] | No
         return path
 
     rankings_path = stage("rankings", collect)
+    rm_init = sft_big_dir if cfg.rm_init == "sft_big" else sft_dir
     rm_dir = stage(
         "rm",
-        lambda: run_rm(rm_config(cfg, rankings_path, sft_dir, files["demonstrations"], root / "rm", cfg.rm_steps)),
+        lambda: run_rm(rm_config(cfg, rankings_path, rm_init, files["demonstrations"], root / "rm", cfg.rm_steps)),
     )
     return Prepared(
         world=world,
@@ -307,14 +331,16 @@ def prepare(cfg: DemoConfig, *, big: bool = True, timings: dict[str, float] | No
         rng=rng,
         base_big=big_dir,
         sft_big=sft_big_dir,
+        rm_init=rm_init,
     )
 
 
-def rm_config(cfg: DemoConfig, rankings: Path, sft: Path, demonstrations: Path, out: Path, steps: int) -> RewardConfig:
-    """The demo's reward model: from ``sft`` on ``rankings``, the demonstrations' mean score set to 0."""
+def rm_config(cfg: DemoConfig, rankings: Path, init: Path, demonstrations: Path, out: Path, steps: int) -> RewardConfig:
+    """The demo's reward model: from ``init`` (``Prepared.rm_init``) on ``rankings``, the
+    demonstrations' mean score set to 0."""
     return RewardConfig(
         data=str(rankings),
-        init=str(sft),
+        init=str(init),
         out=str(out),
         demonstrations=str(demonstrations),
         max_steps=steps,

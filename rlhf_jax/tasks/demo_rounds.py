@@ -6,7 +6,8 @@ Round 0 is the demo's own reward model and PPO-ptx run. Round r >= 1:
   1. samples K = 4..9 responses (temperature 1) of round r-1's PPO-ptx policy on training
      users' prompts (the next ``ranking_prompts`` of them, wrapping around) and has the
      simulated labelers rank them;
-  2. trains a new reward model from the SFT model on the union of all comparisons so far
+  2. trains a new reward model from ``prep.rm_init`` (the big SFT model by default,
+     ``DemoConfig.rm_init``, as round 0's) on the union of all comparisons so far
      (``pipeline.union_of_comparisons``), its steps scaled with the number of ranked groups
      so that it passes over them as often as round 0's RM passed over its own;
   3. continues PPO-ptx from round r-1's policy (its latest EMA params) against the new RM,
@@ -208,7 +209,7 @@ def run_rounds(cfg, prep, judge: Judge, ppo_ptx_dir: Path, rm_held: list[dict], 
         union = union_of_comparisons(comparisons, rdir / "all_rankings.jsonl")
         n_union = len(read_jsonl(union))
         steps = max(1, round(cfg.rm_steps * n_union / n0))
-        new_rm = run_rm(rm_config(cfg, union, prep.sft, prep.files["demonstrations"], rdir / "rm", steps))
+        new_rm = run_rm(rm_config(cfg, union, prep.rm_init, prep.files["demonstrations"], rdir / "rm", steps))
         pcfg = ppo_config(cfg, prep, rdir / "ppo_ptx", ptx=True)
         pcfg = dataclasses.replace(
             pcfg,
