@@ -383,11 +383,9 @@ def jax_ppo(a: argparse.Namespace, paths: dict, *, ptx: bool) -> dict:
     import jax
     import numpy as np
 
-    from rlhf_jax import bench, checkpoint, data, sharding
+    from rlhf_jax import bench, bench_measure, checkpoint, data, sharding
     from rlhf_jax.config import RunConfig
-    from rlhf_jax.models.params import init_params
-    from rlhf_jax.optim import make_optimizer
-    from rlhf_jax.ppo import init_ppo_state, make_iteration
+    from rlhf_jax.ppo import make_iteration
 
     t0 = time.perf_counter()
     # the run's compute dtype on every network, as drivers/ppo.py's build_networks loads them (--run.dtype)
@@ -408,21 +406,10 @@ def jax_ppo(a: argparse.Namespace, paths: dict, *, ptx: bool) -> dict:
         host |= {"ptx_input_ids": t["input_ids"][:rows], "ptx_attention_mask": t["attention_mask"][:rows],
                  "ptx_loss_mask": t["loss_mask"][:rows]}  # fmt: skip
     mesh = _mesh()
-    steps = hp.updates_per_iteration
-    policy_opt, value_opt = make_optimizer(spec.optim, 10_000 * steps), make_optimizer(spec.optim, 10_000 * steps)
-
-    def init(pv):
-        return init_ppo_state(pv[0], pv[1], policy_opt, value_opt, kl_coef=hp.kl_coef, seed=0)
-
-    def boxed():
-        return init((init_params(policy, boxed=True), init_params(scalar, boxed=True)))
-
-    state, state_sh = sharding.shard_state(init, boxed, (policy_params, value_params), mesh)
-    ref_sh = sharding.param_shardings(lambda: init_params(policy, boxed=True), mesh)
-    rm_sh = sharding.param_shardings(lambda: init_params(scalar, boxed=True), mesh)
-    ref = jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), policy_params), ref_sh)
-    rm = jax.device_put(rm_params, rm_sh)
-    del policy_params, value_params, rm_params
+    placed = bench_measure.ppo_placement(policy, scalar, spec, (policy_params, value_params, rm_params), mesh, seed=0)
+    state, state_sh, ref, ref_sh = placed["state"], placed["state_sh"], placed["ref"], placed["ref_sh"]
+    rm, rm_sh, policy_opt, value_opt = placed["rm"], placed["rm_sh"], placed["policy_opt"], placed["value_opt"]
+    del policy_params, value_params, rm_params, placed
     batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in host.items()}
     # eos -1: no sampled token ends a response, so every episode has exactly PPO_NEW tokens (the peer's fixed work)
     iteration = jax.jit(make_iteration(hp, policy, scalar, scalar, policy_opt, value_opt, eos_token_id=-1,

@@ -191,6 +191,34 @@ class PPOBenchSpec:
     ptx_seq_len: int | None = None
 
 
+def ppo_placement(
+    policy: CausalLM, scalar: CausalLM, spec: PPOBenchSpec, params: tuple, mesh: Any, *, seed: int
+) -> dict:
+    """The sharded PPO state and frozen trees of a benchmark, as ``drivers/ppo.py`` places them.
+
+    ``params``: (policy, value, reward-model) param trees on the host; the reference is a copy of
+    the policy's. Returns ``state``, ``ref``, ``rm`` on the devices, their shardings (``*_sh``)
+    and the two optimizers (AdamW over a long schedule: benchmarks take few steps).
+    """
+    policy_params, value_params, rm_params = params
+    steps = spec.hparams.updates_per_iteration
+    policy_opt, value_opt = make_optimizer(spec.optim, 10_000 * steps), make_optimizer(spec.optim, 10_000 * steps)
+
+    def init(pv):
+        return init_ppo_state(pv[0], pv[1], policy_opt, value_opt, kl_coef=spec.hparams.kl_coef, seed=seed)
+
+    def boxed():
+        return init((init_params(policy, boxed=True), init_params(scalar, boxed=True)))
+
+    state, state_sh = sharding.shard_state(init, boxed, (policy_params, value_params), mesh)
+    ref_sh = sharding.param_shardings(lambda: init_params(policy, boxed=True), mesh)
+    rm_sh = sharding.param_shardings(lambda: init_params(scalar, boxed=True), mesh)
+    ref = jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), policy_params), ref_sh)
+    rm = jax.device_put(rm_params, rm_sh)
+    return dict(state=state, state_sh=state_sh, ref=ref, ref_sh=ref_sh, rm=rm, rm_sh=rm_sh,
+                policy_opt=policy_opt, value_opt=value_opt)  # fmt: skip
+
+
 def measure_ppo(
     model_cfg: ModelConfig,
     mesh: Any,
@@ -210,21 +238,10 @@ def measure_ppo(
     """
     ppo = spec.hparams
     policy, scalar = CausalLM(model_cfg), CausalLM(model_cfg, head="scalar")
-    steps = ppo.updates_per_iteration
-    policy_opt, value_opt = make_optimizer(spec.optim, 10_000 * steps), make_optimizer(spec.optim, 10_000 * steps)
     policy_params, value_params, rm_params = random_params(policy), random_params(scalar), random_params(scalar)
-
-    def init(pv):
-        return init_ppo_state(pv[0], pv[1], policy_opt, value_opt, kl_coef=ppo.kl_coef, seed=seed)
-
-    def boxed():
-        return init((init_params(policy, boxed=True), init_params(scalar, boxed=True)))
-
-    state, state_sh = sharding.shard_state(init, boxed, (policy_params, value_params), mesh)
-    ref_sh = sharding.param_shardings(lambda: init_params(policy, boxed=True), mesh)
-    rm_sh = sharding.param_shardings(lambda: init_params(scalar, boxed=True), mesh)
-    ref = jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), policy_params), ref_sh)
-    rm = jax.device_put(rm_params, rm_sh)
+    p = ppo_placement(policy, scalar, spec, (policy_params, value_params, rm_params), mesh, seed=seed)
+    state, state_sh, ref, ref_sh, rm, rm_sh = p["state"], p["state_sh"], p["ref"], p["ref_sh"], p["rm"], p["rm_sh"]
+    policy_opt, value_opt = p["policy_opt"], p["value_opt"]
 
     rng = np.random.default_rng(seed)
     vocab, b = model_cfg.vocab_size, ppo.batch_size
