@@ -44,6 +44,13 @@ def test_kill_9_at_random_moments_then_resume_bitwise(world, tmp_path, stage):
     assert stats.resumes == KILLS[stage] + stats.sigterms
     assert stats.sigterms == (1 if stage == "ppo" else 0)
     K.assert_same_run(tmp_path / "killed", tmp_path / "reference")
+    if stage == "ppo":  # what PPO-ptx carries across a restart besides the networks
+        from tests import stage_fixtures as F
+
+        state, meta, _ = F.read_checkpoint(tmp_path / "killed")
+        assert set(state) >= {"policy", "value", "ema_params", "kl_coef", "iteration", "rng"}
+        assert float(state["kl_coef"]) != pytest.approx(0.02)  # the adaptive controller moved it
+        assert set(meta["iterators"]) == {"prompts", "ptx"}
     print(f"{stage}: {stats}")
 
 
