@@ -9,7 +9,9 @@ coefficient is measured against changes); it is stored in the run's model.json a
 added to the score head whenever the run is loaded. The driver is ``rlhf_jax.drivers.run_rm``.
 
 Batches: ``input_ids`` / ``attention_mask`` [B, K, L] (prompt + response + EOS, right
-padded), ``ranks`` [B, K] (0 = best), ``valid`` [B, K], ``end_index`` [B, K].
+padded), ``ranks`` [B, K] (0 = best), ``valid`` [B, K], ``end_index`` [B, K]; the trainer
+packs them (``data.pack_ranking_slots``): the valid slots' rows [N, L] and ``end_index``
+[N], their ``slot`` [N], ``ranks`` and ``valid`` unchanged.
 """
 
 from __future__ import annotations
@@ -37,7 +39,17 @@ def score_sequences(model: CausalLM, params: Any, input_ids: jax.Array, attentio
 
 
 def ranking_rewards(model: CausalLM, params: Any, batch: dict) -> jax.Array:
-    """Scores of every response slot: one forward pass per response -> [B, K]."""
+    """Scores of every response slot: one forward pass per response -> [B, K].
+
+    A batch packed by ``data.pack_ranking_slots`` (it has ``slot``) holds only the real
+    responses as rows [N, L]; their N scores are scattered back to their slots and the empty
+    slots score 0 (the ranking loss never reads them).
+    """
+    if "slot" in batch:
+        b, k = batch["ranks"].shape
+        values = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"]).values
+        scores = jnp.take_along_axis(values, batch["end_index"][:, None], axis=1)[:, 0]  # [N]
+        return jnp.zeros((b * k,), scores.dtype).at[batch["slot"]].set(scores, mode="drop").reshape(b, k)
     b, k, length = batch["input_ids"].shape
     flat_ids = batch["input_ids"].reshape(b * k, length)  # [B*K, L]
     flat_mask = batch["attention_mask"].reshape(b * k, length)

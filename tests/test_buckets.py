@@ -152,3 +152,74 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(family):
     np.testing.assert_allclose(float(ploss), float(loss), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(pg), jax.tree.leaves(g)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def _ranking_batch(ks, k_max, length, *, seed=0):
+    """Ranking groups with K = ks[b] real responses of random lengths; the other slots empty."""
+    rng = np.random.default_rng(seed)
+    b = len(ks)
+    ids = np.zeros((b, k_max, length), np.int32)
+    mask = np.zeros((b, k_max, length), np.int32)
+    end = np.zeros((b, k_max), np.int32)
+    ranks = np.full((b, k_max), -1, np.int32)
+    valid = np.zeros((b, k_max), bool)
+    for g, k in enumerate(ks):
+        for j in range(k):
+            n = int(rng.integers(3, length + 1))
+            ids[g, j, :n] = rng.integers(3, 50, n)
+            mask[g, j, :n] = 1
+            end[g, j] = n - 1
+        ranks[g, :k] = rng.permutation(k) // 2  # ties too
+        valid[g, :k] = True
+    return {"input_ids": ids, "attention_mask": mask, "end_index": end, "ranks": ranks, "valid": valid}
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_ranking_slots_pack_keeps_every_response(multiple):
+    from rlhf_jax.data import pack_ranking_slots
+    from rlhf_jax.data.buckets import NO_SLOT
+
+    batch = _ranking_batch([4, 9, 2, 6, 5], 9, 12)
+    out = pack_ranking_slots(batch, row_multiple=multiple, slot_offset=90)
+    n = 4 + 9 + 2 + 6 + 5
+    rows = out["input_ids"].shape[0]
+    assert rows >= n and rows % multiple == 0 and rows <= 45 + multiple
+    real = out["slot"] != NO_SLOT
+    assert real.sum() == n and not out["attention_mask"][~real].any()
+    for r in np.flatnonzero(real):
+        b, k = divmod(int(out["slot"][r]) - 90, 9)
+        assert batch["valid"][b, k]
+        np.testing.assert_array_equal(out["input_ids"][r], batch["input_ids"][b, k])
+        assert out["end_index"][r] == batch["end_index"][b, k]
+    assert out["ranks"] is batch["ranks"] and out["valid"] is batch["valid"]
+
+
+@pytest.mark.parametrize("mesh_devices", [1, 8])
+def test_packed_ranking_slots_give_the_loss_and_gradients_of_the_padded_batch(mesh_devices):
+    """The K-way ranking objective on the valid slots only (rows [N, L], scores scattered back
+    to [B, K]) equals the objective on every slot: float reassociation only, one device or
+    eight (the rows and the groups sharded over 'data')."""
+    import jax
+
+    from rlhf_jax import reward, sharding
+    from rlhf_jax.config import MeshConfig, ModelConfig, RewardHyperparams
+    from rlhf_jax.data import pack_ranking_slots
+    from rlhf_jax.models import CausalLM
+    from rlhf_jax.models.params import init_params
+
+    cfg = ModelConfig(family="llama", vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+    model = CausalLM(cfg, head="scalar")
+    params = init_params(model, jax.random.key(0))
+    batch = _ranking_batch([4, 9, 2, 6, 5, 3, 7, 8], 9, 16, seed=2)
+    packed = pack_ranking_slots(batch, row_multiple=mesh_devices)
+    assert packed["input_ids"].shape[0] < 8 * 9  # it dropped empty slots
+    mesh = sharding.make_mesh(MeshConfig(data=mesh_devices, fsdp=1, tensor=1), devices=jax.devices()[:mesh_devices])
+    hp = RewardHyperparams(center_coef=0.01)
+    grad = jax.jit(jax.value_and_grad(lambda p, b: reward.reward_objective(model, p, b, hp), has_aux=True))
+    (loss, metrics), g = grad(params, sharding.shard_batch(batch, mesh))
+    (ploss, pmetrics), pg = grad(params, sharding.shard_batch(packed, mesh))
+    for name in ("num_pairs", "accuracy", "reward_mean", "reward_std"):
+        np.testing.assert_allclose(float(pmetrics[name]), float(metrics[name]), rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(float(ploss), float(loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(pg), jax.tree.leaves(g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

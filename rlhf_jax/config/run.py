@@ -83,7 +83,8 @@ class RunConfig:
     max_prompts_per_user: int | None = None  # keep at most this many rows per user id (InstructGPT: 200)
     dtype: DType = "float32"  # compute dtype (params stay float32)
     # "pack": SFT / pretraining rows are packed, whole, into fewer rows of a bucket length (segment ids
-    # keep the examples apart), everything else as "bucket"; "bucket": each batch is cut to the next
+    # keep the examples apart) and a reward model batch drops its empty response slots (K < max K),
+    # everything else as "bucket"; "bucket": each batch is cut to the next
     # bucket length above its longest row (16, 32, ... 512, then multiples of 256; the configured lengths
     # are caps); "max": every batch at the configured length
     pad_to: Literal["pack", "bucket", "max"] = "pack"

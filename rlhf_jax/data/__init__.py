@@ -11,7 +11,7 @@ numpy only; nothing here is traced by jax. The pipeline is::
 ``load_split_tokenize(source, kind, run_cfg, tokenize)`` does all of it for the stage drivers.
 """
 
-from rlhf_jax.data.buckets import bucket_length, pack_batch, trim_batch
+from rlhf_jax.data.buckets import bucket_length, pack_batch, pack_ranking_slots, trim_batch
 from rlhf_jax.data.encoding import check_vocab
 from rlhf_jax.data.iterators import BatchIterator
 from rlhf_jax.data.loading import load_split_tokenize
@@ -34,6 +34,7 @@ __all__ = [
     "TokenizedDataset",
     "bucket_length",
     "pack_batch",
+    "pack_ranking_slots",
     "cap_per_user",
     "check_vocab",
     "dedup_by_prefix",

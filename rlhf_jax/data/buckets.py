@@ -173,3 +173,49 @@ def pack_batch(
                 out[target_mask_key][r, start] = 0
             start += n
     return {**out, "segment_ids": segment_ids, "position_ids": position_ids}
+
+
+NO_SLOT = np.iinfo(np.int32).max  # the slot of a padding row: out of range, dropped by the scatter
+
+
+def pack_ranking_slots(batch: dict, *, row_multiple: int = 1, slot_offset: int = 0) -> dict:
+    """A K-way ranking batch's real responses as rows: [B, K, L] -> [N, L].
+
+    Every prompt of a ranking batch has K slots, K the largest group in the data; with
+    InstructGPT's K = 4..9 a third of the slots are empty on average, and each empty slot
+    would cost a full forward and backward pass of the reward model. Only the valid slots
+    become rows, in (b, k) order; the row count N is rounded up by :func:`packed_row_count`
+    (a multiple of ``row_multiple``, the host's batch shards; at most ``ROW_STEPS`` counts
+    compile per length), the extra rows all padding. ``reward.ranking_rewards`` scatters
+    the N scores back into [B, K] by ``slot``; the ranking loss reads only valid slots, so
+    the loss and gradients are those of the unpacked batch up to float reassociation.
+
+    Args:
+      batch: ``input_ids`` / ``attention_mask`` [B, K, L], ``end_index`` / ``ranks`` /
+        ``valid`` [B, K] (``data.tokenize_rankings``' arrays).
+      row_multiple: N is a multiple of this.
+      slot_offset: added to every slot: this host's first slot in the global [B * K] batch
+        (``process_index * B * K`` when every host loads B prompts).
+
+    Returns:
+      ``input_ids`` / ``attention_mask`` [N, L] and ``end_index`` [N] of the valid slots,
+      ``slot`` [N] int32 (``slot_offset + b * K + k``; :data:`NO_SLOT` on padding rows), and
+      ``ranks`` / ``valid`` [B, K] as they were.
+
+    >>> valid = np.array([[True, True, False], [True, False, False]])
+    >>> out = pack_ranking_slots({"input_ids": np.arange(6).reshape(2, 3, 1), "attention_mask": np.ones((2, 3, 1)),
+    ...                           "end_index": np.zeros((2, 3), np.int32), "ranks": np.zeros((2, 3)), "valid": valid})
+    >>> out["input_ids"][:, 0].tolist(), out["slot"].tolist()
+    ([0, 1, 3], [0, 1, 3])
+    """
+    valid = np.asarray(batch["valid"]).astype(bool)  # [B, K]
+    b, k = valid.shape
+    flat = np.flatnonzero(valid.reshape(-1))  # [n] the valid slots, b * K + k
+    rows = packed_row_count(_agree_across_hosts(max(len(flat), 1)), row_multiple, b * k)
+    out: dict = {"ranks": batch["ranks"], "valid": batch["valid"]}
+    for name in ("input_ids", "attention_mask", "end_index"):
+        a = np.asarray(batch[name])
+        a = a.reshape(b * k, *a.shape[2:])[flat]  # [n, ...]
+        out[name] = np.concatenate([a, np.zeros((rows - len(flat), *a.shape[1:]), a.dtype)])
+    out["slot"] = np.concatenate([flat + slot_offset, np.full(rows - len(flat), NO_SLOT)]).astype(np.int32)
+    return out
