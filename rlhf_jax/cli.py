@@ -282,6 +282,32 @@ def _multihost_requested() -> bool:
     return int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
+COMPILE_CACHE_BYTES = 2 << 30  # the persistent compilation cache's size; jax evicts the least recently used
+
+
+def use_compile_cache() -> Path | None:
+    """Keep compiled programs on disk between runs and stages (jax's persistent compilation cache).
+
+    A demo's later rounds, a resumed run or the same command run again then load each step's
+    executable instead of compiling it again (only programs that took at least jax's
+    ``jax_persistent_cache_min_compile_time_secs``, 1 s, to compile are kept). The directory is
+    ``<cache>/jax_compile`` under ``$RLHF_JAX_CACHE`` or ``~/.cache/rlhf_jax``; a cache that
+    jax is already told of (``JAX_COMPILATION_CACHE_DIR``) is left alone, and
+    ``RLHF_JAX_COMPILE_CACHE=0`` turns it off. Cached programs are the compiled ones, so
+    results do not change. Returns the directory in use, None when off.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    if os.environ.get("RLHF_JAX_COMPILE_CACHE", "1") == "0":
+        return None
+    from rlhf_jax.models.gguf import default_cache_dir
+
+    path = default_cache_dir() / "jax_compile"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # force: importing orbax (through the drivers) already installed a root handler at WARNING
@@ -297,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         # called directly (not sharding.initialize_distributed, which tolerates a missing cluster):
         # a launch that asked for several hosts must fail loudly, not train alone on each host
         jax.distributed.initialize()
+    if not isinstance(args, BenchArgs):  # the benchmark reports compile times: it always compiles
+        use_compile_cache()
     if isinstance(args, DemoConfig):
         print(f"report: {run_demo(args)}")
     elif isinstance(args, SFTConfig):
