@@ -268,19 +268,31 @@ MESH_2x2x2 = MeshConfig(data=2, fsdp=2, tensor=2)
 MESH_8x1x1 = MeshConfig(data=8, fsdp=1, tensor=1)
 
 
-def one_device():
-    """Generator for a module fixture: the runs' meshes are built on the first of the 8 fake
-    devices (one-device programs compile fastest and have no collectives; meshes are tested in
-    test_sft.py, test_checkpoint.py and test_ppo.py). Repeated compiles of a resume test are hits
-    in the test session's persistent compilation cache (the root conftest.py)."""
+def one_device_and_compilation_cache(tmp_path_factory):
+    """Generator for a module fixture: runs on one device with a per-module persistent
+    compilation cache (repeated compiles of a resume test become cache hits); the old
+    settings come back afterwards."""
     import functools
 
     import jax
     import pytest
+    from jax._src import compilation_cache as cc
 
     from rlhf_jax import sharding
 
     patch = pytest.MonkeyPatch()
     patch.setattr(sharding, "make_mesh", functools.partial(sharding.make_mesh, devices=jax.devices()[:1]))
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {n: getattr(jax.config, n) for n in names}
+    for n, v in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)):
+        jax.config.update(n, v)
+    cc.reset_cache()
     yield
     patch.undo()
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()

@@ -130,9 +130,9 @@ def test_checkpoint_without_pad_token_gets_one_and_room_for_it(tmp_path):
     np.testing.assert_allclose(new[..., : len(tok)], old, atol=1e-6)  # old tokens' logits unchanged
 
 
-def test_compile_cache_goes_under_the_rlhf_jax_cache_and_can_be_turned_off(tmp_path):
-    """The CLI keeps compiled programs in ``$RLHF_JAX_CACHE/jax_compile`` (size-limited); a
-    directory jax was already given wins, and ``RLHF_JAX_COMPILE_CACHE=0`` turns it off."""
+def test_compile_cache_is_opt_in_under_the_rlhf_jax_cache(tmp_path):
+    """``RLHF_JAX_COMPILE_CACHE=1`` keeps compiled programs in ``$RLHF_JAX_CACHE/jax_compile``
+    (size-limited); unset, there is none; a directory jax was already given wins."""
     script = (
         "import jax; from rlhf_jax import cli; d = cli.use_compile_cache(); "
         "print(d, jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)"
@@ -140,6 +140,7 @@ def test_compile_cache_goes_under_the_rlhf_jax_cache_and_can_be_turned_off(tmp_p
 
     def run(**env_changes):
         env = {k: v for k, v in F.subprocess_env(1).items() if not k.startswith(("JAX_COMPILATION", "JAX_PERSISTENT"))}
+        env.pop("RLHF_JAX_COMPILE_CACHE", None)
         proc = subprocess.run(
             [sys.executable, "-c", script], env={**env, **env_changes}, capture_output=True, text=True, timeout=120
         )
@@ -147,7 +148,7 @@ def test_compile_cache_goes_under_the_rlhf_jax_cache_and_can_be_turned_off(tmp_p
         return proc.stdout.split()
 
     want = str(tmp_path / "jax_compile")
-    assert run(RLHF_JAX_CACHE=str(tmp_path)) == [want, want, str(cli.COMPILE_CACHE_BYTES)]
-    assert run(RLHF_JAX_CACHE=str(tmp_path), RLHF_JAX_COMPILE_CACHE="0") == ["None", "None", "-1"]
+    assert run(RLHF_JAX_CACHE=str(tmp_path)) == ["None", "None", "-1"]
+    assert run(RLHF_JAX_CACHE=str(tmp_path), RLHF_JAX_COMPILE_CACHE="1") == [want, want, str(cli.COMPILE_CACHE_BYTES)]
     mine = str(tmp_path / "mine")
     assert run(RLHF_JAX_CACHE=str(tmp_path), JAX_COMPILATION_CACHE_DIR=mine)[:2] == [mine, mine]

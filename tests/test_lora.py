@@ -32,8 +32,8 @@ CFG = ModelConfig(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_device():
-    yield from F.one_device()
+def one_device_and_compilation_cache(tmp_path_factory):
+    yield from F.one_device_and_compilation_cache(tmp_path_factory)
 
 
 def _perturbed(trainable: dict, scale: float = 0.05) -> dict:

@@ -35,8 +35,8 @@ def qlora(bits: int) -> LoRAConfig:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_device():
-    yield from F.one_device()
+def one_device_and_compilation_cache(tmp_path_factory):
+    yield from F.one_device_and_compilation_cache(tmp_path_factory)
 
 
 @jax.jit

@@ -11,8 +11,8 @@ one is in the checkpoint (and that the checkpoint holds nothing unlisted).
 
 The restarts here are in-process (a new ``run_*`` call resumes from the run directory);
 the new-process resumes are in test_sft.py, test_reward.py and test_kill.py. Each run
-re-jits its step; the test session's persistent compilation cache (the root conftest.py)
-makes the repeated compiles cheap, and the runs use one device.
+re-jits its step; a persistent compilation cache (a temporary directory, this module
+only) makes the repeated compiles cheap, and the runs use one device.
 """
 
 from __future__ import annotations
@@ -38,8 +38,38 @@ N = 3  # steps; every k in 1..N-1 is a restart point (epoch 0 is steps 1-2)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_device():
-    yield from F.one_device()
+def compilation_cache(tmp_path_factory):
+    """One device and a persistent compilation cache for this module's many identical compiles.
+
+    The runs' meshes are built on the first of the 8 fake devices (``sharding.make_mesh`` is
+    patched for this module): one-device programs compile fastest and have no collectives
+    (meshes are tested in test_sft.py, test_checkpoint.py and test_ppo.py). Afterwards the
+    old settings come back.
+    """
+    import functools
+
+    from jax._src import compilation_cache as cc
+
+    from rlhf_jax import sharding
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(sharding, "make_mesh", functools.partial(sharding.make_mesh, devices=jax.devices()[:1]))
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {n: getattr(jax.config, n) for n in names}
+    new = dict(zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)))
+    for n, v in new.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+    yield
+    patch.undo()
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
 
 
 def _world(root: Path) -> SimpleNamespace:
