@@ -14,10 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rlhf_jax import sft
 from rlhf_jax.config import LoRAConfig, ModelConfig
-from rlhf_jax.models import CausalLM, attention, layers, quant, transformer
+from rlhf_jax.models import CausalLM, attention, layers, lm_head, quant, transformer
 from rlhf_jax.models.matmul import mixed_matmul
 
 TINY = dict(
@@ -139,6 +140,31 @@ def test_mixed_matmul_gradients():
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32  # each in its input's dtype
     np.testing.assert_allclose(np.asarray(dx, np.float32), rx, rtol=0, atol=0.02 * float(jnp.abs(rx).max()))
     np.testing.assert_allclose(dw, rw, rtol=0, atol=0.02 * float(jnp.abs(rw).max()))
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_tied_lm_head_gradient_runs_and_matches_float32(chunk):
+    """The gradient of the LM head's token statistics (PPO's log-probs and entropy) with a tied
+    embedding, executed: XLA's CPU backend once turned its weight-gradient dot into one it could
+    not run ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32")."""
+    rng = np.random.default_rng(2)
+    emb = jnp.asarray(0.05 * rng.normal(size=(TINY["vocab_size"], TINY["hidden_size"])), jnp.float32)  # [V, D]
+    hidden = jnp.asarray(rng.normal(size=(4, 24, TINY["hidden_size"])), jnp.float32)  # [B, T, D]
+    targets = jnp.asarray(rng.integers(0, TINY["vocab_size"], (4, 24)), jnp.int32)  # [B, T]
+
+    def grads(dtype):
+        cfg = ModelConfig(**TINY, dtype=dtype)
+
+        def f(emb, hidden):
+            unembed = transformer.unembedding({"embed": {"embedding": emb}}, cfg)
+            s = lm_head.token_stats(hidden, unembed, targets, cfg, temperature=0.7, chunk=chunk)
+            return jnp.sum(s["logprob"]) + jnp.sum(s["entropy"])
+
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(emb, hidden)
+
+    for got, want in zip(grads("bfloat16"), grads("float32")):
+        assert got.dtype == jnp.float32 and np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(got, want, rtol=0, atol=0.03 * float(jnp.abs(want).max()))
 
 
 def _plain_matmul(x, w, dtype):

@@ -88,8 +88,19 @@ def _mixed_bwd(dtype, x_dtype, w_dtype, res, g):
     xc, wc = res
     gc = g.astype(dtype)  # [..., N, M]
     dx = product(gc, _swap(wc))  # [..., N, K]
-    dw = product(_swap(xc), gc)  # [..., K, M]
+    dw = _fixed_layout(product(_swap(xc), gc))  # [..., K, M]
     return dx.astype(x_dtype), dw.astype(w_dtype)
+
+
+def _fixed_layout(a: Array) -> Array:
+    """``a`` (a half-precision dot's float32 result), on CPU behind a barrier: XLA's CPU backend
+    otherwise folds a transpose that follows (a tied embedding's gradient is ``dw.T``) into the
+    dot, computing ``gc.T @ xc`` with a transposed half-precision operand, which its libraries
+    do not take and its fallback dot kernel cannot run ("Unsupported element type for
+    DotThunk::Execute: BF16 x BF16 = F32"). The transpose is then a float32 copy after the dot."""
+    if jax.default_backend() != "cpu":
+        return a
+    return jax.lax.optimization_barrier(a)
 
 
 _mixed.defvjp(_mixed_fwd, _mixed_bwd)
