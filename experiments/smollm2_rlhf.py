@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--labeler-sigma", type=float, default=0.35)
     ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--ppo-lr", type=float, default=1e-4, help="PPO-ptx learning rate (constant)")
+    ap.add_argument("--ptx-coef", type=float, default=27.8, help="gamma of PPO-ptx (InstructGPT: 27.8)")
+    ap.add_argument("--dtype", default="float32", help="compute dtype of every stage (--run.dtype)")
     a = ap.parse_args(argv)
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -217,7 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     d = stage("data", lambda: write_data(root, users=a.users, per_user=a.per_user, seed=a.seed))
     files, split, tasks = d["files"], d["split"], d["tasks"]
     lora = LoRAConfig(rank=a.lora_rank, alpha=2.0 * a.lora_rank)
-    run = RunConfig(seed=a.seed, log_every=5, eval_every=max(1, a.sft_steps // 3), save_every=10_000, keep_last=1)
+    run = RunConfig(
+        seed=a.seed, dtype=a.dtype, log_every=5, eval_every=max(1, a.sft_steps // 3), save_every=10_000, keep_last=1
+    )
 
     sft_dir = stage("sft", lambda: run_sft(SFTConfig(
         data=files["demonstrations"], init=base, out=str(root / "sft"), max_steps=a.sft_steps, batch_size=8,
@@ -268,9 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
         prompts=files["prompts"], policy=str(sft_dir), reward=str(rm_dir), out=str(root / "ppo_ptx"),
         ptx_data=files["pretrain"], max_steps=a.ppo_steps, max_prompt_len=96, ptx_seq_len=128, eval_prompts=16,
         lora=lora, hparams=PPOHyperparams(batch_size=16, minibatch_size=8, max_new_tokens=a.new_tokens,
-                                          kl_coef=0.05, ptx_rows=4, ema_decay=0.9),
-        optim=OptimConfig(learning_rate=1e-4, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1),
-        run=RunConfig(seed=a.seed, log_every=1, eval_every=max(1, a.ppo_steps // 4), save_every=10_000,
+                                          kl_coef=0.05, ptx_coef=a.ptx_coef, ptx_rows=4, ema_decay=0.9),
+        optim=OptimConfig(learning_rate=a.ppo_lr, schedule="constant", warmup_steps=2, warmup_init_fraction=0.1),
+        run=RunConfig(seed=a.seed, dtype=a.dtype, log_every=1, eval_every=max(1, a.ppo_steps // 4), save_every=10_000,
                       keep_last=1, split_fractions=(0.8, 0.1, 0.1))), gold_fn=gold_fn))  # fmt: skip
 
     # ---- evaluation on held-out users

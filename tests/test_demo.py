@@ -4,6 +4,7 @@ with one iterated RLHF round; the report's statistics on fake numbers."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,7 +15,7 @@ from rlhf_jax.cli import main
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.drivers.ppo import build_networks
 from rlhf_jax.pipeline import read_jsonl
-from rlhf_jax.tasks import demo, evaluate, report
+from rlhf_jax.tasks import demo, demo_rounds, evaluate, report
 from rlhf_jax.train_loop import read_metrics
 from tests import stage_fixtures as F
 
@@ -32,7 +33,7 @@ def demo_run(tmp_path_factory):
 
     path, _ = F.build_once(tmp_path_factory, "demo_quick_rounds2", build)
     root = path / "run"
-    return root, json.loads((root / "results.json").read_text())
+    return root, demo_rounds.load_results(root / "results.json")
 
 
 def test_every_artifact_is_written(demo_run):
@@ -141,6 +142,17 @@ def test_report_pools_seeds(demo_run, tmp_path):
     assert "Seed(s) 0, 1" in text and "## Rounds" in text
     win = report.pooled([results["win_outcomes"]["PPO-ptx vs SFT"]] * 2)
     assert win[1] <= win[0] <= win[2] and np.isclose(win[0], results["win_rates"]["PPO-ptx vs SFT"])
+
+
+def test_results_name_their_runs_relative_to_their_directory(demo_run, tmp_path):
+    """A report regenerated from another directory reads the same runs; a missing run is an error."""
+    root, results = demo_run
+    stored = json.loads((root / "results.json").read_text())["runs"]
+    assert stored == {"ppo_ptx": "ppo_ptx", "ppo": "ppo", "ppo_nokl": "ppo_nokl"}
+    assert all(Path(v) == root / k for k, v in results["runs"].items())
+    moved = results | {"runs": {k: str(tmp_path / "elsewhere" / k) for k in stored}}
+    with pytest.raises(FileNotFoundError, match="elsewhere/ppo"):
+        report.write_report(tmp_path / "report", [moved])
 
 
 def test_seeds_flag():

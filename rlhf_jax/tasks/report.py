@@ -22,6 +22,8 @@ RUN_LABELS = {"ppo_ptx": "PPO-ptx", "ppo": "PPO", "ppo_nokl": "PPO, no KL penalt
 
 
 def _series(run_dir: str, key: str) -> tuple[list[int], list[float]]:
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (a run directory of this report's results.json)")
     rows = [m for m in read_metrics(run_dir) if m.get(key) is not None]
     return [m["step"] for m in rows], [m[key] for m in rows]
 
