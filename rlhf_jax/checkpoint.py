@@ -245,7 +245,13 @@ def write_model_info(
         "params_path": list(params_path),
         **(extra or {}),
     }
-    (run_dir / MODEL_INFO).write_text(json.dumps(info, indent=2))
+    path = run_dir / MODEL_INFO
+    if path.is_file():  # a resumed (or re-run) stage: what load_model will read changes with it
+        before = json.loads(path.read_text()).get("model", {})
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in info["model"].items() if before.get(k) != v]
+        if changed:
+            log.warning("%s: %s rewritten with another model config: %s", run_dir, MODEL_INFO, ", ".join(changed))
+    path.write_text(json.dumps(info, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(run_dir / "tokenizer")
 

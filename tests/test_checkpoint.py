@@ -5,6 +5,7 @@ another mesh, and what a training run does with a damaged latest checkpoint."""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 from types import SimpleNamespace
@@ -18,9 +19,10 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import checkpoint, sharding, train_loop
 from rlhf_jax.checkpoint import Checkpointer, CheckpointRestoreError, abstract_like
-from rlhf_jax.config import MeshConfig
+from rlhf_jax.config import MeshConfig, ModelConfig
 from rlhf_jax.drivers import run_sft
 from rlhf_jax.drivers.common import sharded_train_state
+from rlhf_jax.models import CausalLM
 from tests import stage_fixtures as F
 
 
@@ -280,6 +282,19 @@ def test_load_model_best_is_ranked_by_the_runs_own_metric(world, tmp_path):
         _, loaded, _ = checkpoint.load_model(out, which=which)
         got, want = loaded["final_norm"]["scale"], params["final_norm"]["scale"] + 0.01 * step
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, err_msg=which)
+
+
+def test_rewriting_model_info_with_another_config_warns(tmp_path, caplog):
+    """A stage re-run into a finished run directory with, e.g., another ``--run.dtype``
+    changes how ``load_model`` computes with its params: said, not silent."""
+    model = CausalLM(ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2))
+    checkpoint.write_model_info(tmp_path, model)
+    with caplog.at_level(logging.WARNING, logger="rlhf_jax.checkpoint"):
+        checkpoint.write_model_info(tmp_path, model)  # the same config (a resume): nothing to say
+        assert not caplog.records
+        checkpoint.write_model_info(tmp_path, CausalLM(model.config.replace(dtype="bfloat16")))
+    assert "dtype 'float32' -> 'bfloat16'" in caplog.text
+    assert checkpoint.read_model_info(tmp_path)["model"]["dtype"] == "bfloat16"
 
 
 @pytest.fixture(scope="module")
