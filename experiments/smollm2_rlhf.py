@@ -21,8 +21,8 @@ What it does (every stage an ordinary rlhf_jax run directory under ``--out``):
   5. ``ppo_ptx``: PPO-ptx with LoRA (the reference is the frozen SFT model) against the RM.
   6. evaluation on held-out users' prompts: gold score and gold win rate of PPO-ptx over
      SFT (and of SFT over the untuned model) with 95% bootstrap intervals over prompts, the
-     KL of PPO-ptx from SFT on its own samples, RM pair accuracy on held-out rankings, the
-     held-out pretraining loss of each model, and the wall time of every stage:
+     KL of PPO-ptx from SFT on its own samples, the RM's pair accuracy on its validation
+     rankings, the held-out pretraining loss of each model, and the wall time of every stage:
      ``OUT/results.json`` and ``OUT/report.md``.
 
 The gold judgement (``rlhf_jax.tasks.chat.gold_score``: correct, concise, ended) is never shown
@@ -74,6 +74,7 @@ from rlhf_jax.models import load_tokenizer  # noqa: E402
 from rlhf_jax.tasks import evaluate, tiny  # noqa: E402
 from rlhf_jax.tasks.chat import ChatTask, gold_score, make_task  # noqa: E402
 from rlhf_jax.tasks.world_labels import pair_agreement, thurstone_ranks  # noqa: E402
+from rlhf_jax.train_loop import read_metrics  # noqa: E402
 
 # Standard-library modules whose docstrings are the pretraining text: even positions train, odd are held out.
 STDLIB = ("abc argparse ast asyncio base64 bisect calendar cmath codecs collections contextlib copy csv "
@@ -322,6 +323,10 @@ def main(argv: list[str] | None = None) -> dict:
         return results
 
     results = stage("evaluation", evaluation)
+    rm_val = [m for m in read_metrics(rm_dir) if "val/accuracy" in m]
+    results["rm_val"] = (
+        {"accuracy": rm_val[-1]["val/accuracy"], "pairs": rm_val[-1]["val/num_pairs"]} if rm_val else None
+    )
     results |= {"labels": labels, "timings_s": timings, "total_s": round(time.perf_counter() - t_start, 1),
                 "args": vars(a), "runs": {"sft": str(sft_dir), "rm": str(rm_dir), "ppo_ptx": str(ppo_dir)}}  # fmt: skip
     (root / "results.json").write_text(json.dumps(results, indent=2))
@@ -348,6 +353,8 @@ def render(r: dict) -> str:
     lines += ["", f"KL(PPO-ptx || SFT) on its own samples: {r['kl_ppo_from_sft']:.2f} nats per response.",
               f"Labelers: {lab['groups']} ranked groups; agreement between two labelers {lab['labeler_agreement']:.1%}, "
               f"with the gold order {lab['labeler_gold_accuracy']:.1%}; SFT samples' mean gold {lab['sft_sample_gold']:.3f}.",
+              "Reward model: " + (f"{r['rm_val']['accuracy']:.1%} pair accuracy on its {r['rm_val']['pairs']:.0f} "
+                                  "validation pairs." if r.get("rm_val") else "no validation pairs."),
               "", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["timings_s"].items())
               + f"; total {r['total_s']:.0f} s.", ""]  # fmt: skip
     for name, m in r["models"].items():
