@@ -15,7 +15,7 @@ from rlhf_jax.cli import main
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.drivers.ppo import build_networks
 from rlhf_jax.pipeline import read_jsonl
-from rlhf_jax.tasks import demo, demo_rounds, evaluate, report
+from rlhf_jax.tasks import demo, evaluate, report
 from rlhf_jax.train_loop import read_metrics
 from tests import stage_fixtures as F
 
@@ -33,7 +33,7 @@ def demo_run(tmp_path_factory):
 
     path, _ = F.build_once(tmp_path_factory, "demo_quick_rounds2", build)
     root = path / "run"
-    return root, demo_rounds.load_results(root / "results.json")
+    return root, report.load_results(root / "results.json")
 
 
 def test_every_artifact_is_written(demo_run):

@@ -254,11 +254,6 @@ def trajectory(judge: Judge, run_dir: Path) -> list[dict]:
     return points
 
 
-def save_json(path: Path, obj: Any) -> Path:
-    path.write_text(json.dumps(obj, indent=2))
-    return path
-
-
 def gold_fn(world):
     """PPO's validation gold score (``run_ppo(gold_fn=...)``): the hidden preference per sample."""
     return lambda prompts, responses: [world.gold_score(p, r) for p, r in zip(prompts, responses)]
@@ -285,22 +280,8 @@ def _finished(cfg: DemoConfig) -> dict | None:
     path = Path(cfg.out) / "results.json"
     if not path.is_file():
         return None
-    results = load_results(path)
+    results = report.load_results(path)
     return results if results.get("config") == _config_json(cfg) else None
-
-
-def load_results(path: str | Path) -> dict:
-    """A seed's ``results.json`` with its run directories (stored relative to the file's own
-    directory, so a moved or copied run still reports) resolved against that directory."""
-    path = Path(path)
-    results = json.loads(path.read_text())
-
-    def resolve(run: str) -> str:  # results.json files written before kept cwd-relative paths
-        here = path.parent / run
-        return str(here if here.exists() or not Path(run).exists() else Path(run))
-
-    results["runs"] = {k: resolve(v) for k, v in results.get("runs", {}).items()}
-    return results
 
 
 def _config_json(cfg: DemoConfig) -> dict:
@@ -401,6 +382,5 @@ def run_seed(cfg: DemoConfig) -> dict:
         "total_s": time.perf_counter() - t_start,
         "runs": {"ppo_ptx": str(ppo_ptx_dir), "ppo": str(ppo_dir), "ppo_nokl": str(nokl_dir)},
     }
-    relative_runs = {k: str(Path(v).relative_to(root)) for k, v in results["runs"].items()}
-    save_json(root / "results.json", results | {"runs": relative_runs})
+    report.save_results(root, results)
     return results

@@ -10,6 +10,7 @@ lower end clears it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,26 @@ from rlhf_jax.train_loop import read_metrics
 
 RESAMPLES = 2000
 RUN_LABELS = {"ppo_ptx": "PPO-ptx", "ppo": "PPO", "ppo_nokl": "PPO, no KL penalty"}
+
+
+def save_results(root: Path, results: dict) -> None:
+    """``root/results.json``, its run directories (under ``root``) named relative to ``root``."""
+    runs = {k: str(Path(v).relative_to(root)) for k, v in results["runs"].items()}
+    (root / "results.json").write_text(json.dumps(results | {"runs": runs}, indent=2))
+
+
+def load_results(path: str | Path) -> dict:
+    """A seed's ``results.json`` with its run directories resolved against the file's own
+    directory (so a moved or copied run still reports)."""
+    path = Path(path)
+    results = json.loads(path.read_text())
+
+    def resolve(run: str) -> str:  # results.json files written before kept cwd-relative paths
+        here = path.parent / run
+        return str(here if here.exists() or not Path(run).exists() else Path(run))
+
+    results["runs"] = {k: resolve(v) for k, v in results.get("runs", {}).items()}
+    return results
 
 
 def _series(run_dir: str, key: str) -> tuple[list[int], list[float]]:
