@@ -22,8 +22,9 @@ What it does (every stage an ordinary rlhf_jax run directory under ``--out``):
   6. evaluation on held-out users' prompts: gold score and gold win rate of PPO-ptx over
      SFT (and of SFT over the untuned model) with 95% bootstrap intervals over prompts, the
      KL of PPO-ptx from SFT on its own samples, the RM's pair accuracy on its validation
-     rankings, the held-out pretraining loss of each model, and the wall time of every stage:
-     ``OUT/results.json`` and ``OUT/report.md``.
+     rankings (labelers' order) and against the gold order on the three models' held-out
+     samples, the held-out pretraining loss of each model, and the wall time of every
+     stage: ``OUT/results.json`` and ``OUT/report.md``.
 
 The gold judgement (``rlhf_jax.tasks.chat.gold_score``: correct, concise, ended) is never shown
 to the reward model; labelers only rank. Nothing is tuned against the held-out users.
@@ -177,6 +178,43 @@ def agreement(groups, ranks_a, ranks_b) -> float:
     return agree / max(total, 1)
 
 
+def gold_ranks(task: ChatTask, responses: list[str], ended: list[bool]) -> list[int]:
+    """Ranks by the gold score (0 = best; equal scores share a rank, so they carry no order)."""
+    scores = [gold_score(task, r, ended=e) for r, e in zip(responses, ended)]
+    distinct = sorted(set(scores), reverse=True)
+    return [distinct.index(s) for s in scores]
+
+
+def rm_against_gold(rm_dir: Path, tasks: list[ChatTask], outs: dict, *, max_response_len: int) -> dict:
+    """The reward model's pair accuracy against the GOLD order on held-out users' samples.
+
+    Each held-out prompt's responses from the evaluated models form one group ranked by
+    ``gold_score``; pairs of equal gold carry no order and are not counted. The RM's own
+    validation accuracy is measured against noisy labelers (whose coin flips on gold ties
+    cap it near their agreement); this asks whether it orders what the gold judge orders,
+    on the distribution PPO moved to. ``outs``: model name -> ``sample``'s output.
+    """
+    names = list(outs)
+    records = [
+        {
+            "messages": user_turn(t),
+            "responses": [outs[n]["responses"][i] for n in names],
+            "ranks": gold_ranks(t, [outs[n]["responses"][i] for n in names], [outs[n]["ended"][i] for n in names]),
+        }
+        for i, t in enumerate(tasks)
+    ]
+    records = [r for r in records if len(set(r["ranks"])) > 1]  # a group of gold ties has no pair
+    if not records:
+        return {"accuracy": None, "pairs": 0, "groups": 0, "ci95": None}
+    rm, params, tok = checkpoint.load_model(rm_dir, which="latest")
+    res = evaluate.rm_group_accuracy(rm, params, records, tok, max_prompt_len=96, max_response_len=max_response_len)
+    acc, pairs = np.asarray(res["group_accuracy"]), np.asarray(res["group_pairs"])
+    if not pairs.sum():  # every group dropped by the tokeniser's length caps (counted in its report)
+        return {"accuracy": None, "pairs": 0, "groups": 0, "ci95": None}
+    return {"accuracy": res["accuracy"], "pairs": int(pairs.sum()), "groups": len(acc),
+            "ci95": evaluate.bootstrap_ci(acc, weights=pairs, resamples=2000, seed=0)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/smollm2")
@@ -320,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
             m, p, _ = checkpoint.load_model(path, which="latest")
             logps[name] = evaluate.response_logps(m, p, ppo_out["seq"], ppo_out["mask"], ppo_out["P"], batch_size=16)
         results["kl_ppo_from_sft"] = float(np.mean(logps["PPO-ptx"] - logps["SFT"]))
+        results["rm_gold"] = rm_against_gold(rm_dir, held, outs, max_response_len=a.new_tokens + 1)
         return results
 
     results = stage("evaluation", evaluation)
@@ -354,7 +393,10 @@ def render(r: dict) -> str:
               f"Labelers: {lab['groups']} ranked groups; agreement between two labelers {lab['labeler_agreement']:.1%}, "
               f"with the gold order {lab['labeler_gold_accuracy']:.1%}; SFT samples' mean gold {lab['sft_sample_gold']:.3f}.",
               "Reward model: " + (f"{r['rm_val']['accuracy']:.1%} pair accuracy on its {r['rm_val']['pairs']:.0f} "
-                                  "validation pairs." if r.get("rm_val") else "no validation pairs."),
+                                  "validation pairs (labelers' order)" if r.get("rm_val") else "no validation pairs")
+              + (f"; {g['accuracy']:.1%} [{g['ci95'][0]:.1%}, {g['ci95'][1]:.1%}] against the gold order on "
+                 f"{g['pairs']} pairs among the three models' held-out samples ({g['groups']} prompts)."
+                 if (g := r.get("rm_gold")) and g["accuracy"] is not None else "."),
               "", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["timings_s"].items())
               + f"; total {r['total_s']:.0f} s.", ""]  # fmt: skip
     for name, m in r["models"].items():
