@@ -24,7 +24,8 @@ What it does (every stage an ordinary rlhf_jax run directory under ``--out``):
      KL of PPO-ptx from SFT on its own samples, the RM's pair accuracy on its validation
      rankings (labelers' order) and against the gold order on the three models' held-out
      samples, the held-out pretraining loss of each model, and the wall time of every
-     stage: ``OUT/results.json`` and ``OUT/report.md``.
+     stage: ``OUT/results.json`` and ``OUT/report.md`` (every judged response in
+     ``OUT/eval_samples.jsonl``).
 
 The gold judgement (``rlhf_jax.tasks.chat.gold_score``: correct, concise, ended) is never shown
 to the reward model; labelers only rank. Nothing is tuned against the held-out users.
@@ -334,6 +335,10 @@ def main(argv: list[str] | None = None) -> dict:
         held = [t for _, t in split["test"]][: a.eval_prompts]
         outs = {name: sample(path, held, seed=7, temperature=0.7, new=a.new_tokens)
                 for name, path in (("untuned", base), ("SFT", sft_dir), ("PPO-ptx", ppo_dir))}  # fmt: skip
+        (root / "eval_samples.jsonl").write_text("".join(  # every judged response, for analyses after the run
+            json.dumps({"model": name, "prompt": t.instruction, "response": o["responses"][i],
+                        "ended": o["ended"][i], "gold": float(o["gold"][i])}) + "\n"
+            for name, o in outs.items() for i, t in enumerate(held)))  # fmt: skip
         heldout_recs, _ = data.load_records(files["heldout"], "text")
         results = {"models": {}, "win_rates": {}}
         for name, path in (("untuned", base), ("SFT", sft_dir), ("PPO-ptx", ppo_dir)):
