@@ -202,23 +202,20 @@ def rm_against_gold(rm_dir: Path, tasks: list[ChatTask], outs: dict, *, max_resp
     cap it near their agreement); this asks whether it orders what the gold judge orders,
     on the distribution PPO moved to. ``outs``: model name -> ``sample``'s output.
     """
-    names = list(outs)
-    records = [
-        {
-            "messages": user_turn(t),
-            "responses": [outs[n]["responses"][i] for n in names],
-            "ranks": gold_ranks(t, [outs[n]["responses"][i] for n in names], [outs[n]["ended"][i] for n in names]),
-        }
-        for i, t in enumerate(tasks)
-    ]
-    records = [r for r in records if len(set(r["ranks"])) > 1]  # a group of gold ties has no pair
+    none = {"accuracy": None, "pairs": 0, "groups": 0, "ci95": None}
+    records = []
+    for i, t in enumerate(tasks):
+        responses = [o["responses"][i] for o in outs.values()]
+        ranks = gold_ranks(t, responses, [o["ended"][i] for o in outs.values()])
+        if len(set(ranks)) > 1:  # a group of gold ties has no pair
+            records.append({"messages": user_turn(t), "responses": responses, "ranks": ranks})
     if not records:
-        return {"accuracy": None, "pairs": 0, "groups": 0, "ci95": None}
+        return none
     rm, params, tok = checkpoint.load_model(rm_dir, which="latest")
     res = evaluate.rm_group_accuracy(rm, params, records, tok, max_prompt_len=96, max_response_len=max_response_len)
     acc, pairs = np.asarray(res["group_accuracy"]), np.asarray(res["group_pairs"])
     if not pairs.sum():  # every group dropped by the tokeniser's length caps (counted in its report)
-        return {"accuracy": None, "pairs": 0, "groups": 0, "ci95": None}
+        return none
     return {"accuracy": res["accuracy"], "pairs": int(pairs.sum()), "groups": len(acc),
             "ci95": evaluate.bootstrap_ci(acc, weights=pairs, resamples=2000, seed=0)}  # fmt: skip
 
@@ -297,8 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         rng = np.random.default_rng([a.seed, 1])
         ranks = labeler_rankings(group_tasks, groups, ended, rng, a.labeler_sigma)
         second = labeler_rankings(group_tasks, groups, ended, rng, a.labeler_sigma)
-        gold = [[sorted({gold_score(t, r, ended=e) for r, e in zip(g, en)}, reverse=True).index(
-                 gold_score(t, r, ended=e)) for r, e in zip(g, en)] for t, g, en in zip(group_tasks, groups, ended)]  # fmt: skip
+        gold = [gold_ranks(t, g, en) for t, g, en in zip(group_tasks, groups, ended)]
         recs = [{"messages": user_turn(t), "responses": g, "ranks": r, "user_id": u}
                 for (u, t), g, r in zip(chosen, groups, ranks) if len(set(r)) > 1]  # fmt: skip
         path = root / "data" / "rankings.jsonl"
