@@ -10,8 +10,8 @@ only as the RM's initialisation, ``DemoConfig.rm_init``, the demo's default ``sf
 ``--from`` directory keeps the initialisation its RM was trained from), then from that SFT model:
 
 * ``PPO-ptx``: the demo's PPO-ptx run exactly (GAE, value network, 64 episodes per iteration,
-  minibatch 16, 1 epoch, KL 0.1 in the reward (k1), gamma 27.8 with 8 pretraining rows per
-  minibatch, EMA policy).
+  minibatch 16, 1 epoch, KL 0.1 in the reward (k1), the demo's gamma (``DemoConfig.ptx_coef``, 1)
+  with 8 pretraining rows per minibatch, EMA policy).
 * ``GRPO`` / ``RLOO`` (``--estimator grpo|rloo --group-size G``): the same iterations, the same
   64 episodes per iteration (64 / G prompts x G samples), the same minibatch of 16 episodes and
   so the same number of optimizer steps, the same ptx rows, learning rate, EMA and KL

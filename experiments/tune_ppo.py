@@ -20,7 +20,8 @@ policy on the **validation users'** prompts (never the held-out test users'):
 
 A variant is ``NAME:FIELD=VALUE,...``: any ``PPOHyperparams`` field, or ``lr`` (PPO's constant
 learning rate), ``steps`` (iterations) and ``ptx`` (0: plain PPO, no pretraining data).
-Finished runs are reused. Results: ``<out>/results.json`` and ``<out>/results.md``.
+Finished runs are reused. Results: ``<out>/results.json`` (with each variant's per-prompt outcomes,
+``labeler_wins``, for paired comparisons) and ``<out>/results.md``.
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def run(args: argparse.Namespace) -> dict:
             "kl": kl,
             "heldout_loss": evaluate.heldout_lm_loss(m, p, heldout),
             "wall_s": wall,
+            "labeler_wins": wins.tolist(),  # per prompt: paired comparisons between variants
         }
-        log.info("tune: %s %s", name, results["variants"][name])
+        log.info("tune: %s %s", name, {k: v for k, v in results["variants"][name].items() if k != "labeler_wins"})
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = [
         f"Validation users' prompts: {len(texts)} (seed {args.seed}, from {args.from_dir}); win rate over SFT by the"

@@ -21,6 +21,9 @@ from tests import stage_fixtures as F
 
 STAGES = ("base", "base_big", "sft", "sft_big", "rm", "ppo_ptx", "ppo", "ppo_nokl", "round_1/rm", "round_1/ppo_ptx")
 MODELS = ("SFT", "SFT big", "PPO", "PPO-ptx", "PPO-ptx, round 1")
+# one worker runs every test of this file (pyproject's --dist loadgroup): the quick demo takes ~10 min,
+# and a second worker that reached one of these tests would wait on the fixture's lock for all of it
+pytestmark = pytest.mark.xdist_group("demo_quick")
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +180,16 @@ def test_weighted_bootstrap_and_matched_kl():
     t = evaluate.tax_at_matched_kl(a, b)
     assert t["kl"] == 1.0 and np.isclose(t["a"], 2.2) and np.isclose(t["b"], 1.9 - 0.1 / 3)
     assert evaluate.tax_at_matched_kl(a, [{"kl": 0.0, "heldout_loss": 2.0}]) is None
+
+
+def test_ppo_config_takes_the_demo_gamma(tmp_path):
+    """PPO-ptx's gamma is DemoConfig.ptx_coef (1, chosen on validation users); plain PPO has no ptx data."""
+    from types import SimpleNamespace
+
+    prep = SimpleNamespace(files={"prompts": tmp_path / "p.jsonl", "pretrain": tmp_path / "t.jsonl"}, sft="s", rm="r")
+    cfg = demo.DemoConfig()
+    ptx = demo.ppo_config(cfg, prep, tmp_path / "a", ptx=True)
+    assert ptx.hparams.ptx_coef == cfg.ptx_coef == 1.0 and ptx.ptx_data == str(tmp_path / "t.jsonl")
+    assert demo.ppo_config(cfg, prep, tmp_path / "b", ptx=False).ptx_data is None
+    paper = demo.ppo_config(demo.DemoConfig(ptx_coef=27.8), prep, tmp_path / "c", ptx=True)
+    assert paper.hparams.ptx_coef == 27.8 and paper.hparams.kl_coef == ptx.hparams.kl_coef == 0.1
