@@ -56,11 +56,18 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     name, sep, rest = spec.partition(":")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"--variant {spec!r}: expected NAME:FIELD=VALUE,... (NAME: for the demo's)")
+    from rlhf_jax.config import PPOHyperparams
+
+    known = {f.name for f in dataclasses.fields(PPOHyperparams)} | {"lr", "steps", "ptx"}
     fields = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise argparse.ArgumentTypeError(f"--variant {spec!r}: {item!r} is not FIELD=VALUE")
+        if key.strip() not in known:
+            raise argparse.ArgumentTypeError(
+                f"--variant {spec!r}: unknown field {key.strip()!r} (PPOHyperparams fields, lr, steps, ptx)"
+            )
         try:
             fields[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

@@ -24,7 +24,7 @@ def test_variant_specs():
         "g1",
         {"ptx_coef": 1, "lr": 2e-4, "estimator": "rloo"},
     )
-    for bad in ("nocolon", ":ptx_coef=1", "x:ptx_coef"):
+    for bad in ("nocolon", ":ptx_coef=1", "x:ptx_coef", "x:ptx_cof=1"):
         with pytest.raises(argparse.ArgumentTypeError):
             tp.parse_variant(bad)
     a = tp.parse_args(["--from", "runs/demo", "--out", "o", "--variant", "a:kl_coef=0.05", "--variant", "b:"])
