@@ -21,9 +21,6 @@ from tests import stage_fixtures as F
 
 STAGES = ("base", "base_big", "sft", "sft_big", "rm", "ppo_ptx", "ppo", "ppo_nokl", "round_1/rm", "round_1/ppo_ptx")
 MODELS = ("SFT", "SFT big", "PPO", "PPO-ptx", "PPO-ptx, round 1")
-# one worker runs every test of this file (pyproject's --dist loadgroup): the quick demo takes ~10 min,
-# and a second worker that reached one of these tests would wait on the fixture's lock for all of it
-pytestmark = pytest.mark.xdist_group("demo_quick")
 
 
 @pytest.fixture(scope="module")
