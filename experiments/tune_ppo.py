@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> dict:
     heldout_records, _ = data.load_records(prep.files["pretrain_heldout"], "text")
     heldout = data.tokenize_text(heldout_records, tok, seq_len=64)
     rm, rm_params, _ = checkpoint.load_model(prep.rm, head="scalar")
+    score = jax.jit(lambda params, ids, mask: score_sequences(rm, params, ids, mask))  # compiled once
 
     def sample(model, params):
         return evaluate.sample_with_tokens(
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         wins = labeler_win_outcomes(world, texts, s["texts"], sft_s["texts"])
         lp = evaluate.response_logps(m, p, s["seq"], s["mask"], s["P"])
         kl = float(np.mean(lp - evaluate.response_logps(*sft, s["seq"], s["mask"], s["P"])))
-        rm_scores = np.asarray(jax.jit(score_sequences, static_argnums=0)(rm, rm_params, s["seq"], s["mask"]))
+        rm_scores = np.asarray(score(rm_params, s["seq"], s["mask"]))
         results["variants"][name] = {
             "fields": {"lr": c.ppo_learning_rate, "steps": c.ppo_steps, "ptx": ptx, **fields},
             "labeler_win_rate": float(wins.mean()),

@@ -70,12 +70,8 @@ class DemoConfig:
         model); ``"sft"``: the policy's own SFT model. PPO's value network is initialised from
         the RM, so it has the RM's size. ``sft_big`` makes :func:`prepare` train the big models
         even with ``big=False``.
-      ptx_coef: gamma of PPO-ptx, the pretraining loss's weight in the policy update (1;
-        InstructGPT: 27.8). Chosen on validation users' prompts by the simulated labelers'
-        preference over SFT (``experiments/tune_ppo.py``, README "The built-in demo"): at 27.8
-        the pretraining gradient is ~4x PPO's (policy gradient norm 32.5 against 7.6 without
-        ptx) and the policy barely leaves SFT; at 1 PPO-ptx still ends with a lower held-out
-        pretraining loss than SFT's.
+      ptx_coef: gamma of PPO-ptx (1; InstructGPT: 27.8, whose pretraining gradient is ~4x PPO's
+        here), chosen on validation users by the labelers' preference (``experiments/tune_ppo.py``).
       ppo_learning_rate, ppo_ema_decay: PPO's constant learning rate and the decay of the
         EMA policy that is evaluated and exported (0.992 as in the paper; ``--quick``'s 12
         iterations need a shorter average).
