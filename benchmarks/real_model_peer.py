@@ -21,12 +21,16 @@ JSONL files ``real_model.py`` wrote (``DATA/paths.json``). Entries (the same wor
 float32. The Trainers (SFT, reward, PPO) get TRL's ``bf16=True`` and the process the
 ``ACCELERATE_MIXED_PRECISION=bf16`` that ``accelerate launch --mixed_precision bf16`` sets (TRL
 1.12's PPOTrainer builds ``Accelerator()`` without the config's precision, so ``bf16=True`` alone
-leaves it fp32): accelerate wraps the prepared model's forward in ``torch.autocast("cpu",
+leaves it fp32): accelerate wraps the prepared model's forward in ``torch.autocast(device,
 torch.bfloat16)``. PPOTrainer's rollout calls the unwrapped policy / value / reward / reference
 models, outside that autocast: fp32 (recorded as ``bf16_partial``). ``gen`` and the ``ppo_ptx``
-loop run their forward passes under ``torch.autocast("cpu", dtype=torch.bfloat16)``, backward
+loop run their forward passes under ``torch.autocast(device, dtype=torch.bfloat16)``, backward
 outside it. Every entry counts the output dtypes of each model's first Linear
 (``linear_out_dtypes``): what really ran in bf16.
+
+``--device`` (default ``auto``: CUDA when torch sees a GPU, else the CPU): where every model and
+input goes; on a GPU each timed region ends with ``torch.cuda.synchronize()`` and the entry
+records the GPU's peak allocated memory (``device_peak_mb``) next to the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -78,9 +82,18 @@ def rss_mb() -> dict:
     return out
 
 
+DEVICE = torch.device("cpu")  # set by main from --device: every model and input of the plain-torch paths goes here
+
+
+def sync():
+    """Wait for the GPU's queued work, so that a host clock read after it times that work."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def amp(a):
-    """The forward passes' autocast of a plain-torch path: bf16 on CPU with --dtype bfloat16, else nothing."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
+    """The forward passes' autocast of a plain-torch path: bf16 with --dtype bfloat16, else nothing."""
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
 
 
 def dtype_probe(**models) -> dict:
@@ -103,6 +116,15 @@ def precision(a, probe: dict, where: str) -> dict:
     return out
 
 
+def gpu_memory() -> dict:
+    """Peak GPU memory of this process: what torch's allocator handed out, and what it reserved (MiB)."""
+    if DEVICE.type != "cuda":
+        return {}
+    return {"device_peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "device_reserved_peak_mb": torch.cuda.max_memory_reserved() / 2**20,
+            "device_kind": torch.cuda.get_device_name()}  # fmt: skip
+
+
 def param_dtypes(*models) -> list[str]:
     return sorted({str(p.dtype).removeprefix("torch.") for m in models for p in m.parameters()})
 
@@ -115,7 +137,7 @@ def load_lm(model_dir, cls_name="AutoModelForCausalLM", **kw):
     import transformers
 
     cls = getattr(transformers, cls_name)
-    return cls.from_pretrained(model_dir, dtype=torch.float32, **kw)
+    return cls.from_pretrained(model_dir, dtype=torch.float32, **kw).to(DEVICE)
 
 
 def tokenizer(model_dir, side="right"):
@@ -134,9 +156,11 @@ def step_timer():
             self.t = []
 
         def on_train_begin(self, args, state, control, **kw):
+            sync()
             self.t.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             self.t.append(time.perf_counter())
 
     return StepTimer()
@@ -173,8 +197,8 @@ def count_tokens(trainer, counts: list):
 
 
 def trainer_args(outdir, steps, dtype):
-    """What the comparison needs, nothing else: fp32 or bf16 (mixed) on CPU, a fixed step count, no logging / saving."""
-    return dict(output_dir=outdir, max_steps=steps, use_cpu=True, bf16=dtype == "bfloat16", fp16=False, report_to="none",
+    """What the comparison needs, nothing else: fp32 or bf16 (mixed) on --device, a fixed step count, no logging / saving."""
+    return dict(output_dir=outdir, max_steps=steps, use_cpu=DEVICE.type == "cpu", bf16=dtype == "bfloat16", fp16=False, report_to="none",
                 save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
                 dataloader_pin_memory=False, seed=0)  # fmt: skip
 
@@ -275,7 +299,7 @@ def bench_gen(a, paths):
     t0 = time.perf_counter()
     model, tok = load_lm(a.model_dir).eval(), tokenizer(a.model_dir, "left")
     load_s, loaded = time.perf_counter() - t0, rss_mb()
-    ids, mask = left_pad(chat_prompts(tok, paths, GEN_BATCH), tok.pad_token_id)
+    ids, mask = (x.to(DEVICE) for x in left_pad(chat_prompts(tok, paths, GEN_BATCH), tok.pad_token_id))
     times, first, probe = [], None, dtype_probe(model=model)
     torch.manual_seed(0)
     with torch.no_grad(), amp(a):
@@ -284,6 +308,7 @@ def bench_gen(a, paths):
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                  top_p=1.0, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
                                  pad_token_id=tok.pad_token_id, eos_token_id=None, use_cache=True)  # fmt: skip
+            sync()
             dt = time.perf_counter() - t0
             assert out.shape == (GEN_BATCH, ids.shape[1] + GEN_NEW), out.shape
             first = dt if first is None else first
@@ -384,9 +409,9 @@ def bench_ppo_ptx_torch(a, paths, B=PPO_EPISODES, R=PPO_NEW, n_mb=2, kl_coef=0.0
     load_s, loaded = time.perf_counter() - t0, rss_mb()
     probe = dtype_probe(policy=policy, ref=ref, value=value, reward=reward)
     opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-5)
-    prompts, pmask = left_pad(chat_prompts(tok, paths, B), tok.pad_token_id)
+    prompts, pmask = (x.to(DEVICE) for x in left_pad(chat_prompts(tok, paths, B), tok.pad_token_id))
     P, mb = prompts.shape[1], B // n_mb
-    ptx = ptx_rows(tok, paths, n_mb * mb, P + R)
+    ptx = ptx_rows(tok, paths, n_mb * mb, P + R).to(DEVICE)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     tot, roll, upd = [], [], []
@@ -399,7 +424,7 @@ def bench_ppo_ptx_torch(a, paths, B=PPO_EPISODES, R=PPO_NEW, n_mb=2, kl_coef=0.0
                                   pad_token_id=tok.pad_token_id, eos_token_id=None, return_dict_in_generate=True,
                                   output_scores=True)  # fmt: skip
             seq = out.sequences
-            mask = torch.cat([pmask, torch.ones(B, R, dtype=pmask.dtype)], 1)
+            mask = torch.cat([pmask, torch.ones(B, R, dtype=pmask.dtype, device=DEVICE)], 1)
             resp = seq[:, P:]
             old_lp = _logprobs(torch.stack(out.scores, 1), resp)
             ref_logits = ref(input_ids=seq, attention_mask=mask, position_ids=_positions(mask)).logits
@@ -408,18 +433,19 @@ def bench_ppo_ptx_torch(a, paths, B=PPO_EPISODES, R=PPO_NEW, n_mb=2, kl_coef=0.0
             score = _values(reward, seq, mask)[:, -1]
             rew = -kl_coef * (old_lp - ref_lp)
             rew[:, -1] += score
-            adv_rev, last = [], torch.zeros(B)
+            adv_rev, last = [], torch.zeros(B, device=DEVICE)
             for t in reversed(range(R)):  # GAE
-                nv = old_v[:, t + 1] if t < R - 1 else torch.zeros(B)
+                nv = old_v[:, t + 1] if t < R - 1 else torch.zeros(B, device=DEVICE)
                 last = rew[:, t] + gamma * nv - old_v[:, t] + gamma * lam * last
                 adv_rev.append(last)
             adv = torch.stack(adv_rev[::-1], 1)
             ret = adv + old_v
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        sync()
         t1 = time.perf_counter()
         policy.train()
         value.train()
-        perm = torch.randperm(B, generator=g)
+        perm = torch.randperm(B, generator=g).to(DEVICE)
         for k in range(n_mb):
             idx = perm[k * mb : (k + 1) * mb]
             s_mb, m_mb = seq[idx], mask[idx]
@@ -437,6 +463,7 @@ def bench_ppo_ptx_torch(a, paths, B=PPO_EPISODES, R=PPO_NEW, n_mb=2, kl_coef=0.0
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        sync()
         t2 = time.perf_counter()
         if it == 0:
             first = t2 - t0
@@ -464,7 +491,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when torch sees a GPU"
+    )
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
     # as `accelerate launch --mixed_precision bf16|no` sets it, before any Accelerator exists
     os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if a.dtype == "bfloat16" else "no"
     import transformers
@@ -474,7 +506,7 @@ def main():
     log(f"[{time.strftime('%H:%M:%S')}] peer {a.entry} ({a.dtype}): torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, trl {trl.__version__}")  # fmt: skip
     result = ENTRIES[a.entry](a, paths)
-    result |= rss_mb() | {"torch": torch.__version__, "transformers": transformers.__version__,
+    result |= rss_mb() | gpu_memory() | {"torch_device": str(DEVICE), "torch": torch.__version__, "transformers": transformers.__version__,
                           "trl": trl.__version__, "torch_threads": torch.get_num_threads(), "dtype": a.dtype}  # fmt: skip
     print(json.dumps(result, default=str), flush=True)
 
