@@ -15,9 +15,13 @@ is a deterministic synthetic chat set written as JSONL in the README's "Data for
 (arithmetic / formatting instructions rendered with SmolLM2's chat template, 35-80 tokens a row
 with the template's system turn).
 
-What is measured (CPU; each entry of each side in its own process, the peer's first, so that
+What is measured (each entry of each side in its own process, the peer's first, so that
 peak memory and compile time belong to that entry alone), in fp32 or, with ``--dtype bfloat16``,
-in each side's standard bf16 mixed precision (params and optimizer state stay float32):
+in each side's standard bf16 mixed precision (params and optimizer state stay float32). On the
+CPU, or on a GPU when jax and torch see one (rlhf_jax: jax's default backend; the peer:
+``real_model_peer.py --device auto``); there the table's memory column is each process's peak
+allocated GPU memory, and ``--model-dir`` may name any transformers model directory (e.g.
+SmolLM2's config with random weights, as ``benchmarks/gpu_run.sh`` makes one):
 
 * rlhf_jax: the model's compute dtype, as the drivers set it from ``--run.dtype bfloat16``:
   ``RunConfig(dtype=...)`` of the SFT / reward configs (``load_stage_model``), and
