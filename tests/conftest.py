@@ -52,7 +52,12 @@ def pytest_xdist_make_scheduler(config, log):
     """Under ``-n N`` without a ``--dist`` choice, one file's tests go to one worker (``loadfile``):
     a module-scoped fixture (a trained tiny run) is then built once, not once per worker. The
     files are queued in collection order (longest first, above), not xdist's default order of
-    most tests first, which put the few-test, long files (the demo, kill and resume tests) last."""
+    most tests first, which put the few-test, long files (the demo, kill and resume tests) last.
+
+    Any explicit ``--dist`` other than ``load`` bypasses this hook. ``--dist loadgroup`` does not
+    group here: pytest-xdist 3.8 tags a grouped test by setting ``item._nodeid``, which pytest 9.2's
+    ``Node.nodeid`` no longer reads, so loadgroup hands out single tests like ``load``. (CI at
+    bf9c89e: both workers spent 484 s in the quick demo's fixture, one building it, one waiting.)"""
     if config.getoption("dist") == "load":
         from xdist.scheduler import LoadFileScheduling
 
