@@ -18,7 +18,7 @@ py=$(command -v python3)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD
 step() { printf '\n=== %s %s\n' "$(date +%T)" "$*"; }
-cli=("$py" -c 'import sys; from rlhf_jax.cli import main; main(sys.argv[1:])')  # `rlhf-jax`, uninstalled
+cli=("$py" -m rlhf_jax.cli)  # `rlhf-jax` without installing the package (PYTHONPATH above)
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   step "install the carried wheels"

@@ -4,9 +4,6 @@ with one iterated RLHF round; the report's statistics on fake numbers."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -29,15 +26,14 @@ MODELS = ("SFT", "SFT big", "PPO", "PPO-ptx", "PPO-ptx, round 1")
 def demo_run(tmp_path_factory):
     """The quick demo, run once per test session (both xdist workers read the same run).
 
-    It runs in its own process with XLA's default optimisation level: the test session compiles
-    at level 0 (root conftest.py), which speeds up the compile-bound tests but slows the demo's
-    sampling loops (the quick demo took 484 s in CI at the default level, 1,034 s at level 0)."""
+    It runs in its own process (``F.run_cli``, whose environment has only the fake devices in
+    XLA_FLAGS), so at XLA's default optimisation level: the test session compiles at level 0
+    (root conftest.py), which speeds up the compile-bound tests but slows the demo's sampling
+    loops (the quick demo took 484 s in CI at the default level, 1,034 s at level 0)."""
 
     def build(path):
-        flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "").strip()
-        cli = "import sys; from rlhf_jax.cli import main; main(sys.argv[1:])"
-        cmd = [sys.executable, "-c", cli, "demo", "--quick", "--rounds", "2", "--out", str(path / "run")]
-        subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": flags}, check=True)
+        done = F.run_cli(["demo", "--quick", "--rounds", "2", "--out", str(path / "run")], num_devices=8, timeout=3600)
+        assert done.returncode == 0, done.stderr[-4000:]
         return {}
 
     path, _ = F.build_once(tmp_path_factory, "demo_quick_rounds2", build)
