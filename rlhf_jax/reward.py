@@ -10,8 +10,9 @@ added to the score head whenever the run is loaded. The driver is ``rlhf_jax.dri
 
 Batches: ``input_ids`` / ``attention_mask`` [B, K, L] (prompt + response + EOS, right
 padded), ``ranks`` [B, K] (0 = best), ``valid`` [B, K], ``end_index`` [B, K]; the trainer
-packs them (``data.pack_ranking_slots``): the valid slots' rows [N, L] and ``end_index``
-[N], their ``slot`` [N], ``ranks`` and ``valid`` unchanged.
+packs them (``data.pack_ranking_slots``): the valid slots' sequences, several to a row,
+[R, L] with ``segment_ids`` / ``position_ids``; ``end_index`` [S] (flat positions in
+[R * L]) and ``slot`` [S]; ``ranks`` and ``valid`` unchanged.
 """
 
 from __future__ import annotations
@@ -42,13 +43,20 @@ def ranking_rewards(model: CausalLM, params: Any, batch: dict) -> jax.Array:
     """Scores of every response slot: one forward pass per response -> [B, K].
 
     A batch packed by ``data.pack_ranking_slots`` (it has ``slot``) holds only the real
-    responses as rows [N, L]; their N scores are scattered back to their slots and the empty
-    slots score 0 (the ranking loss never reads them).
+    responses, several to a row [R, L] told apart by ``segment_ids``; the score of each is
+    read at its ``end_index`` (a flat position in [R * L]) and scattered back to its slot,
+    and the empty slots score 0 (the ranking loss never reads them).
     """
     if "slot" in batch:
         b, k = batch["ranks"].shape
-        values = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"]).values
-        scores = jnp.take_along_axis(values, batch["end_index"][:, None], axis=1)[:, 0]  # [N]
+        values = model.apply(
+            {"params": params},
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            segment_ids=batch["segment_ids"],
+            position_ids=batch["position_ids"],
+        ).values  # [R, L]
+        scores = values.reshape(-1)[batch["end_index"]]  # [S]
         return jnp.zeros((b * k,), scores.dtype).at[batch["slot"]].set(scores, mode="drop").reshape(b, k)
     b, k, length = batch["input_ids"].shape
     flat_ids = batch["input_ids"].reshape(b * k, length)  # [B*K, L]

@@ -174,23 +174,37 @@ def _ranking_batch(ks, k_max, length, *, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "end_index": end, "ranks": ranks, "valid": valid}
 
 
-@pytest.mark.parametrize("multiple", [1, 8])
-def test_ranking_slots_pack_keeps_every_response(multiple):
+@pytest.mark.parametrize("multiple,process_index", [(1, 0), (8, 0), (8, 2)])
+def test_ranking_slots_pack_keeps_every_response_whole(multiple, process_index):
+    """Every valid response is one segment of a packed row, its tokens in order, positions
+    from 0, its end_index at its last token (global positions on host ``process_index``);
+    empty slots leave no tokens; fewer rows than valid responses (short rows share)."""
     from rlhf_jax.data import pack_ranking_slots
     from rlhf_jax.data.buckets import NO_SLOT
 
-    batch = _ranking_batch([4, 9, 2, 6, 5], 9, 12)
-    out = pack_ranking_slots(batch, row_multiple=multiple, slot_offset=90)
-    n = 4 + 9 + 2 + 6 + 5
-    rows = out["input_ids"].shape[0]
-    assert rows >= n and rows % multiple == 0 and rows <= 45 + multiple
+    ks = [4, 9, 2, 6, 5]
+    batch = _ranking_batch(ks, 9, 12)
+    out = pack_ranking_slots(batch, row_multiple=multiple, process_index=process_index)
+    n = sum(ks)
+    rows, length = out["input_ids"].shape
+    assert rows % multiple == 0 and rows < n and length == 12  # the cap: no bucket above it
+    assert out["slot"].shape == out["end_index"].shape and out["slot"].shape[0] % multiple == 0
     real = out["slot"] != NO_SLOT
-    assert real.sum() == n and not out["attention_mask"][~real].any()
-    for r in np.flatnonzero(real):
-        b, k = divmod(int(out["slot"][r]) - 90, 9)
-        assert batch["valid"][b, k]
-        np.testing.assert_array_equal(out["input_ids"][r], batch["input_ids"][b, k])
-        assert out["end_index"][r] == batch["end_index"][b, k]
+    assert real.sum() == n
+    assert out["attention_mask"].sum() == batch["attention_mask"].sum()  # nothing lost, nothing added
+    seen = set()
+    for slot, end in zip(out["slot"][real], out["end_index"][real]):
+        b, k = divmod(int(slot) - process_index * 5 * 9, 9)
+        assert batch["valid"][b, k] and (b, k) not in seen
+        seen.add((b, k))
+        r, last = divmod(int(end) - process_index * rows * length, length)
+        size = int(batch["end_index"][b, k]) + 1
+        first = last - size + 1
+        np.testing.assert_array_equal(out["input_ids"][r, first : last + 1], batch["input_ids"][b, k, :size])
+        np.testing.assert_array_equal(out["position_ids"][r, first : last + 1], np.arange(size))
+        segment = out["segment_ids"][r, first : last + 1]
+        assert segment[0] > 0 and (segment == segment[0]).all()
+        assert (out["segment_ids"][r] == segment[0]).sum() == size  # the segment is exactly this response
     assert out["ranks"] is batch["ranks"] and out["valid"] is batch["valid"]
 
 
@@ -212,7 +226,7 @@ def test_packed_ranking_slots_give_the_loss_and_gradients_of_the_padded_batch(me
     params = init_params(model, jax.random.key(0))
     batch = _ranking_batch([4, 9, 2, 6, 5, 3, 7, 8], 9, 16, seed=2)
     packed = pack_ranking_slots(batch, row_multiple=mesh_devices)
-    assert packed["input_ids"].shape[0] < 8 * 9  # it dropped empty slots
+    assert packed["input_ids"].shape[0] < 8 * 9 // 2  # it dropped empty slots and packed short responses
     mesh = sharding.make_mesh(MeshConfig(data=mesh_devices, fsdp=1, tensor=1), devices=jax.devices()[:mesh_devices])
     hp = RewardHyperparams(center_coef=0.01)
     grad = jax.jit(jax.value_and_grad(lambda p, b: reward.reward_objective(model, p, b, hp), has_aux=True))

@@ -16,7 +16,7 @@ make the same step; only the row layout changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -97,6 +97,21 @@ def packed_row_count(rows: int, multiple: int, batch: int) -> int:
     return max(min(-(-rows // step) * step, max(batch, multiple)), rows)
 
 
+def rounded_row_count(rows: int, multiple: int) -> int:
+    """``rows`` rounded up to a step of a quarter of the power of two below it (a multiple of
+    ``multiple``): at most 4 shapes per octave, whatever the batch, and under 25% padding
+    rows (12.5% on average).
+
+    >>> [rounded_row_count(r, 1) for r in (3, 5, 15, 41, 66, 75, 130)]
+    [3, 5, 16, 48, 80, 80, 160]
+    >>> rounded_row_count(66, 32)
+    96
+    """
+    step = 2 ** max(0, rows.bit_length() - 3)
+    step = -(-step // multiple) * multiple
+    return -(-rows // step) * step
+
+
 def pack_batch(
     batch: dict,
     *,
@@ -137,13 +152,33 @@ def pack_batch(
     extra = sorted(set(batch) - set(keys))
     if extra:
         raise ValueError(f"pack_batch: arrays {extra} are not per-token arrays of the packed rows")
+    b = np.shape(batch[mask_key])[0]
+    out, starts = _pack_rows(batch, keys, mask_key, lambda n: packed_row_count(n, row_multiple, b), None)
+    if target_mask_key is not None:
+        length = out[mask_key].shape[1]
+        first = starts[starts >= 0]  # flat position of every example's first token
+        out[target_mask_key][first // length, first % length] = 0
+    return out
+
+
+def _pack_rows(
+    batch: dict, keys: Sequence[str], mask_key: str, row_count: Callable[[int], int], length: int | None
+) -> tuple[dict, np.ndarray]:
+    """:func:`pack_batch` without the loss mask, into rows of ``length`` tokens (None: the
+    bucket of the longest example), ``row_count(rows needed)`` rows: the packed ``keys``,
+    ``segment_ids`` and ``position_ids`` [R, L], and where each input row's first token went,
+    ``starts`` [B] (flat position ``r * L + column`` in the packed rows; -1 for an empty row)."""
     mask = np.asarray(batch[mask_key])
     b, cap = mask.shape
     lengths = mask.sum(axis=1).astype(np.int64)  # [B]
     if np.any(mask != (np.arange(cap)[None, :] < lengths[:, None])):
         bad = int(np.argmax(np.any(mask != (np.arange(cap)[None, :] < lengths[:, None]), axis=1)))
         raise ValueError(f"pack_batch: row {bad} is not right-padded (its real tokens are not its first columns)")
-    length = bucket_length(_agree_across_hosts(max(int(lengths.max(initial=0)), 1)), cap)
+    longest = int(lengths.max(initial=0))
+    if length is None:
+        length = bucket_length(_agree_across_hosts(max(longest, 1)), cap)
+    elif longest > length:
+        raise ValueError(f"pack_batch: an example of {longest} tokens does not fit rows of {length}")
     bins: list[list[int]] = []  # example indices per packed row
     room: list[int] = []
     for i in sorted(range(b), key=lambda i: (-lengths[i], i)):  # first fit, decreasing length
@@ -157,10 +192,11 @@ def pack_batch(
         else:
             bins.append([i])
             room.append(length - int(lengths[i]))
-    rows = packed_row_count(_agree_across_hosts(max(len(bins), 1)), row_multiple, b)
+    rows = row_count(_agree_across_hosts(max(len(bins), 1)))
     out = {k: np.zeros((rows, length), np.asarray(batch[k]).dtype) for k in keys}
     segment_ids = np.zeros((rows, length), np.int32)
     position_ids = np.zeros((rows, length), np.int32)
+    starts = np.full(b, -1, np.int64)
     for r, members in enumerate(bins):
         start = 0
         for segment, i in enumerate(members, start=1):
@@ -169,53 +205,75 @@ def pack_batch(
                 out[k][r, start : start + n] = np.asarray(batch[k])[i, :n]
             segment_ids[r, start : start + n] = segment
             position_ids[r, start : start + n] = np.arange(n)
-            if target_mask_key is not None:
-                out[target_mask_key][r, start] = 0
+            starts[i] = r * length + start
             start += n
-    return {**out, "segment_ids": segment_ids, "position_ids": position_ids}
+    return {**out, "segment_ids": segment_ids, "position_ids": position_ids}, starts
 
 
-NO_SLOT = np.iinfo(np.int32).max  # the slot of a padding row: out of range, dropped by the scatter
+NO_SLOT = np.iinfo(np.int32).max  # the slot of a padding entry: out of range, dropped by the scatter
 
 
-def pack_ranking_slots(batch: dict, *, row_multiple: int = 1, slot_offset: int = 0) -> dict:
-    """A K-way ranking batch's real responses as rows: [B, K, L] -> [N, L].
+def pack_ranking_slots(
+    batch: dict, *, row_multiple: int = 1, process_index: int = 0, length: int | None = None
+) -> dict:
+    """A K-way ranking batch's real responses packed whole into few rows: [B, K, L] -> [R, L].
 
     Every prompt of a ranking batch has K slots, K the largest group in the data; with
-    InstructGPT's K = 4..9 a third of the slots are empty on average, and each empty slot
-    would cost a full forward and backward pass of the reward model. Only the valid slots
-    become rows, in (b, k) order; the row count N is rounded up by :func:`packed_row_count`
-    (a multiple of ``row_multiple``, the host's batch shards; at most ``ROW_STEPS`` counts
-    compile per length), the extra rows all padding. ``reward.ranking_rewards`` scatters
-    the N scores back into [B, K] by ``slot``; the ranking loss reads only valid slots, so
-    the loss and gradients are those of the unpacked batch up to float reassociation.
+    InstructGPT's K = 4..9 a third of the slots are empty, and short responses leave most
+    of a row's L tokens pad. Only the valid slots' sequences are kept, and they are packed
+    whole, several to a row, by :func:`pack_batch`'s first fit (``segment_ids`` keep
+    attention inside each response, positions restart), into the rows needed rounded up by
+    :func:`rounded_row_count`. ``end_index`` names the packed
+    position of each response's last token (its EOS), where the reward is read;
+    ``reward.ranking_rewards`` scatters the scores back into [B, K] by ``slot``. The
+    ranking loss reads only valid slots, so the loss and gradients are those of the
+    unpacked batch up to float reassociation.
 
     Args:
-      batch: ``input_ids`` / ``attention_mask`` [B, K, L], ``end_index`` / ``ranks`` /
-        ``valid`` [B, K] (``data.tokenize_rankings``' arrays).
-      row_multiple: N is a multiple of this.
-      slot_offset: added to every slot: this host's first slot in the global [B * K] batch
-        (``process_index * B * K`` when every host loads B prompts).
+      batch: ``input_ids`` / ``attention_mask`` [B, K, L] (right-padded), ``end_index`` /
+        ``ranks`` / ``valid`` [B, K] (``data.tokenize_rankings``' arrays).
+      row_multiple: R and the number of score entries are multiples of this (the host's
+        batch shards).
+      process_index: this host's index when every host loads B prompts and the global
+        batch is the hosts' batches in order: slots and positions are made global.
+      length: the packed rows' length L, at least the longest response (None: the bucket
+        of this batch's longest). A run that fixes it (the bucket of its data set's longest
+        sequence) compiles one L, and its row counts vary little from batch to batch.
 
     Returns:
-      ``input_ids`` / ``attention_mask`` [N, L] and ``end_index`` [N] of the valid slots,
-      ``slot`` [N] int32 (``slot_offset + b * K + k``; :data:`NO_SLOT` on padding rows), and
-      ``ranks`` / ``valid`` [B, K] as they were.
+      ``input_ids`` / ``attention_mask`` / ``segment_ids`` / ``position_ids`` [R, L];
+      ``end_index`` [S] int32, the flat position ``row * L + column`` of each response's
+      last token in the global packed rows, and ``slot`` [S] int32, its global
+      ``b * K + k`` (:data:`NO_SLOT` and position 0 on the padding entries; S = B * K
+      rounded up to ``row_multiple``); ``ranks`` / ``valid`` [B, K] as they were.
 
     >>> valid = np.array([[True, True, False], [True, False, False]])
-    >>> out = pack_ranking_slots({"input_ids": np.arange(6).reshape(2, 3, 1), "attention_mask": np.ones((2, 3, 1)),
-    ...                           "end_index": np.zeros((2, 3), np.int32), "ranks": np.zeros((2, 3)), "valid": valid})
-    >>> out["input_ids"][:, 0].tolist(), out["slot"].tolist()
-    ([0, 1, 3], [0, 1, 3])
+    >>> ids = np.array([[[5, 5, 0], [6, 0, 0], [0, 0, 0]], [[7, 7, 7], [0, 0, 0], [0, 0, 0]]])
+    >>> out = pack_ranking_slots({"input_ids": ids, "attention_mask": (ids > 0).astype(int),
+    ...                           "end_index": np.array([[1, 0, 0], [2, 0, 0]]), "ranks": np.zeros((2, 3)), "valid": valid})
+    >>> out["input_ids"].tolist(), out["segment_ids"].tolist()
+    ([[7, 7, 7], [5, 5, 6]], [[1, 1, 1], [1, 1, 2]])
+    >>> out["slot"][:3].tolist(), out["end_index"][:3].tolist()
+    ([0, 1, 3], [4, 5, 2])
     """
     valid = np.asarray(batch["valid"]).astype(bool)  # [B, K]
     b, k = valid.shape
     flat = np.flatnonzero(valid.reshape(-1))  # [n] the valid slots, b * K + k
-    rows = packed_row_count(_agree_across_hosts(max(len(flat), 1)), row_multiple, b * k)
-    out: dict = {"ranks": batch["ranks"], "valid": batch["valid"]}
-    for name in ("input_ids", "attention_mask", "end_index"):
-        a = np.asarray(batch[name])
-        a = a.reshape(b * k, *a.shape[2:])[flat]  # [n, ...]
-        out[name] = np.concatenate([a, np.zeros((rows - len(flat), *a.shape[1:]), a.dtype)])
-    out["slot"] = np.concatenate([flat + slot_offset, np.full(rows - len(flat), NO_SLOT)]).astype(np.int32)
-    return out
+    length = np.shape(batch["input_ids"])[-1]
+    rows = {name: np.asarray(batch[name]).reshape(b * k, length)[flat] for name in ("input_ids", "attention_mask")}
+    keys = ("input_ids", "attention_mask")
+    packed, starts = _pack_rows(rows, keys, "attention_mask", lambda n: rounded_row_count(n, row_multiple), length)
+    r, packed_length = packed["input_ids"].shape
+    ends = starts + np.asarray(batch["end_index"]).reshape(b * k)[flat] + process_index * r * packed_length
+    entries = -(-b * k // row_multiple) * row_multiple  # S
+    slot = np.full(entries, NO_SLOT, np.int64)
+    end_index = np.zeros(entries, np.int64)
+    slot[: len(flat)] = flat + process_index * b * k
+    end_index[: len(flat)] = ends
+    return {
+        **packed,
+        "end_index": end_index.astype(np.int32),
+        "slot": slot.astype(np.int32),
+        "ranks": batch["ranks"],
+        "valid": batch["valid"],
+    }

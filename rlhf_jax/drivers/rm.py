@@ -82,14 +82,15 @@ def run_rm(cfg: RewardConfig) -> Path:
     plain = lora.without_lora(model)
     record = lora_record(cfg.lora, cfg.init, "scalar", "best")
     checkpoint.write_model_info(out, plain, tokenizer, extra=record)
+    batches = model_inputs_only(lambda: next(train_it), RANKING_INPUTS)
     stage = train_loop.Stage(
         name="rm",
         state=state,
         state_shardings=shardings,
         train_step=reward.make_train_step(model, optimizer, cfg.hparams),
-        next_batch=only_real_slots(
-            shaped(run, model_inputs_only(lambda: next(train_it), RANKING_INPUTS), *RANKING_BUCKETS), run, mesh
-        ),
+        next_batch=packed_rankings(batches, train, mesh)
+        if run.pad_to == "pack"
+        else shaped(run, batches, *RANKING_BUCKETS),
         iterators={"train": train_it},
         total_steps=total,
         frozen=frozen,
@@ -113,20 +114,19 @@ def run_rm(cfg: RewardConfig) -> Path:
     return out
 
 
-def only_real_slots(next_batch: Callable[[], dict], run: RunConfig, mesh: Any) -> Callable[[], dict]:
-    """``next_batch`` with its empty response slots dropped (``data.pack_ranking_slots``): with
-    K = 4..9 a third of the slots are empty, each a forward and backward pass of the RM.
-    Under ``--run.pad-to pack`` (the default); ``bucket`` and ``max`` keep every slot."""
-    if run.pad_to != "pack":
-        return next_batch
+def packed_rankings(next_batch: Callable[[], dict], train: Any, mesh: Any) -> Callable[[], dict]:
+    """``next_batch`` with its empty response slots dropped and the real responses packed
+    several to a row (``data.pack_ranking_slots``, ``--run.pad-to pack``, the default): with
+    K = 4..9 a third of the slots are empty, and a short response leaves most of its row
+    pad; each row is a forward and backward pass of the RM. The rows' length is the bucket
+    of the longest sequence in ``train`` (every batch the same L, so the step compiles
+    for few row counts)."""
     multiple = batch_shards_per_host(mesh)
-
-    def f() -> dict:
-        batch = next_batch()
-        b, k = np.shape(batch["valid"])
-        return data.pack_ranking_slots(batch, row_multiple=multiple, slot_offset=jax.process_index() * b * k)
-
-    return f
+    mask = train.arrays["attention_mask"]  # [N, K, L]
+    length = data.bucket_length(max(int(mask.sum(axis=-1).max()), 1), mask.shape[-1])
+    return lambda: data.pack_ranking_slots(
+        next_batch(), row_multiple=multiple, process_index=jax.process_index(), length=length
+    )
 
 
 def pad_k(dataset: Any, k: int) -> Any:
