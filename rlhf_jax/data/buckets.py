@@ -223,11 +223,10 @@ def pack_ranking_slots(
     of a row's L tokens pad. Only the valid slots' sequences are kept, and they are packed
     whole, several to a row, by :func:`pack_batch`'s first fit (``segment_ids`` keep
     attention inside each response, positions restart), into the rows needed rounded up by
-    :func:`rounded_row_count`. ``end_index`` names the packed
-    position of each response's last token (its EOS), where the reward is read;
-    ``reward.ranking_rewards`` scatters the scores back into [B, K] by ``slot``. The
-    ranking loss reads only valid slots, so the loss and gradients are those of the
-    unpacked batch up to float reassociation.
+    :func:`rounded_row_count`. ``end_index`` names the packed position of each response's
+    last token (its EOS), where the reward is read; ``reward.ranking_rewards`` scatters the
+    scores back into [B, K] by ``slot``. The ranking loss reads only valid slots, so the
+    loss and gradients are those of the unpacked batch up to float reassociation.
 
     Args:
       batch: ``input_ids`` / ``attention_mask`` [B, K, L] (right-padded), ``end_index`` /

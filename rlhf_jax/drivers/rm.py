@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import checkpoint, data, reward, sharding, train_loop
-from rlhf_jax.config import RewardConfig, RunConfig
+from rlhf_jax.config import RewardConfig
 from rlhf_jax.drivers.common import (
     batch_shards_per_host,
     load_stage_model,
