@@ -104,6 +104,18 @@ def test_learns_the_preference_on_held_out_data(world, runs, tmp_path):
     assert _accuracy(base, base_params, tok, held["rankings"])[0] < 0.75
 
 
+def test_packed_rows_take_the_steps_of_one_response_a_row(world, runs, tmp_path):
+    """``--run.pad-to pack`` (the default, ``runs.straight``: the real responses several to a
+    row, sharded over 8 devices) and ``bucket`` (every slot its own row) take the same steps:
+    the train losses of 6 steps agree to float rounding."""
+    out = tmp_path / "bucket"
+    run_rm(dataclasses.replace(_cfg(world, out, pad_to="bucket", stop_at_step=6), demonstrations=None))
+    packed, bucket = F.train_losses(runs.straight), F.train_losses(out)
+    assert sorted(bucket) == list(range(1, 7))
+    for step, loss in bucket.items():
+        np.testing.assert_allclose(loss, packed[step], rtol=1e-4, err_msg=f"step {step}")
+
+
 def test_demonstrations_score_mean_zero(world, runs):
     info = checkpoint.read_model_info(runs.straight)
     bias = info["reward_bias"]
