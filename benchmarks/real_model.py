@@ -50,7 +50,9 @@ SmolLM2's config with random weights, as ``benchmarks/gpu_run.sh`` makes one):
   row of the batch) except fp32 and no logging / saving. Both sides take the same rows in file
   order (``shuffle=False`` / a sequential sampler). Rate: REAL (non-pad) tokens / s over the timed steps.
 * ``rm``: one reward-model step. rlhf_jax: ``reward.make_train_step`` on 4 prompts x K = 4 ranked
-  responses (``RewardConfig`` defaults; 4 x C(4,2) = 24 comparisons from 16 forward passes).
+  responses (``RewardConfig`` defaults; 4 x C(4,2) = 24 comparisons from 16 forward passes),
+  batches made as ``drivers/rm.py`` makes them: under the default ``--run.pad-to pack`` the 16
+  responses packed whole, several to a row as wide as the cap (``packed_rankings``).
   Peer: TRL's RewardTrainer (defaults: 8 pairs = 16 sequences a step) on the same rankings
   expanded to their C(4,2) pairs. Rate: comparisons (pairs) / s.
 * ``gen``: 16 chat prompts -> exactly 32 new tokens, sampling at temperature 1 with a KV cache
@@ -297,6 +299,7 @@ def jax_rm(a: argparse.Namespace, paths: dict) -> dict:
     from rlhf_jax import data, reward
     from rlhf_jax.config import RewardConfig
     from rlhf_jax.drivers.common import load_stage_model, sharded_train_state
+    from rlhf_jax.drivers.rm import RANKING_INPUTS, packed_rankings
     from rlhf_jax.optim import make_optimizer
 
     cfg = RewardConfig(data=paths["rankings"], init=a.model_dir, out="unused", batch_size=RM_PROMPTS)
@@ -308,12 +311,15 @@ def jax_rm(a: argparse.Namespace, paths: dict) -> dict:
     ds = data.tokenize_rankings(recs, tok, max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
                                 max_k=cfg.max_k)  # fmt: skip
     it = data.BatchIterator(ds.arrays, batch_size=RM_PROMPTS, seed=cfg.run.seed, shuffle=False)
-    keys = ("input_ids", "attention_mask", "ranks", "valid", "end_index")  # drivers/rm.py's RANKING_INPUTS
-    batches = []
-    for _ in range(a.warmup + a.repeats):
-        b = {k: v for k, v in next(it).items() if k in keys}
-        batches.append(data.trim_batch(b, keys=("input_ids", "attention_mask"), mask_key="attention_mask", left=False))
+    raw = [{k: v for k, v in next(it).items() if k in RANKING_INPUTS} for _ in range(a.warmup + a.repeats)]
     mesh = _mesh()
+    if cfg.run.pad_to == "pack":  # as drivers/rm.py: the real responses packed several to a row
+        pending = iter(raw)
+        pack = packed_rankings(lambda: next(pending), mesh)
+        batches = [pack() for _ in raw]
+    else:
+        batches = [data.trim_batch(b, keys=("input_ids", "attention_mask"), mask_key="attention_mask", left=False)
+                   for b in raw]  # fmt: skip
     optimizer = make_optimizer(cfg.optim, 1000)
     state, shardings = sharded_train_state(model, params, optimizer, cfg.run.seed, mesh)
     del params
@@ -334,7 +340,8 @@ def jax_rm(a: argparse.Namespace, paths: dict) -> dict:
             "step_s": _stats(r["times"]), "comparisons_per_step": comps / len(timed),
             "comparisons_per_s": comps / sum(r["times"]), "sequences_per_step": RM_PROMPTS * RM_K,
             "tokens_per_s": real / sum(r["times"]), "real_tokens_per_step": real / len(timed),
-            "bucket_lengths": sorted({b["input_ids"].shape[-1] for b in batches}), "first_step_s": r["first_step_s"],
+            "batch_shapes": sorted({b["input_ids"].shape for b in batches}), "pad_to": cfg.run.pad_to,
+            "first_step_s": r["first_step_s"],
             "compile_s": r["compile_s"], "compiled_shapes": r["shapes"], "model_load_s": load_s,
             "peak_rss_before_first_step_mb": r["peak_rss_before_first_step_mb"], "xla_memory": r["xla_memory"],
             "rss_after_load_mb": loaded["vmrss_mb"], "optim": str(cfg.optim), "loss": r["last_metrics"].get("loss"),

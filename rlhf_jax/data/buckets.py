@@ -213,17 +213,16 @@ def _pack_rows(
 NO_SLOT = np.iinfo(np.int32).max  # the slot of a padding entry: out of range, dropped by the scatter
 
 
-def pack_ranking_slots(
-    batch: dict, *, row_multiple: int = 1, process_index: int = 0, length: int | None = None
-) -> dict:
+def pack_ranking_slots(batch: dict, *, row_multiple: int = 1, process_index: int = 0) -> dict:
     """A K-way ranking batch's real responses packed whole into few rows: [B, K, L] -> [R, L].
 
     Every prompt of a ranking batch has K slots, K the largest group in the data; with
     InstructGPT's K = 4..9 a third of the slots are empty, and short responses leave most
     of a row's L tokens pad. Only the valid slots' sequences are kept, and they are packed
-    whole, several to a row, by :func:`pack_batch`'s first fit (``segment_ids`` keep
-    attention inside each response, positions restart), into the rows needed rounded up by
-    :func:`rounded_row_count`. ``end_index`` names the packed position of each response's
+    whole, several to a row as wide as the input's L, by :func:`pack_batch`'s first fit
+    (``segment_ids`` keep attention inside each response, positions restart), into the rows
+    needed rounded up by :func:`rounded_row_count`. A caller that passes every batch at the
+    tokenised cap (``drivers/rm.py``) compiles one L and row counts that vary little. ``end_index`` names the packed position of each response's
     last token (its EOS), where the reward is read; ``reward.ranking_rewards`` scatters the
     scores back into [B, K] by ``slot``. The ranking loss reads only valid slots, so the
     loss and gradients are those of the unpacked batch up to float reassociation.
@@ -235,9 +234,6 @@ def pack_ranking_slots(
         batch shards).
       process_index: this host's index when every host loads B prompts and the global
         batch is the hosts' batches in order: slots and positions are made global.
-      length: the packed rows' length L, at least the longest response (None: the bucket
-        of this batch's longest). A run that fixes it (the bucket of its data set's longest
-        sequence) compiles one L, and its row counts vary little from batch to batch.
 
     Returns:
       ``input_ids`` / ``attention_mask`` / ``segment_ids`` / ``position_ids`` [R, L];
@@ -258,10 +254,10 @@ def pack_ranking_slots(
     valid = np.asarray(batch["valid"]).astype(bool)  # [B, K]
     b, k = valid.shape
     flat = np.flatnonzero(valid.reshape(-1))  # [n] the valid slots, b * K + k
-    length = np.shape(batch["input_ids"])[-1]
-    rows = {name: np.asarray(batch[name]).reshape(b * k, length)[flat] for name in ("input_ids", "attention_mask")}
+    width = np.shape(batch["input_ids"])[-1]  # L
     keys = ("input_ids", "attention_mask")
-    packed, starts = _pack_rows(rows, keys, "attention_mask", lambda n: rounded_row_count(n, row_multiple), length)
+    rows = {name: np.asarray(batch[name]).reshape(b * k, width)[flat] for name in keys}  # [n, L]
+    packed, starts = _pack_rows(rows, keys, "attention_mask", lambda n: rounded_row_count(n, row_multiple), width)
     r, packed_length = packed["input_ids"].shape
     ends = starts + np.asarray(batch["end_index"]).reshape(b * k)[flat] + process_index * r * packed_length
     entries = -(-b * k // row_multiple) * row_multiple  # S

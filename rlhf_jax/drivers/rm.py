@@ -88,9 +88,7 @@ def run_rm(cfg: RewardConfig) -> Path:
         state=state,
         state_shardings=shardings,
         train_step=reward.make_train_step(model, optimizer, cfg.hparams),
-        next_batch=packed_rankings(batches, train, mesh)
-        if run.pad_to == "pack"
-        else shaped(run, batches, *RANKING_BUCKETS),
+        next_batch=packed_rankings(batches, mesh) if run.pad_to == "pack" else shaped(run, batches, *RANKING_BUCKETS),
         iterators={"train": train_it},
         total_steps=total,
         frozen=frozen,
@@ -114,19 +112,15 @@ def run_rm(cfg: RewardConfig) -> Path:
     return out
 
 
-def packed_rankings(next_batch: Callable[[], dict], train: Any, mesh: Any) -> Callable[[], dict]:
+def packed_rankings(next_batch: Callable[[], dict], mesh: Any) -> Callable[[], dict]:
     """``next_batch`` with its empty response slots dropped and the real responses packed
     several to a row (``data.pack_ranking_slots``, ``--run.pad-to pack``, the default): with
     K = 4..9 a third of the slots are empty, and a short response leaves most of its row
-    pad; each row is a forward and backward pass of the RM. The rows' length is the bucket
-    of the longest sequence in ``train`` (every batch the same L, so the step compiles
-    for few row counts)."""
+    pad; each row is a forward and backward pass of the RM. The rows are as wide as the
+    tokenised cap (``--max-prompt-len`` + ``--max-response-len``): every batch has the same
+    L, so the step compiles for few row counts."""
     multiple = batch_shards_per_host(mesh)
-    mask = train.arrays["attention_mask"]  # [N, K, L]
-    length = data.bucket_length(max(int(mask.sum(axis=-1).max()), 1), mask.shape[-1])
-    return lambda: data.pack_ranking_slots(
-        next_batch(), row_multiple=multiple, process_index=jax.process_index(), length=length
-    )
+    return lambda: data.pack_ranking_slots(next_batch(), row_multiple=multiple, process_index=jax.process_index())
 
 
 def pad_k(dataset: Any, k: int) -> Any:
