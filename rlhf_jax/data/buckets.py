@@ -152,8 +152,10 @@ def pack_batch(
     extra = sorted(set(batch) - set(keys))
     if extra:
         raise ValueError(f"pack_batch: arrays {extra} are not per-token arrays of the packed rows")
-    b = np.shape(batch[mask_key])[0]
-    out, starts = _pack_rows(batch, keys, mask_key, lambda n: packed_row_count(n, row_multiple, b), None)
+    mask = np.asarray(batch[mask_key])
+    b, cap = mask.shape
+    length = bucket_length(_agree_across_hosts(max(int(mask.sum(axis=1).max(initial=0)), 1)), cap)
+    out, starts = _pack_rows(batch, keys, mask_key, lambda n: packed_row_count(n, row_multiple, b), length)
     if target_mask_key is not None:
         length = out[mask_key].shape[1]
         first = starts[starts >= 0]  # flat position of every example's first token
@@ -162,10 +164,10 @@ def pack_batch(
 
 
 def _pack_rows(
-    batch: dict, keys: Sequence[str], mask_key: str, row_count: Callable[[int], int], length: int | None
+    batch: dict, keys: Sequence[str], mask_key: str, row_count: Callable[[int], int], length: int
 ) -> tuple[dict, np.ndarray]:
-    """:func:`pack_batch` without the loss mask, into rows of ``length`` tokens (None: the
-    bucket of the longest example), ``row_count(rows needed)`` rows: the packed ``keys``,
+    """:func:`pack_batch` without the loss mask, into rows of ``length`` tokens (at least the
+    longest example), ``row_count(rows needed)`` rows: the packed ``keys``,
     ``segment_ids`` and ``position_ids`` [R, L], and where each input row's first token went,
     ``starts`` [B] (flat position ``r * L + column`` in the packed rows; -1 for an empty row)."""
     mask = np.asarray(batch[mask_key])
@@ -174,11 +176,6 @@ def _pack_rows(
     if np.any(mask != (np.arange(cap)[None, :] < lengths[:, None])):
         bad = int(np.argmax(np.any(mask != (np.arange(cap)[None, :] < lengths[:, None]), axis=1)))
         raise ValueError(f"pack_batch: row {bad} is not right-padded (its real tokens are not its first columns)")
-    longest = int(lengths.max(initial=0))
-    if length is None:
-        length = bucket_length(_agree_across_hosts(max(longest, 1)), cap)
-    elif longest > length:
-        raise ValueError(f"pack_batch: an example of {longest} tokens does not fit rows of {length}")
     bins: list[list[int]] = []  # example indices per packed row
     room: list[int] = []
     for i in sorted(range(b), key=lambda i: (-lengths[i], i)):  # first fit, decreasing length
@@ -222,9 +219,10 @@ def pack_ranking_slots(batch: dict, *, row_multiple: int = 1, process_index: int
     whole, several to a row as wide as the input's L, by :func:`pack_batch`'s first fit
     (``segment_ids`` keep attention inside each response, positions restart), into the rows
     needed rounded up by :func:`rounded_row_count`. A caller that passes every batch at the
-    tokenised cap (``drivers/rm.py``) compiles one L and row counts that vary little. ``end_index`` names the packed position of each response's
-    last token (its EOS), where the reward is read; ``reward.ranking_rewards`` scatters the
-    scores back into [B, K] by ``slot``. The ranking loss reads only valid slots, so the
+    tokenised cap (``drivers/rm.py``) compiles one L and row counts that vary little.
+    ``end_index`` names the packed position of each response's last token (its EOS), where
+    the reward is read; ``reward.ranking_rewards`` scatters the scores back into [B, K] by
+    ``slot``. The ranking loss reads only valid slots, so the
     loss and gradients are those of the unpacked batch up to float reassociation.
 
     Args:
@@ -258,8 +256,7 @@ def pack_ranking_slots(batch: dict, *, row_multiple: int = 1, process_index: int
     keys = ("input_ids", "attention_mask")
     rows = {name: np.asarray(batch[name]).reshape(b * k, width)[flat] for name in keys}  # [n, L]
     packed, starts = _pack_rows(rows, keys, "attention_mask", lambda n: rounded_row_count(n, row_multiple), width)
-    r, packed_length = packed["input_ids"].shape
-    ends = starts + np.asarray(batch["end_index"]).reshape(b * k)[flat] + process_index * r * packed_length
+    ends = starts + np.asarray(batch["end_index"]).reshape(b * k)[flat] + process_index * packed["input_ids"].size
     entries = -(-b * k // row_multiple) * row_multiple  # S
     slot = np.full(entries, NO_SLOT, np.int64)
     end_index = np.zeros(entries, np.int64)
