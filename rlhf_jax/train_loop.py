@@ -39,6 +39,7 @@ from rlhf_jax import sharding
 from rlhf_jax.checkpoint import Checkpointer, abstract_like
 from rlhf_jax.config import RunConfig
 from rlhf_jax.optim import NONFINITE_QUANTITIES, all_finite
+from rlhf_jax.shared_jit import shared_jit
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +213,11 @@ def _batch_shardings(batch: dict, mesh) -> dict:
 
 def _compile_step(stage: Stage, first_batch: dict, mesh) -> Callable:
     """The stage's step under ``jax.jit``: state in and out with its shardings (donated), the
-    batch sharded along data x fsdp, frozen arrays where they are, metrics replicated."""
+    batch sharded along data x fsdp, frozen arrays where they are, metrics replicated. Its
+    programs are shared with any earlier stage of the process that lowered to the same ones
+    (``shared_jit``: the same stage run again, e.g. PPO-ptx in each RLHF round)."""
     frozen_shardings = jax.tree.map(lambda x: x.sharding, stage.frozen)
-    return jax.jit(
+    return shared_jit(
         stage.train_step,
         in_shardings=(stage.state_shardings, _batch_shardings(first_batch, mesh), *frozen_shardings),
         out_shardings=(stage.state_shardings, sharding.replicated(mesh)),

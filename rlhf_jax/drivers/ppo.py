@@ -31,6 +31,7 @@ from rlhf_jax.models.params import init_params
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.reward import score_sequences
 from rlhf_jax.rewards import RewardSum, load_rule
+from rlhf_jax.shared_jit import shared_jit
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +149,12 @@ def make_evaluate(
     ref_params, reward_params = frozen
     n = min(cfg.eval_prompts, len(val))
     val_ids, val_mask = jnp.asarray(val.arrays["input_ids"][:n]), jnp.asarray(val.arrays["attention_mask"][:n])
-    sample = jax.jit(
+    sample = shared_jit(
         bind_sample_and_score(nets["policy"].clone(head="lm"), reward.models[0], cfg.hparams.max_new_tokens, 0.0, tok)
     )
     p = val_ids.shape[1]
 
-    @jax.jit
+    @shared_jit
     def components(params, ids, mask, gen_tokens, gen_mask):
         seq, seq_mask = (
             jnp.concatenate([ids, gen_tokens], axis=1),

@@ -28,6 +28,7 @@ from rlhf_jax.drivers.common import (
 )
 from rlhf_jax.models import lora
 from rlhf_jax.optim import TrainState, make_optimizer
+from rlhf_jax.shared_jit import shared_jit
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def run_rm(cfg: RewardConfig) -> Path:
     state, shardings = sharded_train_state(model, params, optimizer, run.seed, mesh)
     eval_fn = None
     if val is not None:
-        eval_step = jax.jit(reward.make_eval_step(model))
+        eval_step = shared_jit(reward.make_eval_step(model))
 
         def eval_fn(st: TrainState) -> dict:
             metrics, pairs = weighted_eval(

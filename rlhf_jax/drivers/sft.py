@@ -28,6 +28,7 @@ from rlhf_jax.drivers.common import (
 from rlhf_jax.drivers.scoring import make_sample_scorer
 from rlhf_jax.models import CausalLM, lora
 from rlhf_jax.optim import TrainState, make_optimizer
+from rlhf_jax.shared_jit import shared_jit
 
 LM_INPUTS = ("input_ids", "attention_mask", "loss_mask")
 LM_BUCKETS = ((LM_INPUTS, "attention_mask", False),)  # right-padded rows
@@ -90,7 +91,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     eval_fn = None
     best_metric, best_mode = None, "min"
     if val is not None:
-        eval_step = jax.jit(sft.make_eval_step(model))
+        eval_step = shared_jit(sft.make_eval_step(model))
         scorer = None
         if cfg.select_by_reward is not None and cfg.mode == "sft":
             prompts = data.tokenize_prompts(parts[1][: cfg.select_prompts], tokenizer, max_prompt_len=cfg.seq_len // 2)
