@@ -30,8 +30,9 @@ import jax
 log = logging.getLogger(__name__)
 
 MAX_PROGRAMS = 32
-_PROGRAMS: OrderedDict[tuple, Any] = OrderedDict()  # program key -> jax.stages.Compiled
-STATS = {"compiled": 0, "shared": 0, "compile_s": 0.0}  # process totals, for logs and tests
+_PROGRAMS: OrderedDict[tuple, tuple[Any, float]] = OrderedDict()  # key -> (jax.stages.Compiled, compile s)
+STATS = {"compiled": 0, "shared": 0, "compile_s": 0.0, "saved_s": 0.0}  # process totals, for logs and tests
+# saved_s: what the shared programs took to compile the first time (the compile time each reuse skipped)
 
 
 class SharedJit:
@@ -52,9 +53,6 @@ class SharedJit:
         if compiled is None:
             compiled = self._by_signature[signature] = _compile(self._jitted.lower(*args))
         return compiled(*args)
-
-    def lower(self, *args):
-        return self._jitted.lower(*args)
 
 
 def shared_jit(fn: Callable, **jit_kwargs) -> SharedJit:
@@ -89,14 +87,19 @@ def _compile(lowered):
     key = _program_key(lowered)
     if key is not None and key in _PROGRAMS:
         _PROGRAMS.move_to_end(key)
+        compiled, seconds = _PROGRAMS[key]
         STATS["shared"] += 1
-        return _PROGRAMS[key]
+        STATS["saved_s"] += seconds
+        return compiled
     t0 = time.perf_counter()
     compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
     STATS["compiled"] += 1
-    STATS["compile_s"] += time.perf_counter() - t0
+    STATS["compile_s"] += seconds
+    name = getattr(getattr(lowered, "_lowering", None), "_name", "a program")
+    log.debug("compiled %s in %.1f s%s", name, seconds, "" if key else " (not shared)")
     if key is not None:
-        _PROGRAMS[key] = compiled
+        _PROGRAMS[key] = (compiled, seconds)
         while len(_PROGRAMS) > MAX_PROGRAMS:
             _PROGRAMS.popitem(last=False)
     return compiled

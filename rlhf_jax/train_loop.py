@@ -326,7 +326,7 @@ def run(stage: Stage, run_cfg: RunConfig, mesh, run_dir: str | Path, *, config_j
     step_fn = _compile_step(stage, batch, mesh)
     writer = MetricsWriter(run_dir)
     metrics_log = _MetricsLog(stage, writer, skips)
-    state_finite = jax.jit(all_finite)
+    state_finite = shared_jit(all_finite)
     step, saved_at = start, start  # saved_at: the step of the last save started (a resume starts at a saved one)
 
     def save(st, **kw) -> None:  # a non-finite state is never saved

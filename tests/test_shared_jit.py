@@ -43,6 +43,7 @@ def test_closures_of_one_program_compile_once_and_donate():
     state = {"w": jnp.ones((5,)), "b": jnp.zeros((3,))}
     x = jnp.arange(4.0) + 0.5
     c0, s0 = counts()
+    saved0 = sj.STATS["saved_s"]
     first = sj.shared_jit(scaled_sum(2.0), donate_argnums=(0,))
     second = sj.shared_jit(scaled_sum(2.0), donate_argnums=(0,))
     a_in = jax.tree.map(jnp.copy, state)
@@ -50,6 +51,7 @@ def test_closures_of_one_program_compile_once_and_donate():
     assert counts() == (c0 + 1, s0)
     b, mb = second(jax.tree.map(jnp.copy, state), x)
     assert counts() == (c0 + 1, s0 + 1)
+    assert sj.STATS["saved_s"] > saved0  # the first compile's seconds, counted as saved
     want, want_m = jax.jit(scaled_sum(2.0))(state, x)
     F.assert_trees_equal((a, ma), (want, want_m))
     F.assert_trees_equal((b, mb), (want, want_m))

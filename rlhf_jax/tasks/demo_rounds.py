@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhf_jax import checkpoint, data
+from rlhf_jax import checkpoint, data, shared_jit
 from rlhf_jax.drivers import run_ppo, run_rm
 from rlhf_jax.pipeline import read_jsonl, union_of_comparisons, write_jsonl
 from rlhf_jax.tasks import evaluate, report
@@ -296,6 +296,7 @@ def run_seed(cfg: DemoConfig) -> dict:
     root = Path(cfg.out)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
+    compiles_before = dict(shared_jit.STATS)
 
     def stage(name: str, fn):
         return timed(timings, name, fn)
@@ -380,6 +381,8 @@ def run_seed(cfg: DemoConfig) -> dict:
         "rm_val_accuracy": rm_val[-1]["val/accuracy"] if rm_val else None,
         "timings_s": timings,
         "total_s": time.perf_counter() - t_start,
+        # the stages' programs: compiled, and shared with an earlier stage (or seed) of the process
+        "programs": {k: v - compiles_before[k] for k, v in shared_jit.STATS.items()},
         "runs": {"ppo_ptx": str(ppo_ptx_dir), "ppo": str(ppo_dir), "ppo_nokl": str(nokl_dir)},
     }
     report.save_results(root, results)

@@ -290,10 +290,16 @@ def write_report(root: Path, results: list[dict]) -> Path:
         "",
     ]
     for x in results:
-        lines.append(
+        line = (
             f"- seed {x['seed']}: {x['total_s'] / 60:.1f} min "
             f"({', '.join(f'{k} {v:.0f}s' for k, v in x['timings_s'].items())})"
         )
+        if p := x.get("programs"):  # results.json files of before 2026-12-01 have no count
+            line += (
+                f"; {p['compiled']} programs compiled in {p['compile_s']:.0f} s, {p['shared']} taken from an "
+                f"earlier stage instead (their compiles took {p['saved_s']:.0f} s)"
+            )
+        lines.append(line)
     lines += [
         "",
         "Intervals: 95% bootstrap over held-out prompts pooled across the seeds (prompt sampling, not "
