@@ -19,7 +19,11 @@ policy on the **validation users'** prompts (never the held-out test users'):
   policy's own samples, nats per response) and the held-out pretraining loss.
 
 A variant is ``NAME:FIELD=VALUE,...``: any ``PPOHyperparams`` field, or ``lr`` (PPO's constant
-learning rate), ``steps`` (iterations) and ``ptx`` (0: plain PPO, no pretraining data).
+learning rate), ``steps`` (iterations), ``ptx`` (0: plain PPO, no pretraining data) and ``rms``
+(N: PPO maximises the mean score of an ensemble of N round-0 reward models, Coste et al. 2023:
+the demo's and N - 1 more trained as it was with run seeds ``seed + 1, ...``, which also draws
+each one's own 90% of the training users). Each RM set's pair accuracy on the validation users'
+comparisons of SFT samples (K = 4..9, ranked by the simulated labelers) is reported beside it.
 Finished runs are reused. Results: ``<out>/results.json`` (with each variant's per-prompt outcomes,
 ``labeler_wins``, for paired comparisons) and ``<out>/results.md``.
 """
@@ -58,7 +62,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         raise argparse.ArgumentTypeError(f"--variant {spec!r}: expected NAME:FIELD=VALUE,... (NAME: for the demo's)")
     from rlhf_jax.config import PPOHyperparams
 
-    known = {f.name for f in dataclasses.fields(PPOHyperparams)} | {"lr", "steps", "ptx"}
+    known = {f.name for f in dataclasses.fields(PPOHyperparams)} | {"lr", "steps", "ptx", "rms"}
     fields = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -66,7 +70,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
             raise argparse.ArgumentTypeError(f"--variant {spec!r}: {item!r} is not FIELD=VALUE")
         if key.strip() not in known:
             raise argparse.ArgumentTypeError(
-                f"--variant {spec!r}: unknown field {key.strip()!r} (PPOHyperparams fields, lr, steps, ptx)"
+                f"--variant {spec!r}: unknown field {key.strip()!r} (PPOHyperparams fields, lr, steps, ptx, rms)"
             )
         try:
             fields[key.strip()] = json.loads(value)
@@ -96,6 +100,21 @@ def labeler_win_outcomes(world, prompts: list[str], a: list[str], b: list[str]) 
     return out
 
 
+def ensemble_members(cfg, prep, out: Path, n: int) -> tuple[Path, ...]:
+    """The demo's round-0 RM and ``n - 1`` more trained as it was with run seeds ``cfg.seed + k``."""
+    from rlhf_jax.drivers import run_rm
+    from rlhf_jax.tasks import demo
+
+    members = [Path(prep.rm)]
+    for k in range(1, n):
+        rm_dir = out / "rms" / f"seed_{cfg.seed + k}"
+        if not (rm_dir / "model.json").is_file():
+            rc = demo.rm_config(cfg, prep.rankings, prep.rm_init, prep.files["demonstrations"], rm_dir, cfg.rm_steps)
+            run_rm(dataclasses.replace(rc, run=dataclasses.replace(rc.run, seed=cfg.seed + k)))
+        members.append(rm_dir)
+    return tuple(members)
+
+
 def run(args: argparse.Namespace) -> dict:
     import jax
 
@@ -115,8 +134,15 @@ def run(args: argparse.Namespace) -> dict:
     texts = [r["prompt"] for r in prep.val_prompts][: args.prompts]
     heldout_records, _ = data.load_records(prep.files["pretrain_heldout"], "text")
     heldout = data.tokenize_text(heldout_records, tok, seq_len=64)
-    rm, rm_params, _ = checkpoint.load_model(prep.rm, head="scalar")
+    rm = checkpoint.load_model(prep.rm, head="scalar")[0]  # every ensemble member has its architecture
     score = jax.jit(lambda params, ids, mask: score_sequences(rm, params, ids, mask))  # compiled once
+    rm_params: dict[Path, object] = {}
+
+    def rm_set(dirs: tuple[Path, ...]) -> tuple:
+        for d in dirs:
+            if d not in rm_params:
+                rm_params[d] = checkpoint.load_model(d, head="scalar")[1]
+        return tuple(rm_params[d] for d in dirs)
 
     def sample(model, params):
         return evaluate.sample_with_tokens(
@@ -131,6 +157,19 @@ def run(args: argparse.Namespace) -> dict:
 
     sft = checkpoint.load_model(prep.sft)[:2]
     sft_s = sample(*sft)
+    # the validation users' comparisons of SFT samples, for each RM set's pair accuracy
+    ks = np.random.default_rng([args.seed, 17]).integers(4, 10, len(texts))
+    val_rankings = evaluate.ranked_samples(
+        world,
+        *sft,
+        tok,
+        prep.val_prompts[: len(texts)],
+        ks,
+        sample_seed=300,
+        label_seed=args.seed + 1,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    lengths = {"max_prompt_len": 32, "max_response_len": cfg.max_new_tokens + 1}
     results = {"from": str(args.from_dir), "seed": args.seed, "prompts": len(texts), "variants": {}}
     for name, fields in args.variant or [parse_variant(v) for v in DEFAULT_VARIANTS]:
         fields = dict(fields)
@@ -140,17 +179,27 @@ def run(args: argparse.Namespace) -> dict:
             ppo_steps=int(fields.pop("steps", cfg.ppo_steps)),
         )
         ptx = bool(fields.pop("ptx", 1))
+        n_rms = int(fields.pop("rms", 1))
+        members = ensemble_members(c, prep, out, n_rms)
+        ppo_cfg = demo.ppo_config(c, prep, out / "runs" / name, ptx=ptx, **fields)
+        if n_rms > 1:  # the mean of the members' scores; the value network from the first
+            ppo_cfg = dataclasses.replace(
+                ppo_cfg, reward=tuple(map(str, members)), reward_weights=(1.0 / n_rms,) * n_rms
+            )
         t0 = time.perf_counter()
-        run_dir = run_ppo(demo.ppo_config(c, prep, out / "runs" / name, ptx=ptx, **fields))
+        run_dir = run_ppo(ppo_cfg)
         wall = time.perf_counter() - t0
         m, p, _ = checkpoint.load_model(run_dir, which="latest")
         s = sample(m, p)
         wins = labeler_win_outcomes(world, texts, s["texts"], sft_s["texts"])
         lp = evaluate.response_logps(m, p, s["seq"], s["mask"], s["P"])
         kl = float(np.mean(lp - evaluate.response_logps(*sft, s["seq"], s["mask"], s["P"])))
-        rm_scores = np.asarray(score(rm_params, s["seq"], s["mask"]))
+        ps = rm_set(members)
+        rm_scores = np.mean([np.asarray(score(p_, s["seq"], s["mask"])) for p_ in ps], axis=0)
+        rm_acc = evaluate.rm_group_accuracy(rm, ps, val_rankings, tok, **lengths)["accuracy"]
         results["variants"][name] = {
-            "fields": {"lr": c.ppo_learning_rate, "steps": c.ppo_steps, "ptx": ptx, **fields},
+            "fields": {"lr": c.ppo_learning_rate, "steps": c.ppo_steps, "ptx": ptx, "rms": n_rms, **fields},
+            "rm_val_accuracy": rm_acc,
             "labeler_win_rate": float(wins.mean()),
             "labeler_win_ci95": evaluate.bootstrap_ci(wins, resamples=args.bootstrap, seed=args.seed),
             "rm_score": float(rm_scores.mean()),
@@ -165,13 +214,15 @@ def run(args: argparse.Namespace) -> dict:
         f"Validation users' prompts: {len(texts)} (seed {args.seed}, from {args.from_dir}); win rate over SFT by the"
         " simulated labelers, ties half, 95% bootstrap interval over prompts.",
         "",
-        "| variant | overrides | labeler win rate over SFT | RM score | KL from SFT | held-out loss | wall (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | overrides | labeler win rate over SFT | RM pair acc. (val.) | RM score | KL from SFT |"
+        " held-out loss | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, v in results["variants"].items():
         lo, hi = v["labeler_win_ci95"]
         lines.append(
             f"| {name} | {v['fields']} | {100 * v['labeler_win_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] |"
+            f" {100 * v['rm_val_accuracy']:.1f}% |"
             f" {v['rm_score']:.3f} | {v['kl']:.2f} | {v['heldout_loss']:.4f} | {v['wall_s']:.0f} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")

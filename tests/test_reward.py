@@ -104,6 +104,42 @@ def test_learns_the_preference_on_held_out_data(world, runs, tmp_path):
     assert _accuracy(base, base_params, tok, held["rankings"])[0] < 0.75
 
 
+def test_ensemble_accuracy_orders_by_the_members_mean_score(world, runs, rm):
+    """``evaluate.rm_group_accuracy`` with a tuple of params: each group's pairs ordered by the
+    members' mean score, checked against a numpy loop over the pairs; one member is the RM alone."""
+    from rlhf_jax.tasks import evaluate
+
+    trained = checkpoint.load_model(runs.straight)[1]
+    records, _ = data.load_records(str(world.files["rankings"]), "rankings")
+    records = records[:24]
+    lengths = {"max_prompt_len": F.RM_PROMPT_LEN, "max_response_len": F.RM_RESPONSE_LEN}
+    single = evaluate.rm_group_accuracy(rm.model, trained, records, rm.tok, **lengths)
+    assert evaluate.rm_group_accuracy(rm.model, (trained,), records, rm.tok, **lengths) == single
+
+    ds = data.tokenize_rankings([{**r, "example_id": i} for i, r in enumerate(records)], rm.tok, **lengths)
+    batch = {k: ds.arrays[k] for k in ("input_ids", "attention_mask", "ranks", "valid", "end_index")}
+    # the untrained RM's scores scaled to the trained one's spread: the mean orders unlike either alone
+    spread = [np.std(np.asarray(ranking_rewards(rm.model, p, batch))) for p in (trained, rm.params)]
+    untrained = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * (spread[0] / spread[1]) if "score" in jax.tree_util.keystr(path) else x, rm.params
+    )
+    members = (trained, untrained)
+    got = evaluate.rm_group_accuracy(rm.model, members, records, rm.tok, **lengths)
+    scores = np.mean([np.asarray(ranking_rewards(rm.model, p, batch)) for p in members], axis=0)  # [G, K]
+    want_acc, want_pairs = [], []
+    for g in range(scores.shape[0]):
+        real = [i for i in range(scores.shape[1]) if batch["valid"][g, i]]
+        pairs = [(i, j) for i in real for j in real if batch["ranks"][g, i] < batch["ranks"][g, j]]
+        if pairs:
+            want_acc.append(np.mean([scores[g, i] > scores[g, j] for i, j in pairs]))
+            want_pairs.append(len(pairs))
+    np.testing.assert_allclose(got["group_accuracy"], want_acc)
+    assert got["group_pairs"] == want_pairs
+    assert got["accuracy"] == pytest.approx(np.dot(want_acc, want_pairs) / sum(want_pairs))
+    alone = evaluate.rm_group_accuracy(rm.model, untrained, records, rm.tok, **lengths)["accuracy"]
+    assert len({got["accuracy"], single["accuracy"], alone}) == 3, (got["accuracy"], single["accuracy"], alone)
+
+
 def test_packed_rows_take_the_steps_of_one_response_a_row(world, runs, tmp_path):
     """``--run.pad-to pack`` (the default, ``runs.straight``: the real responses several to a
     row, sharded over 8 devices) and ``bucket`` (every slot its own row) take the same steps:

@@ -267,30 +267,35 @@ def response_logps(model, params, seq: np.ndarray, mask: np.ndarray, prompt_len:
 
 def rm_group_accuracy(rm: CausalLM, params: Any, records: list[dict], tokenizer: Any, **lengths) -> dict:
     """The reward model's pair accuracy on ranking records, per group and in all, through the
-    same tokenisation and eval step as training (``lengths``: ``max_prompt_len``,
+    same tokenisation and scores as training (``lengths``: ``max_prompt_len``,
     ``max_response_len`` of ``data.tokenize_rankings``).
+
+    ``params`` a tuple of trees of ``rm``: an ensemble, ordered by its members' mean score.
 
     Returns ``accuracy`` (pair weighted, as the training metric), and per kept group
     ``group_accuracy`` [G] and ``group_pairs`` [G] (for a bootstrap over prompts).
     """
-    from rlhf_jax import reward
+    from rlhf_jax import losses, reward
 
+    members = tuple(params) if isinstance(params, tuple) else (params,)
     recs = [{**r, "example_id": i} for i, r in enumerate(records)]
     ds = data.tokenize_rankings(recs, tokenizer, **lengths)
     batch = {k: ds.arrays[k] for k in ("input_ids", "attention_mask", "ranks", "valid", "end_index")}
 
     def build():
-        step = reward.make_eval_step(rm)
-
-        def per_group(p, b):  # each group alone: [G] accuracy and pair count
-            m = jax.vmap(lambda row: step(p, jax.tree.map(lambda x: x[None], row)))(b)
+        def one_group(ps, row):  # row: one group, [1, K, ...]
+            scores = sum(reward.ranking_rewards(rm, p, row) for p in ps) / len(ps)  # [1, K]
+            m = losses.k_way_ranking_loss(scores, row["ranks"], row["valid"])[1]
             return m["accuracy"], m["num_pairs"]
+
+        def per_group(ps, b):  # each group alone: [G] accuracy and pair count
+            return jax.vmap(lambda row: one_group(ps, jax.tree.map(lambda x: x[None], row)))(b)
 
         return per_group
 
-    per_group = _jitted(("rm_group_accuracy", rm), build)
+    per_group = _jitted(("rm_group_accuracy", rm, len(members)), build)
 
-    acc, pairs = (np.asarray(x, np.float64) for x in per_group(params, batch))
+    acc, pairs = (np.asarray(x, np.float64) for x in per_group(members, batch))
     keep = pairs > 0
     acc, pairs = acc[keep], pairs[keep]
     return {
