@@ -169,6 +169,23 @@ SPECS: dict[str, tuple[str, dict]] = {
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         ),
     ),
+    "qwen3": (
+        "Qwen3Config",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=2,
+            head_dim=24,  # != hidden / heads, as in Qwen3-0.6B (1024 / 16 heads of 128)
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            rms_norm_eps=1e-6,
+        ),
+    ),
 }
 
 FAMILIES = tuple(SPECS)

@@ -28,7 +28,7 @@ from tests import hf_fixtures as F
 FAMILIES = F.FAMILIES
 # The cache path is shared by all families of a kind; these cover every distinct piece
 # (learned positions, GQA RoPE, sliding window, partial rotary).
-CACHE_FAMILIES = ("gpt2", "llama", "mistral_swa", "neox_parallel", "gemma3")
+CACHE_FAMILIES = ("gpt2", "llama", "mistral_swa", "neox_parallel", "gemma3", "qwen3")
 
 B, T = 3, 12
 LEFT_LENGTHS = [12, 7, 3]  # one row without padding, different pad lengths
@@ -113,6 +113,9 @@ EXPECTED_CONFIG = {
     "llama_tied": dict(family="llama", tie_word_embeddings=True, kv_heads=4, rope_theta=10000.0),
     "qwen2": dict(family="llama", tie_word_embeddings=False, kv_heads=2, qkv_bias=True, rope_theta=1e6),
     "mistral": dict(family="llama", tie_word_embeddings=False, kv_heads=2),
+    "qwen3": dict(
+        family="llama", hf_model_type="qwen3", tie_word_embeddings=True, kv_heads=2, dim_per_head=24, qkv_bias=False
+    ),
     "mistral_swa": dict(family="llama", tie_word_embeddings=False, kv_heads=2, sliding_window=5),
     "neox_parallel": dict(family="neox", tie_word_embeddings=False, parallel_residual=True, rotary_pct=0.25),
     "neox_sequential": dict(family="neox", tie_word_embeddings=False, parallel_residual=False, rotary_pct=0.25),

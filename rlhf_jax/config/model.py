@@ -227,8 +227,8 @@ class ModelConfig:
         return tuple((local, 1.0) if k == "sliding_attention" else full for k in self.layer_kinds)
 
     @property
-    def qk_norm(self) -> bool:  # Gemma 3: RMSNorm of queries and keys over head_dim
-        return self.family == "gemma3"
+    def qk_norm(self) -> bool:  # Gemma 3 and Qwen3: RMSNorm of queries and keys over head_dim
+        return self.family == "gemma3" or self.hf_model_type == "qwen3"
 
     @property
     def sandwich_norm(self) -> bool:  # Gemma 3: norms after attention and MLP too

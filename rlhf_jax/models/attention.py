@@ -99,7 +99,7 @@ class Attention(nn.Module):
         q = dense(cfg, (h, dh), ("embed", "heads", "kv"), use_bias=cfg.qkv_bias, name="q")(x)  # [B, T, H, Dh]
         k = dense(cfg, (kv, dh), ("embed", "kv_heads", "kv"), use_bias=cfg.qkv_bias, name="k")(x)  # [B, T, Hkv, Dh]
         v = dense(cfg, (kv, dh), ("embed", "kv_heads", "kv"), use_bias=cfg.qkv_bias, name="v")(x)  # [B, T, Hkv, Dh]
-        if cfg.qk_norm:  # Gemma 3: RMSNorm over head_dim, before RoPE
+        if cfg.qk_norm:  # Gemma 3, Qwen3: RMSNorm over head_dim, before RoPE
             q = Norm(cfg, axis_name="kv", name="q_norm")(q)
             k = Norm(cfg, axis_name="kv", name="k_norm")(k)
         if cfg.uses_rope:

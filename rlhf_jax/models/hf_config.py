@@ -7,7 +7,7 @@ and this module holds what each family makes of its fields, in both directions.
 
 transformers 4.x and 5.x spellings are both read (5.x moved the RoPE settings into
 ``rope_parameters``); anything that would change the computation and is not supported
-(RoPE scaling other than Gemma 3's linear one, Qwen2's sliding window, GPT-2's
+(RoPE scaling other than Gemma 3's linear one, Qwen2's / Qwen3's sliding window, GPT-2's
 attention-scaling variants) is an error naming the field. Exporting a config that no
 transformers class expresses (GPT-2 with banded layers, mixed windows outside Gemma 3)
 is refused.
@@ -32,7 +32,7 @@ from rlhf_jax.models.hf_config_fields import (
 # CheckpointError, read_json and read_config live in hf_config_fields and stay importable from here.
 __all__ = ["SUPPORTED_MODEL_TYPES", "CheckpointError", "config_from_hf", "config_to_hf", "read_config", "read_json"]
 
-_LLAMA_TYPES = ("llama", "mistral", "qwen2")
+_LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", *_LLAMA_TYPES, "gemma3_text")
 
 
@@ -104,9 +104,11 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
             **common,
         )
     window = hf.get("sliding_window") if model_type == "mistral" else None
-    if model_type == "qwen2" and hf.get("use_sliding_window", False):
-        raise CheckpointError("config.json: Qwen2 use_sliding_window=true is not supported")
+    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
+        raise CheckpointError(f"config.json: {model_type} use_sliding_window=true is not supported")
     attn_bias = model_type == "qwen2" or hf.get("attention_bias", False)
+    # Llama's and Qwen3's attention_bias covers o_proj too; Qwen2's q/k/v biases do not
+    out_bias = model_type in ("llama", "qwen3") and hf.get("attention_bias", False)
     return ModelConfig(
         family="llama",
         hidden_size=hf["hidden_size"],
@@ -121,7 +123,7 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         rope_theta=theta,
         rotary_pct=pct,
         qkv_bias=attn_bias,
-        out_bias=model_type == "llama" and hf.get("attention_bias", False),
+        out_bias=out_bias,
         mlp_bias=model_type == "llama" and hf.get("mlp_bias", False),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         sliding_window=window,
@@ -312,6 +314,10 @@ def config_to_hf(cfg: ModelConfig, **extra: Any):
     )
     if model_type == "qwen2":
         return transformers.Qwen2Config(**kwargs)
+    if model_type == "qwen3":
+        if cfg.qkv_bias != cfg.out_bias:
+            raise CheckpointError("export: Qwen3's attention_bias is one flag for q/k/v and o (qkv_bias == out_bias)")
+        return transformers.Qwen3Config(attention_bias=cfg.qkv_bias, **kwargs)
     if model_type == "mistral":
         return transformers.MistralConfig(sliding_window=cfg.sliding_window, **kwargs)
     if cfg.sliding_window is not None:
