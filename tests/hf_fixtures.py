@@ -186,6 +186,29 @@ SPECS: dict[str, tuple[str, dict]] = {
             rms_norm_eps=1e-6,
         ),
     ),
+    "llama3_rope": (
+        "LlamaConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            # Llama 3.1's scaling on a tiny context: with head_dim 16 and theta 5e5 the wavelengths are
+            # 6.3 (kept: < 32 / 4), 32.4 (interpolated: <= 32 / 0.5) and 273 and up (stretched 8x)
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 0.5,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
 }
 
 FAMILIES = tuple(SPECS)

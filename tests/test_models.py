@@ -113,6 +113,7 @@ EXPECTED_CONFIG = {
     "llama_tied": dict(family="llama", tie_word_embeddings=True, kv_heads=4, rope_theta=10000.0),
     "qwen2": dict(family="llama", tie_word_embeddings=False, kv_heads=2, qkv_bias=True, rope_theta=1e6),
     "mistral": dict(family="llama", tie_word_embeddings=False, kv_heads=2),
+    "llama3_rope": dict(family="llama", kv_heads=2, rope_theta=5e5, rope_llama3=(8.0, 0.5, 4.0, 32)),
     "qwen3": dict(
         family="llama", hf_model_type="qwen3", tie_word_embeddings=True, kv_heads=2, dim_per_head=24, qkv_bias=False
     ),
@@ -240,6 +241,47 @@ def test_legacy_transformers4_config(name, hf, tmp_path):
     ref_logits, _ = F.hf_forward(torch_model, ids, mask)
     logits, _ = forward_fn(name + "_legacy", model)(params, jnp.asarray(ids), jnp.asarray(mask))
     assert_close_at(logits, ref_logits, mask, ATOL, f"{name} legacy config")
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    """Llama 3.1's RoPE scaling at Llama 3.2-1B's settings: the inverse frequencies equal
+    transformers' "llama3" ones (all three regimes occur), from the published 4.x ``rope_scaling``
+    spelling and the 5.x ``rope_parameters`` alike; malformed or foreign settings are refused."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from rlhf_jax.models.hf_config import CheckpointError, config_from_hf
+    from rlhf_jax.models.layers import llama3_inv_freq
+
+    scaling = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    hf = transformers.LlamaConfig(
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **scaling},
+    )
+    want = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0].numpy()  # [32]
+    cfg = config_from_hf(hf.to_dict())
+    assert cfg.rope_llama3 == (32.0, 1.0, 4.0, 8192) and cfg.rope_theta == 500000.0
+    legacy = {**hf.to_dict(), "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **scaling}}
+    del legacy["rope_parameters"]
+    assert config_from_hf(legacy) == cfg
+    base = 1.0 / 500000.0 ** (np.arange(0, 64, 2, dtype=np.float32) / 64)
+    got = np.asarray(llama3_inv_freq(jnp.asarray(base), *cfg.rope_llama3))
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    wavelen = 2 * np.pi / base
+    assert (wavelen < 2048).any() and ((wavelen >= 2048) & (wavelen <= 8192)).any() and (wavelen > 8192).any()
+
+    for bad, match in (
+        ({"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}, "low_freq_factor"),
+        ({"rope_type": "llama3", "rope_theta": 5e5, **scaling, "low_freq_factor": 5.0}, "low_freq_factor <"),
+        ({"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}, "'yarn'"),
+    ):
+        with pytest.raises(CheckpointError, match=match):
+            config_from_hf({**hf.to_dict(), "rope_parameters": bad})
+    neox = F.make_config("neox_parallel").to_dict()
+    with pytest.raises(CheckpointError, match="'llama3'"):
+        config_from_hf({**neox, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, **scaling}})
 
 
 def test_sharded_checkpoint(hf, tmp_path):

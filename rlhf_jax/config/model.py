@@ -129,6 +129,8 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None  # per layer (or a repeated pattern), see the class docstring
     rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3: 10k); None = rope_theta
     rope_scaling_factor: float = 1.0  # linear RoPE scaling (positions / factor) of full-attention layers
+    # Llama 3.1's RoPE scaling: (factor, low_freq_factor, high_freq_factor, original max positions)
+    rope_llama3: tuple[float, float, float, int] | None = None
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power; None = head_dim
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma)
@@ -178,6 +180,15 @@ class ModelConfig:
         check(
             self.rope_scaling_factor > 0, f"ModelConfig.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}"
         )
+        if self.rope_llama3 is not None:
+            object.__setattr__(self, "rope_llama3", tuple(self.rope_llama3))  # a JSON list: hashable again
+            check(len(self.rope_llama3) == 4, "ModelConfig.rope_llama3: (factor, low, high, original_max_position)")
+            factor, low, high, original = self.rope_llama3
+            check(
+                factor > 0 and 0 < low < high and original > 0,
+                f"ModelConfig.rope_llama3: need factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                f"original_max_position_embeddings > 0, got {self.rope_llama3}",
+            )
         check(
             self.attention in ("auto", "einsum", "jax", "cudnn"),
             f"ModelConfig.attention must be 'auto', 'einsum', 'jax' or 'cudnn', got {self.attention!r}",

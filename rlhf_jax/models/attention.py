@@ -103,7 +103,12 @@ class Attention(nn.Module):
             q = Norm(cfg, axis_name="kv", name="q_norm")(q)
             k = Norm(cfg, axis_name="kv", name="k_norm")(k)
         if cfg.uses_rope:
-            rope = dict(rotary_dim=cfg.rotary_dim, theta=layer["rope_theta"], factor=layer["rope_factor"])
+            rope = dict(
+                rotary_dim=cfg.rotary_dim,
+                theta=layer["rope_theta"],
+                factor=layer["rope_factor"],
+                llama3=cfg.rope_llama3,
+            )
             q, k = rotary(q, positions, **rope), rotary(k, positions, **rope)
         allowed = masks["causal"]  # [B, T, S]
         if "distance" in masks:  # some layer has a window; this one's may be 0 (dense)

@@ -82,7 +82,7 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         )
     if model_type == "gemma3_text":
         return _gemma3_from_hf(hf, common)
-    theta, pct = read_rope(hf)
+    theta, pct, llama3 = read_rope(hf, llama3=model_type in _LLAMA_TYPES)
     if model_type == "gpt_neox":
         bias = hf.get("attention_bias", True)
         return ModelConfig(
@@ -127,6 +127,7 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         mlp_bias=model_type == "llama" and hf.get("mlp_bias", False),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         sliding_window=window,
+        rope_llama3=llama3,
         **common,
     )
 
@@ -226,6 +227,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
             problems.append(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} (transformers needs an int)")
         if cfg.attn_logit_softcap is not None:  # transformers' Gemma 3 would silently drop it
             problems.append(f"attn_logit_softcap={cfg.attn_logit_softcap} (transformers' Gemma 3 ignores it)")
+    if cfg.rope_llama3 is not None and family not in _LLAMA_TYPES:
+        problems.append(f"rope_llama3={cfg.rope_llama3} (Llama 3.1's RoPE scaling: llama-family models only)")
     if problems:
         raise CheckpointError(f"export: no transformers {family} model computes this config: {'; '.join(problems)}")
 
@@ -308,10 +311,14 @@ def config_to_hf(cfg: ModelConfig, **extra: Any):
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.norm_eps,
         hidden_act=act,
-        rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_word_embeddings,
         **extra,
     )
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_llama3 is not None:
+        names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        rope.update(rope_type="llama3", **dict(zip(names, cfg.rope_llama3)))
+    kwargs["rope_parameters"] = rope
     if model_type == "qwen2":
         return transformers.Qwen2Config(**kwargs)
     if model_type == "qwen3":

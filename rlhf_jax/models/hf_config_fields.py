@@ -57,16 +57,36 @@ _ACTIVATIONS = {
 }
 
 
-def read_rope(hf: dict) -> tuple[float, float]:
-    """(theta, partial rotary factor) from a transformers 4.x or 5.x config dict."""
+def read_rope(hf: dict, *, llama3: bool = False) -> tuple[float, float, tuple[float, float, float, int] | None]:
+    """(theta, partial rotary factor, Llama 3.1 scaling or None) from a transformers 4.x or 5.x
+    config dict. ``llama3``: the family may use rope_type "llama3" (its ``factor``,
+    ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``, all required);
+    any other rope_type but "default" is an error naming it."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type not in ("default", None):
-        raise CheckpointError(f"config.json: rope_type {rope_type!r} is not supported (only 'default' RoPE)")
+    supported = ("default", None, "llama3") if llama3 else ("default", None)
+    if rope_type not in supported:
+        raise CheckpointError(
+            f"config.json: rope_type {rope_type!r} is not supported (only {', '.join(map(repr, supported[::2]))} RoPE)"
+        )
     theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     pct = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
-    return float(theta), float(pct)
+    scaled = None
+    if rope_type == "llama3":
+        fields = {**scaling, **params}  # 4.x: rope_scaling; 5.x: rope_parameters
+        names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [n for n in names if not isinstance(fields.get(n), (int, float)) or isinstance(fields.get(n), bool)]
+        if missing:
+            raise CheckpointError(f"config.json: rope_type 'llama3' needs numeric {', '.join(missing)}")
+        factor, low, high, original = (fields[n] for n in names)
+        if not (factor > 0 and 0 < low < high and original > 0):
+            raise CheckpointError(
+                f"config.json: rope_type 'llama3' needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                f"original_max_position_embeddings > 0, got {factor}, {low}, {high}, {original}"
+            )
+        scaled = (float(factor), float(low), float(high), int(original))
+    return float(theta), float(pct), scaled
 
 
 def read_activation(hf: dict, key: str) -> str:

@@ -187,7 +187,30 @@ def dense(cfg: ModelConfig, features, axes, *, use_bias: bool, name: str, in_dim
     return Linear(features=features, axes=axes, in_dims=in_dims, use_bias=use_bias, config=cfg, name=name)
 
 
-def rotary(x: Array, positions: Array, *, rotary_dim: int, theta: Array | float, factor: Array | float = 1.0) -> Array:
+def llama3_inv_freq(inv_freq: Array, factor: float, low_freq_factor: float, high_freq_factor: float, original: int):
+    """Llama 3.1's RoPE scaling of the inverse frequencies ``[R/2]`` (transformers' ``"llama3"``
+    rope_type): wavelengths ``2 pi / f`` above ``original / low_freq_factor`` are stretched
+    ``factor`` times, those below ``original / high_freq_factor`` kept, and the ones between
+    interpolated with ``s = (original / wavelength - low) / (high - low)``:
+    ``f' = (1 - s) f / factor + s f``."""
+    wavelen = 2 * math.pi / inv_freq  # [R/2]
+    low_wavelen, high_wavelen = original / low_freq_factor, original / high_freq_factor
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(
+    x: Array,
+    positions: Array,
+    *,
+    rotary_dim: int,
+    theta: Array | float,
+    factor: Array | float = 1.0,
+    llama3: tuple[float, float, float, int] | None = None,
+) -> Array:
     """Rotate the first ``rotary_dim`` features of each head (HF's rotate_half layout).
 
     Args:
@@ -195,6 +218,8 @@ def rotary(x: Array, positions: Array, *, rotary_dim: int, theta: Array | float,
       positions: [B, T] int32 token positions.
       theta: the RoPE base (a traced per-layer scalar inside the layer scan).
       factor: linear RoPE scaling: the inverse frequencies are divided by it (1 = none).
+      llama3: ``ModelConfig.rope_llama3`` (factor, low / high frequency factors, original
+        context): Llama 3.1's frequency-dependent scaling (:func:`llama3_inv_freq`); None = none.
 
     Returns:
       [B, T, H, Dh] in x's dtype.
@@ -203,6 +228,8 @@ def rotary(x: Array, positions: Array, *, rotary_dim: int, theta: Array | float,
     # HF rounds pow, then the reciprocal; XLA would fold 1 / pow(a, b) into pow(a, -b), one ulp off in
     # a third of the frequencies, which Gemma 3's large activations turned into 3e-3 logit differences.
     inv_freq = 1.0 / jax.lax.optimization_barrier(jnp.asarray(theta, jnp.float32) ** exponents) / factor  # [R/2]
+    if llama3 is not None:
+        inv_freq = llama3_inv_freq(inv_freq, *llama3)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, R]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
