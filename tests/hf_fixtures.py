@@ -209,6 +209,19 @@ SPECS: dict[str, tuple[str, dict]] = {
             },
         ),
     ),
+    "llama_linear_rope": (
+        "LlamaConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},  # positions / 4
+        ),
+    ),
 }
 
 FAMILIES = tuple(SPECS)

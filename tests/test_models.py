@@ -113,6 +113,7 @@ EXPECTED_CONFIG = {
     "llama_tied": dict(family="llama", tie_word_embeddings=True, kv_heads=4, rope_theta=10000.0),
     "qwen2": dict(family="llama", tie_word_embeddings=False, kv_heads=2, qkv_bias=True, rope_theta=1e6),
     "mistral": dict(family="llama", tie_word_embeddings=False, kv_heads=2),
+    "llama_linear_rope": dict(family="llama", rope_scaling_factor=4.0, rope_llama3=None),
     "llama3_rope": dict(family="llama", kv_heads=2, rope_theta=5e5, rope_llama3=(8.0, 0.5, 4.0, 32)),
     "qwen3": dict(
         family="llama", hf_model_type="qwen3", tie_word_embeddings=True, kv_heads=2, dim_per_head=24, qkv_bias=False
@@ -276,6 +277,7 @@ def test_llama3_rope_scaling_matches_transformers():
         ({"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}, "low_freq_factor"),
         ({"rope_type": "llama3", "rope_theta": 5e5, **scaling, "low_freq_factor": 5.0}, "low_freq_factor <"),
         ({"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}, "'yarn'"),
+        ({"rope_type": "linear", "rope_theta": 5e5, "factor": -2.0}, "factor > 0"),
     ):
         with pytest.raises(CheckpointError, match=match):
             config_from_hf({**hf.to_dict(), "rope_parameters": bad})

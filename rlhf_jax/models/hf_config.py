@@ -7,8 +7,9 @@ and this module holds what each family makes of its fields, in both directions.
 
 transformers 4.x and 5.x spellings are both read (5.x moved the RoPE settings into
 ``rope_parameters``); anything that would change the computation and is not supported
-(RoPE scaling other than Gemma 3's linear one, Qwen2's / Qwen3's sliding window, GPT-2's
-attention-scaling variants) is an error naming the field. Exporting a config that no
+(RoPE scaling other than the llama family's linear and Llama 3.1 types and Gemma 3's linear
+one, Qwen2's / Qwen3's sliding window, GPT-2's attention-scaling variants) is an error naming
+the field. Exporting a config that no
 transformers class expresses (GPT-2 with banded layers, mixed windows outside Gemma 3)
 is refused.
 """
@@ -82,7 +83,8 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         )
     if model_type == "gemma3_text":
         return _gemma3_from_hf(hf, common)
-    theta, pct, llama3 = read_rope(hf, llama3=model_type in _LLAMA_TYPES)
+    rope = read_rope(hf, scaled=model_type in _LLAMA_TYPES)
+    theta, pct = rope.theta, rope.rotary_pct
     if model_type == "gpt_neox":
         bias = hf.get("attention_bias", True)
         return ModelConfig(
@@ -127,7 +129,8 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         mlp_bias=model_type == "llama" and hf.get("mlp_bias", False),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         sliding_window=window,
-        rope_llama3=llama3,
+        rope_scaling_factor=rope.linear_factor,
+        rope_llama3=rope.llama3,
         **common,
     )
 
@@ -218,8 +221,10 @@ def _check_exportable(cfg: ModelConfig) -> None:
         for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
             if getattr(cfg, name) is not None:
                 problems.append(f"{name}={getattr(cfg, name)}")
-        if cfg.rope_scaling_factor != 1.0:
+        if cfg.rope_scaling_factor != 1.0 and family not in _LLAMA_TYPES:
             problems.append(f"rope_scaling_factor={cfg.rope_scaling_factor}")
+        if cfg.rope_scaling_factor != 1.0 and cfg.rope_llama3 is not None:
+            problems.append("both linear and Llama 3.1 RoPE scaling (transformers has one rope_type)")
     else:
         if cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias or cfg.parallel_residual or cfg.rotary_pct != 1.0:
             problems.append("qkv_bias != out_bias, mlp_bias, parallel_residual or partial rotary")
@@ -315,6 +320,8 @@ def config_to_hf(cfg: ModelConfig, **extra: Any):
         **extra,
     )
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling_factor != 1.0:
+        rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
     if cfg.rope_llama3 is not None:
         names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         rope.update(rope_type="llama3", **dict(zip(names, cfg.rope_llama3)))

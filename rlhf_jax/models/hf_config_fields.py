@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = [
     "LAYER_TYPES",
@@ -57,24 +58,37 @@ _ACTIVATIONS = {
 }
 
 
-def read_rope(hf: dict, *, llama3: bool = False) -> tuple[float, float, tuple[float, float, float, int] | None]:
-    """(theta, partial rotary factor, Llama 3.1 scaling or None) from a transformers 4.x or 5.x
-    config dict. ``llama3``: the family may use rope_type "llama3" (its ``factor``,
-    ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``, all required);
-    any other rope_type but "default" is an error naming it."""
+class RoPE(NamedTuple):
+    """What a config.json says of RoPE (see :func:`read_rope`)."""
+
+    theta: float
+    rotary_pct: float  # fraction of head_dim rotated
+    linear_factor: float = 1.0  # rope_type "linear": positions / factor
+    llama3: tuple[float, float, float, int] | None = None  # rope_type "llama3": ModelConfig.rope_llama3
+
+
+def read_rope(hf: dict, *, scaled: bool = False) -> RoPE:
+    """RoPE's settings from a transformers 4.x or 5.x config dict. ``scaled``: the family (the
+    llama family) may also use rope_type "linear" (``factor``) and "llama3" (``factor``,
+    ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``, all
+    required); any other rope_type but "default" is an error naming it."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    supported = ("default", None, "llama3") if llama3 else ("default", None)
-    if rope_type not in supported:
+    supported = ("default", "linear", "llama3") if scaled else ("default",)
+    if rope_type not in (None, *supported):
         raise CheckpointError(
-            f"config.json: rope_type {rope_type!r} is not supported (only {', '.join(map(repr, supported[::2]))} RoPE)"
+            f"config.json: rope_type {rope_type!r} is not supported (only {', '.join(map(repr, supported))} RoPE)"
         )
     theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     pct = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
-    scaled = None
+    fields = {**scaling, **params}  # 4.x: rope_scaling; 5.x: rope_parameters
+    if rope_type == "linear":
+        factor = fields.get("factor")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+            raise CheckpointError(f"config.json: rope_type 'linear' needs a numeric factor > 0, got {factor!r}")
+        return RoPE(float(theta), float(pct), linear_factor=float(factor))
     if rope_type == "llama3":
-        fields = {**scaling, **params}  # 4.x: rope_scaling; 5.x: rope_parameters
         names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         missing = [n for n in names if not isinstance(fields.get(n), (int, float)) or isinstance(fields.get(n), bool)]
         if missing:
@@ -85,8 +99,8 @@ def read_rope(hf: dict, *, llama3: bool = False) -> tuple[float, float, tuple[fl
                 f"config.json: rope_type 'llama3' needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
                 f"original_max_position_embeddings > 0, got {factor}, {low}, {high}, {original}"
             )
-        scaled = (float(factor), float(low), float(high), int(original))
-    return float(theta), float(pct), scaled
+        return RoPE(float(theta), float(pct), llama3=(float(factor), float(low), float(high), int(original)))
+    return RoPE(float(theta), float(pct))
 
 
 def read_activation(hf: dict, key: str) -> str:
