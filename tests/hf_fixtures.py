@@ -222,6 +222,29 @@ SPECS: dict[str, tuple[str, dict]] = {
             rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},  # positions / 4
         ),
     ),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            sliding_window=4,  # shorter than the test sequences: the local layer's window matters
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            query_pre_attn_scalar=24,  # != head_dim
+            attn_logit_softcapping=0.05,  # tiny, as the random scores are: Gemma 2 caps them
+            final_logit_softcapping=3.0,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=1,
+        ),
+    ),
 }
 
 FAMILIES = tuple(SPECS)

@@ -28,7 +28,7 @@ from tests import hf_fixtures as F
 FAMILIES = F.FAMILIES
 # The cache path is shared by all families of a kind; these cover every distinct piece
 # (learned positions, GQA RoPE, sliding window, partial rotary).
-CACHE_FAMILIES = ("gpt2", "llama", "mistral_swa", "neox_parallel", "gemma3", "qwen3")
+CACHE_FAMILIES = ("gpt2", "llama", "mistral_swa", "neox_parallel", "gemma3", "gemma2", "qwen3")
 
 B, T = 3, 12
 LEFT_LENGTHS = [12, 7, 3]  # one row without padding, different pad lengths
@@ -115,6 +115,16 @@ EXPECTED_CONFIG = {
     "mistral": dict(family="llama", tie_word_embeddings=False, kv_heads=2),
     "llama_linear_rope": dict(family="llama", rope_scaling_factor=4.0, rope_llama3=None),
     "llama3_rope": dict(family="llama", kv_heads=2, rope_theta=5e5, rope_llama3=(8.0, 0.5, 4.0, 32)),
+    "gemma2": dict(
+        family="gemma3",
+        hf_model_type="gemma2",
+        qk_norm=False,
+        layer_kinds=("sliding_attention", "full_attention"),
+        rope_local_theta=None,
+        query_pre_attn_scalar=24.0,
+        attn_logit_softcap=0.05,
+        final_logit_softcap=3.0,
+    ),
     "qwen3": dict(
         family="llama", hf_model_type="qwen3", tie_word_embeddings=True, kv_heads=2, dim_per_head=24, qkv_bias=False
     ),

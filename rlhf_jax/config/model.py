@@ -91,13 +91,16 @@ class ModelConfig:
 
     ``family`` picks the defaults and the Hugging Face weight layout:
       * ``gpt2``: learned positions, LayerNorm, GELU(tanh), biases, tied embeddings.
-      * ``llama`` (Llama, Mistral, Qwen2, SmolLM): RoPE, RMSNorm, SwiGLU, grouped-query
-        attention, optional QKV bias (Qwen2), tied or untied embeddings.
+      * ``llama`` (Llama, Mistral, Qwen2, Qwen3, SmolLM): RoPE (optionally linear or Llama 3.1
+        scaling), RMSNorm, SwiGLU, grouped-query attention, optional QKV bias (Qwen2), q/k
+        RMSNorm over head_dim (``hf_model_type="qwen3"``), tied or untied embeddings.
       * ``neox`` (GPT-NeoX, Pythia): partial rotary, LayerNorm, GELU, parallel or
         sequential residual, untied embeddings.
       * ``gemma3`` (Gemma 3 text): RMSNorm with a (1 + w) scale, norms before and after
         attention and MLP, q/k RMSNorm over head_dim, gated GELU(tanh), embeddings scaled
         by sqrt(hidden_size), tied embeddings, local/global layers with their own RoPE bases.
+        Gemma 2 (``hf_model_type="gemma2"``) is the same layer without the q/k norm, with one
+        RoPE and attention scores capped by ``attn_logit_softcap``.
 
     The attention pattern is per layer: ``layer_types`` names each layer "full_attention"
     (dense causal) or "sliding_attention" (keys at most ``sliding_window`` positions back:
@@ -238,8 +241,8 @@ class ModelConfig:
         return tuple((local, 1.0) if k == "sliding_attention" else full for k in self.layer_kinds)
 
     @property
-    def qk_norm(self) -> bool:  # Gemma 3 and Qwen3: RMSNorm of queries and keys over head_dim
-        return self.family == "gemma3" or self.hf_model_type == "qwen3"
+    def qk_norm(self) -> bool:  # Gemma 3 (not Gemma 2) and Qwen3: RMSNorm of queries and keys over head_dim
+        return (self.family == "gemma3" and self.hf_model_type != "gemma2") or self.hf_model_type == "qwen3"
 
     @property
     def sandwich_norm(self) -> bool:  # Gemma 3: norms after attention and MLP too

@@ -34,7 +34,8 @@ from rlhf_jax.models.hf_config_fields import (
 __all__ = ["SUPPORTED_MODEL_TYPES", "CheckpointError", "config_from_hf", "config_to_hf", "read_config", "read_json"]
 
 _LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", *_LLAMA_TYPES, "gemma3_text")
+_GEMMA_TYPES = ("gemma2", "gemma3_text")  # the "gemma3" family
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", *_LLAMA_TYPES, *_GEMMA_TYPES)
 
 
 def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
@@ -81,8 +82,8 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
             **common,
         )
-    if model_type == "gemma3_text":
-        return _gemma3_from_hf(hf, common)
+    if model_type in _GEMMA_TYPES:
+        return _gemma_from_hf(hf, common)
     rope = read_rope(hf, scaled=model_type in _LLAMA_TYPES)
     theta, pct = rope.theta, rope.rotary_pct
     if model_type == "gpt_neox":
@@ -162,24 +163,37 @@ def _gemma3_rope(hf: dict) -> dict:
     return out
 
 
-def _gemma3_from_hf(hf: dict, common: dict) -> ModelConfig:
+def _gemma_from_hf(hf: dict, common: dict) -> ModelConfig:
+    """Gemma 3 text or Gemma 2: the same layer (RMSNorm with (1 + w), norms before and after
+    attention and MLP, sqrt(D)-scaled embeddings, local and global layers). Gemma 2 has one
+    RoPE for all layers, no query/key norm, caps the attention scores
+    (``attn_logit_softcapping``) and alternates local and global layers."""
+    model_type = hf["model_type"]
     if hf.get("use_bidirectional_attention", False):
-        raise CheckpointError("config.json: gemma3_text use_bidirectional_attention=true is not supported")
+        raise CheckpointError(f"config.json: {model_type} use_bidirectional_attention=true is not supported")
     layers = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types")
     if layer_types is None:  # transformers' rule for configs with only sliding_window_pattern
-        pattern = hf.get("sliding_window_pattern", 6)
+        pattern = hf.get("sliding_window_pattern", 2 if model_type == "gemma2" else 6)
         layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     if len(layer_types) != layers:
         raise CheckpointError(f"config.json: layer_types has {len(layer_types)} entries, num_hidden_layers={layers}")
-    rope = _gemma3_rope(hf)
+    if model_type == "gemma2":
+        one = read_rope(hf)  # the default RoPE only, on every layer
+        if one.rotary_pct != 1.0:
+            raise CheckpointError("config.json: partial_rotary_factor is not supported for gemma2")
+        rope = {"full_attention": (one.theta, 1.0), "sliding_attention": (None, 1.0)}  # None: rope_theta
+        attn_softcap = hf.get("attn_logit_softcapping")
+    else:
+        rope = _gemma3_rope(hf)
+        attn_softcap = None
+        if hf.get("attn_logit_softcapping") is not None:  # transformers' Gemma3Attention never passes it on
+            warnings.warn(
+                f"config.json: gemma3_text attn_logit_softcapping={hf['attn_logit_softcapping']} is ignored, as "
+                "transformers' Gemma 3 ignores it (only Gemma 2 caps attention scores)",
+                stacklevel=3,
+            )
     bias = hf.get("attention_bias", False)
-    if hf.get("attn_logit_softcapping") is not None:  # transformers' Gemma3Attention never passes it on
-        warnings.warn(
-            f"config.json: gemma3_text attn_logit_softcapping={hf['attn_logit_softcapping']} is ignored, as "
-            "transformers' Gemma 3 ignores it (only Gemma 2 caps attention scores)",
-            stacklevel=3,
-        )
     return ModelConfig(
         family="gemma3",
         hidden_size=hf["hidden_size"],
@@ -202,6 +216,7 @@ def _gemma3_from_hf(hf: dict, common: dict) -> ModelConfig:
         sliding_window=hf.get("sliding_window", 4096),
         layer_types=tuple(layer_types),
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+        attn_logit_softcap=attn_softcap,
         final_logit_softcap=hf.get("final_logit_softcapping"),
         **common,
     )
@@ -209,7 +224,11 @@ def _gemma3_from_hf(hf: dict, common: dict) -> ModelConfig:
 
 def _check_exportable(cfg: ModelConfig) -> None:
     """Refuse settings the family's transformers class cannot express (they would change the model)."""
-    family = "gemma3" if cfg.family == "gemma3" else (cfg.hf_model_type or cfg.family)
+    family = (
+        (cfg.hf_model_type if cfg.hf_model_type == "gemma2" else "gemma3")
+        if cfg.family == "gemma3"
+        else (cfg.hf_model_type or cfg.family)
+    )
     problems = []
     if cfg.family != "gemma3":
         kinds = set(cfg.layer_kinds)
@@ -230,7 +249,10 @@ def _check_exportable(cfg: ModelConfig) -> None:
             problems.append("qkv_bias != out_bias, mlp_bias, parallel_residual or partial rotary")
         if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != int(cfg.query_pre_attn_scalar):
             problems.append(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} (transformers needs an int)")
-        if cfg.attn_logit_softcap is not None:  # transformers' Gemma 3 would silently drop it
+        if cfg.hf_model_type == "gemma2":
+            if cfg.rope_local_theta is not None or cfg.rope_scaling_factor != 1.0:
+                problems.append("a second RoPE or RoPE scaling (transformers' Gemma 2 has one default RoPE)")
+        elif cfg.attn_logit_softcap is not None:  # transformers' Gemma 3 would silently drop it
             problems.append(f"attn_logit_softcap={cfg.attn_logit_softcap} (transformers' Gemma 3 ignores it)")
     if cfg.rope_llama3 is not None and family not in _LLAMA_TYPES:
         problems.append(f"rope_llama3={cfg.rope_llama3} (Llama 3.1's RoPE scaling: llama-family models only)")
@@ -244,6 +266,28 @@ def config_to_hf(cfg: ModelConfig, **extra: Any):
 
     _check_exportable(cfg)
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu"}[cfg.activation]
+    if cfg.family == "gemma3" and cfg.hf_model_type == "gemma2":
+        return transformers.Gemma2Config(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.mlp_dim,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.dim_per_head,
+            max_position_embeddings=cfg.max_position_embeddings,
+            rms_norm_eps=cfg.norm_eps,
+            hidden_activation={"gelu_tanh": "gelu_pytorch_tanh"}.get(cfg.activation, act),
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            attention_bias=cfg.qkv_bias,
+            query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.dim_per_head),
+            sliding_window=cfg.sliding_window or 4096,
+            layer_types=list(cfg.layer_kinds),
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            attn_logit_softcapping=cfg.attn_logit_softcap,
+            final_logit_softcapping=cfg.final_logit_softcap,
+            **extra,
+        )
     if cfg.family == "gemma3":
         rope = {
             "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
