@@ -27,6 +27,20 @@ HIDDEN = 64
 LAYERS = 2
 HEADS = 4
 
+
+def _shaped(cls_name: str, **kwargs) -> tuple[str, dict]:
+    """(config class name, kwargs) of a tiny model with the shared shape (``kwargs`` may override it)."""
+    shape = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=64,
+    )
+    return cls_name, {**shape, **kwargs}
+
+
 # name -> (config class name, kwargs). Every family the library claims to support.
 SPECS: dict[str, tuple[str, dict]] = {
     "gpt2": (
@@ -42,208 +56,112 @@ SPECS: dict[str, tuple[str, dict]] = {
             eos_token_id=VOCAB - 1,
         ),
     ),
-    "llama": (
+    "llama": _shaped(
         "LlamaConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=2,  # grouped-query attention
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        ),
+        num_key_value_heads=2,  # grouped-query attention
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
     ),
-    "llama_tied": (
+    "llama_tied": _shaped(
         "LlamaConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=HEADS,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            rms_norm_eps=1e-5,
-        ),
+        num_key_value_heads=HEADS,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-5,
     ),
-    "qwen2": (
+    "qwen2": _shaped(
         "Qwen2Config",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        ),
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
     ),
-    "mistral": (
+    "mistral": _shaped(
         "MistralConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-            sliding_window=64,  # longer than any test sequence: does not matter
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        ),
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        sliding_window=64,  # longer than any test sequence: does not matter
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
-    "mistral_swa": (
+    "mistral_swa": _shaped(
         "MistralConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-            sliding_window=5,  # shorter than the test sequences: the window matters
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        ),
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        sliding_window=5,  # shorter than the test sequences: the window matters
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
-    "neox_parallel": (
+    "neox_parallel": _shaped(
         "GPTNeoXConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            max_position_embeddings=64,
-            use_parallel_residual=True,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        ),
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     ),
-    "gemma3": (
+    "gemma3": _shaped(
         "Gemma3TextConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=64,
-            sliding_window=4,  # shorter than the test sequences: the local layer's window matters
-            layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
-            },
-            query_pre_attn_scalar=24,  # != head_dim: the query scaling is Gemma's own
-            attn_logit_softcapping=5.0,  # stored but never applied by transformers' Gemma 3 (nor by us)
-            final_logit_softcapping=3.0,  # small: the tanh matters
-            tie_word_embeddings=True,
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=1,
-        ),
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,  # shorter than the test sequences: the local layer's window matters
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+        },
+        query_pre_attn_scalar=24,  # != head_dim: the query scaling is Gemma's own
+        attn_logit_softcapping=5.0,  # stored but never applied by transformers' Gemma 3 (nor by us)
+        final_logit_softcapping=3.0,  # small: the tanh matters
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
     ),
-    "neox_sequential": (
+    "neox_sequential": _shaped(
         "GPTNeoXConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            max_position_embeddings=64,
-            use_parallel_residual=False,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        ),
+        use_parallel_residual=False,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     ),
-    "qwen3": (
+    "qwen3": _shaped(
         "Qwen3Config",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=2,
-            head_dim=24,  # != hidden / heads, as in Qwen3-0.6B (1024 / 16 heads of 128)
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-            attention_bias=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            rms_norm_eps=1e-6,
-        ),
+        num_key_value_heads=2,
+        head_dim=24,  # != hidden / heads, as in Qwen3-0.6B (1024 / 16 heads of 128)
+        tie_word_embeddings=True,
+        attention_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
     ),
-    "llama3_rope": (
+    "llama3_rope": _shaped(
         "LlamaConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-            # Llama 3.1's scaling on a tiny context: with head_dim 16 and theta 5e5 the wavelengths are
-            # 6.3 (kept: < 32 / 4), 32.4 (interpolated: <= 32 / 0.5) and 273 and up (stretched 8x)
-            rope_parameters={
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 0.5,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            },
-        ),
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        # Llama 3.1's scaling on a tiny context: with head_dim 16 and theta 5e5 the wavelengths are
+        # 6.3 (kept: < 32 / 4), 32.4 (interpolated: <= 32 / 0.5) and 273 and up (stretched 8x)
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 0.5,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     ),
-    "llama_linear_rope": (
+    "llama_linear_rope": _shaped(
         "LlamaConfig",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},  # positions / 4
-        ),
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},  # positions / 4
     ),
-    "gemma2": (
+    "gemma2": _shaped(
         "Gemma2Config",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=64,
-            sliding_window=4,  # shorter than the test sequences: the local layer's window matters
-            layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            query_pre_attn_scalar=24,  # != head_dim
-            attn_logit_softcapping=0.05,  # tiny, as the random scores are: Gemma 2 caps them
-            final_logit_softcapping=3.0,
-            tie_word_embeddings=True,
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=1,
-        ),
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,  # shorter than the test sequences: the local layer's window matters
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        query_pre_attn_scalar=24,  # != head_dim
+        attn_logit_softcapping=0.05,  # tiny, as the random scores are: Gemma 2 caps them
+        final_logit_softcapping=3.0,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
     ),
 }
 

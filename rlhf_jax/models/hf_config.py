@@ -266,8 +266,8 @@ def config_to_hf(cfg: ModelConfig, **extra: Any):
 
     _check_exportable(cfg)
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu"}[cfg.activation]
-    if cfg.family == "gemma3" and cfg.hf_model_type == "gemma2":
-        return transformers.Gemma2Config(
+    if cfg.family == "gemma3":
+        gemma = dict(
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size,
             intermediate_size=cfg.mlp_dim,
@@ -283,38 +283,22 @@ def config_to_hf(cfg: ModelConfig, **extra: Any):
             query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.dim_per_head),
             sliding_window=cfg.sliding_window or 4096,
             layer_types=list(cfg.layer_kinds),
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-            attn_logit_softcapping=cfg.attn_logit_softcap,
             final_logit_softcapping=cfg.final_logit_softcap,
             **extra,
         )
-    if cfg.family == "gemma3":
+        if cfg.hf_model_type == "gemma2":  # one RoPE; attention scores capped
+            return transformers.Gemma2Config(
+                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                attn_logit_softcapping=cfg.attn_logit_softcap,
+                **gemma,
+            )
         rope = {
             "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
             "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta},
         }
         if cfg.rope_scaling_factor != 1.0:
             rope["full_attention"].update(rope_type="linear", factor=cfg.rope_scaling_factor)
-        return transformers.Gemma3TextConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.mlp_dim,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.kv_heads,
-            head_dim=cfg.dim_per_head,
-            max_position_embeddings=cfg.max_position_embeddings,
-            rms_norm_eps=cfg.norm_eps,
-            hidden_activation={"gelu_tanh": "gelu_pytorch_tanh"}.get(cfg.activation, act),
-            tie_word_embeddings=cfg.tie_word_embeddings,
-            attention_bias=cfg.qkv_bias,
-            query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.dim_per_head),
-            sliding_window=cfg.sliding_window or 4096,
-            layer_types=list(cfg.layer_kinds),
-            rope_parameters=rope,
-            final_logit_softcapping=cfg.final_logit_softcap,
-            **extra,
-        )
+        return transformers.Gemma3TextConfig(rope_parameters=rope, **gemma)
     if cfg.family == "gpt2":
         return transformers.GPT2Config(
             vocab_size=cfg.vocab_size,
