@@ -248,7 +248,8 @@ def write_model_info(
     path = run_dir / MODEL_INFO
     if path.is_file():  # a resumed (or re-run) stage: what load_model will read changes with it
         before = json.loads(path.read_text()).get("model", {})
-        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in info["model"].items() if before.get(k) != v]
+        now = json.loads(json.dumps(info["model"]))  # tuples as the JSON lists they were read back as
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
         if changed:
             log.warning("%s: %s rewritten with another model config: %s", run_dir, MODEL_INFO, ", ".join(changed))
     path.write_text(json.dumps(info, indent=2))

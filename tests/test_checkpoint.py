@@ -287,8 +287,20 @@ def test_load_model_best_is_ranked_by_the_runs_own_metric(world, tmp_path):
 def test_rewriting_model_info_with_another_config_warns(tmp_path, caplog):
     """A stage re-run into a finished run directory with, e.g., another ``--run.dtype``
     changes how ``load_model`` computes with its params: said, not silent."""
-    model = CausalLM(ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2))
+    # tuple fields (layer_types, rope_llama3) are read back from the JSON as lists: the same config
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        sliding_window=4,
+        layer_types=("sliding_attention", "full_attention"),
+        rope_llama3=(8.0, 1.0, 4.0, 32),
+    )
+    model = CausalLM(cfg)
     checkpoint.write_model_info(tmp_path, model)
+    assert ModelConfig(**checkpoint.read_model_info(tmp_path)["model"]) == cfg
     with caplog.at_level(logging.WARNING, logger="rlhf_jax.checkpoint"):
         checkpoint.write_model_info(tmp_path, model)  # the same config (a resume): nothing to say
         assert not caplog.records
