@@ -163,6 +163,13 @@ SPECS: dict[str, tuple[str, dict]] = {
         bos_token_id=2,
         eos_token_id=1,
     ),
+    "mistral_swa_linear_rope": _shaped(
+        "MistralConfig",
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        sliding_window=5,  # every layer sliding, and scaled: the factor applies to all of them
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    ),
 }
 
 FAMILIES = tuple(SPECS)

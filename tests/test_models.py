@@ -114,6 +114,7 @@ EXPECTED_CONFIG = {
     "qwen2": dict(family="llama", tie_word_embeddings=False, kv_heads=2, qkv_bias=True, rope_theta=1e6),
     "mistral": dict(family="llama", tie_word_embeddings=False, kv_heads=2),
     "llama_linear_rope": dict(family="llama", rope_scaling_factor=4.0, rope_llama3=None),
+    "mistral_swa_linear_rope": dict(family="llama", sliding_window=5, rope_scaling_factor=4.0),
     "llama3_rope": dict(family="llama", kv_heads=2, rope_theta=5e5, rope_llama3=(8.0, 0.5, 4.0, 32)),
     "gemma2": dict(
         family="gemma3",

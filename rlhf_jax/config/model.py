@@ -131,7 +131,7 @@ class ModelConfig:
     sliding_window: int | None = None  # keys at most this many positions back, on sliding layers
     layer_types: tuple[str, ...] | None = None  # per layer (or a repeated pattern), see the class docstring
     rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3: 10k); None = rope_theta
-    rope_scaling_factor: float = 1.0  # linear RoPE scaling (positions / factor) of full-attention layers
+    rope_scaling_factor: float = 1.0  # linear RoPE scaling (positions / factor), see layer_rope
     # Llama 3.1's RoPE scaling: (factor, low_freq_factor, high_freq_factor, original max positions)
     rope_llama3: tuple[float, float, float, int] | None = None
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power; None = head_dim
@@ -235,10 +235,14 @@ class ModelConfig:
 
     @property
     def layer_rope(self) -> tuple[tuple[float, float], ...]:
-        """Per layer: (RoPE base, linear scaling factor that divides the inverse frequencies)."""
-        local = self.rope_theta if self.rope_local_theta is None else self.rope_local_theta
+        """Per layer: (RoPE base, linear scaling factor that divides the inverse frequencies).
+
+        Sliding layers have a RoPE of their own, unscaled, only with ``rope_local_theta`` (Gemma
+        3's local layers); otherwise every layer has the same (Mistral's window with a linear
+        scaling scales it everywhere, as transformers does)."""
         full = (self.rope_theta, self.rope_scaling_factor)
-        return tuple((local, 1.0) if k == "sliding_attention" else full for k in self.layer_kinds)
+        local = full if self.rope_local_theta is None else (self.rope_local_theta, 1.0)
+        return tuple(local if k == "sliding_attention" else full for k in self.layer_kinds)
 
     @property
     def qk_norm(self) -> bool:  # Gemma 3 (not Gemma 2) and Qwen3: RMSNorm of queries and keys over head_dim

@@ -9,9 +9,8 @@ transformers 4.x and 5.x spellings are both read (5.x moved the RoPE settings in
 ``rope_parameters``); anything that would change the computation and is not supported
 (RoPE scaling other than the llama family's linear and Llama 3.1 types and Gemma 3's linear
 one, Qwen2's / Qwen3's sliding window, GPT-2's attention-scaling variants) is an error naming
-the field. Exporting a config that no
-transformers class expresses (GPT-2 with banded layers, mixed windows outside Gemma 3)
-is refused.
+the field. Exporting a config that no transformers class expresses (GPT-2 with banded layers,
+mixed windows outside Gemma 3) is refused.
 """
 
 from __future__ import annotations
