@@ -127,7 +127,13 @@ EXPECTED_CONFIG = {
         final_logit_softcap=3.0,
     ),
     "qwen3": dict(
-        family="llama", hf_model_type="qwen3", tie_word_embeddings=True, kv_heads=2, dim_per_head=24, qkv_bias=False
+        family="llama",
+        hf_model_type="qwen3",
+        qk_norm=True,
+        tie_word_embeddings=True,
+        kv_heads=2,
+        dim_per_head=24,
+        qkv_bias=False,
     ),
     "mistral_swa": dict(family="llama", tie_word_embeddings=False, kv_heads=2, sliding_window=5),
     "neox_parallel": dict(family="neox", tie_word_embeddings=False, parallel_residual=True, rotary_pct=0.25),
@@ -295,6 +301,23 @@ def test_llama3_rope_scaling_matches_transformers():
     neox = F.make_config("neox_parallel").to_dict()
     with pytest.raises(CheckpointError, match="'llama3'"):
         config_from_hf({**neox, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, **scaling}})
+
+
+def test_query_key_norm_exports_only_to_a_class_that_has_it():
+    """``query_key_norm`` is the model's switch (Qwen3 on in the llama family, Gemma 2 off in
+    Gemma's); export refuses a class whose layer does it the other way."""
+    from rlhf_jax.models.hf_config import CheckpointError, config_to_hf
+
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, query_key_norm=True)
+    assert cfg.qk_norm and not cfg.replace(query_key_norm=None).qk_norm
+    with pytest.raises(CheckpointError, match="query/key norm on"):
+        config_to_hf(cfg)
+    assert type(config_to_hf(cfg.replace(hf_model_type="qwen3"))).__name__ == "Qwen3Config"
+    gemma = ModelConfig(family="gemma3", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4)
+    assert gemma.qk_norm
+    with pytest.raises(CheckpointError, match="query/key norm off"):
+        config_to_hf(gemma.replace(query_key_norm=False))
+    assert type(config_to_hf(gemma.replace(query_key_norm=False, hf_model_type="gemma2"))).__name__ == "Gemma2Config"
 
 
 def test_sharded_checkpoint(hf, tmp_path):

@@ -93,13 +93,13 @@ class ModelConfig:
       * ``gpt2``: learned positions, LayerNorm, GELU(tanh), biases, tied embeddings.
       * ``llama`` (Llama, Mistral, Qwen2, Qwen3, SmolLM): RoPE (optionally linear or Llama 3.1
         scaling), RMSNorm, SwiGLU, grouped-query attention, optional QKV bias (Qwen2), q/k
-        RMSNorm over head_dim (``hf_model_type="qwen3"``), tied or untied embeddings.
+        RMSNorm over head_dim (``query_key_norm``: Qwen3), tied or untied embeddings.
       * ``neox`` (GPT-NeoX, Pythia): partial rotary, LayerNorm, GELU, parallel or
         sequential residual, untied embeddings.
       * ``gemma3`` (Gemma 3 text): RMSNorm with a (1 + w) scale, norms before and after
         attention and MLP, q/k RMSNorm over head_dim, gated GELU(tanh), embeddings scaled
         by sqrt(hidden_size), tied embeddings, local/global layers with their own RoPE bases.
-        Gemma 2 (``hf_model_type="gemma2"``) is the same layer without the q/k norm, with one
+        Gemma 2 is the same layer without the q/k norm (``query_key_norm=False``), with one
         RoPE and attention scores capped by ``attn_logit_softcap``.
 
     The attention pattern is per layer: ``layer_types`` names each layer "full_attention"
@@ -142,6 +142,9 @@ class ModelConfig:
     param_dtype: DType = "float32"
     remat: Remat = "none"  # what each block keeps for the backward pass (see Remat)
     attention: AttentionImpl = "auto"  # the attention kernel of passes without a KV cache (see AttentionImpl)
+    # RMSNorm of queries and keys over head_dim, before RoPE; None: the family's default
+    # (Gemma 3: on, the rest: off). Qwen3 turns it on in the llama family, Gemma 2 off in Gemma's.
+    query_key_norm: bool | None = None
     hf_model_type: str | None = None  # e.g. "qwen2": which HF config class to export to
     # Adapters on the dense projections (models.layers.Linear); set by a stage's driver from its
     # run config's ``lora``, never stored in model.json (a run's model is exported merged).
@@ -245,8 +248,8 @@ class ModelConfig:
         return tuple(local if k == "sliding_attention" else full for k in self.layer_kinds)
 
     @property
-    def qk_norm(self) -> bool:  # Gemma 3 (not Gemma 2) and Qwen3: RMSNorm of queries and keys over head_dim
-        return (self.family == "gemma3" and self.hf_model_type != "gemma2") or self.hf_model_type == "qwen3"
+    def qk_norm(self) -> bool:  # RMSNorm of queries and keys over head_dim (see query_key_norm)
+        return self.family == "gemma3" if self.query_key_norm is None else self.query_key_norm
 
     @property
     def sandwich_norm(self) -> bool:  # Gemma 3: norms after attention and MLP too

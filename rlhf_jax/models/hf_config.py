@@ -131,6 +131,7 @@ def _config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         sliding_window=window,
         rope_scaling_factor=rope.linear_factor,
         rope_llama3=rope.llama3,
+        query_key_norm=model_type == "qwen3" or None,
         **common,
     )
 
@@ -217,17 +218,17 @@ def _gemma_from_hf(hf: dict, common: dict) -> ModelConfig:
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
         attn_logit_softcap=attn_softcap,
         final_logit_softcap=hf.get("final_logit_softcapping"),
+        query_key_norm=False if model_type == "gemma2" else None,
         **common,
     )
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
     """Refuse settings the family's transformers class cannot express (they would change the model)."""
-    family = (
-        (cfg.hf_model_type if cfg.hf_model_type == "gemma2" else "gemma3")
-        if cfg.family == "gemma3"
-        else (cfg.hf_model_type or cfg.family)
-    )
+    if cfg.family == "gemma3":
+        family = "gemma2" if cfg.hf_model_type == "gemma2" else "gemma3"
+    else:
+        family = cfg.hf_model_type or cfg.family
     problems = []
     if cfg.family != "gemma3":
         kinds = set(cfg.layer_kinds)
@@ -248,11 +249,15 @@ def _check_exportable(cfg: ModelConfig) -> None:
             problems.append("qkv_bias != out_bias, mlp_bias, parallel_residual or partial rotary")
         if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != int(cfg.query_pre_attn_scalar):
             problems.append(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} (transformers needs an int)")
-        if cfg.hf_model_type == "gemma2":
+        if family == "gemma2":
             if cfg.rope_local_theta is not None or cfg.rope_scaling_factor != 1.0:
                 problems.append("a second RoPE or RoPE scaling (transformers' Gemma 2 has one default RoPE)")
         elif cfg.attn_logit_softcap is not None:  # transformers' Gemma 3 would silently drop it
             problems.append(f"attn_logit_softcap={cfg.attn_logit_softcap} (transformers' Gemma 3 ignores it)")
+    if cfg.qk_norm != (family in ("qwen3", "gemma3")):  # only these transformers classes norm q and k
+        problems.append(
+            f"query/key norm {'on' if cfg.qk_norm else 'off'} (transformers' {family} has it the other way)"
+        )
     if cfg.rope_llama3 is not None and family not in _LLAMA_TYPES:
         problems.append(f"rope_llama3={cfg.rope_llama3} (Llama 3.1's RoPE scaling: llama-family models only)")
     if problems:
