@@ -1,8 +1,9 @@
-"""``rlhf-jax demo --quick --rounds 2``: the whole InstructGPT study, test-sized, through the command line,
-with one iterated RLHF round; the report's statistics on fake numbers."""
+"""``rlhf-jax demo --quick --rounds 2 --iterate-ppo``: the whole InstructGPT study, test-sized, through the
+command line, with one iterated RLHF round (plain PPO iterated too); the report's statistics on fake numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from rlhf_jax.tasks import demo, evaluate, report
 from rlhf_jax.train_loop import read_metrics
 from tests import stage_fixtures as F
 
-STAGES = ("base", "base_big", "sft", "sft_big", "rm", "ppo_ptx", "ppo", "ppo_nokl", "round_1/rm", "round_1/ppo_ptx")
+STAGES = ("base", "base_big", "sft", "sft_big", "rm", "ppo_ptx", "ppo", "ppo_nokl")
+STAGES += ("round_1/rm", "round_1/ppo_ptx", "round_1/ppo")
 MODELS = ("SFT", "SFT big", "PPO", "PPO-ptx", "PPO-ptx, round 1")
 
 
@@ -32,11 +34,12 @@ def demo_run(tmp_path_factory):
     loops (the quick demo took 484 s in CI at the default level, 1,034 s at level 0)."""
 
     def build(path):
-        done = F.run_cli(["demo", "--quick", "--rounds", "2", "--out", str(path / "run")], num_devices=8, timeout=3600)
+        args = ["demo", "--quick", "--rounds", "2", "--iterate-ppo", "--out", str(path / "run")]
+        done = F.run_cli(args, num_devices=8, timeout=3600)
         assert done.returncode == 0, done.stderr[-4000:]
         return {}
 
-    path, _ = F.build_once(tmp_path_factory, "demo_quick_rounds2", build)
+    path, _ = F.build_once(tmp_path_factory, "demo_quick_rounds2_iterated", build)
     root = path / "run"
     return root, report.load_results(root / "results.json")
 
@@ -55,7 +58,7 @@ def test_every_artifact_is_written(demo_run):
     report_md = (root / "report.md").read_text()
     for plot in ("ppo_curves.png", "win_rates.png", "overoptimisation.png", "alignment_tax.png"):
         assert (root / plot).stat().st_size > 1000 and plot in report_md
-    for claim in ("RLHF beats SFT", "alignment tax", "over-optimisation", "## Rounds"):
+    for claim in ("RLHF beats SFT", "alignment tax", "over-optimisation", "## Rounds", "plain PPO iterated alongside"):
         assert claim in report_md
 
 
@@ -93,6 +96,29 @@ def test_rounds_are_reported_one_entry_each(demo_run):
     before, after = rounds[1]["rm_on_new_samples_before"], rounds[1]["rm_on_new_samples_after"]
     assert before["group_pairs"] == after["group_pairs"]  # the same comparisons, judged by both RMs
     assert rounds[1]["win_rate"] == results["win_rates"]["PPO-ptx, round 1 vs SFT"]
+    # plain PPO at the end of every round: round 0's is the demo's own PPO run
+    assert rounds[0]["ppo"]["win_vs_sft"] == results["models"]["PPO"]["win_vs_sft"]
+    for e in rounds:
+        q = e["ppo"]
+        assert np.isfinite([q["gold"], q["kl"], q["heldout_loss"]]).all() and q["win_rate"] == np.mean(q["win_vs_sft"])
+    assert Path(rounds[1]["ppo"]["run"]).name == "ppo" and Path(rounds[1]["ppo"]["run"]).parent.name == "round_1"
+
+
+def test_trajectories_span_every_round_when_plain_ppo_is_iterated(demo_run):
+    """The alignment tax is measured along both rounds of both variants: SFT first, then each kept
+    checkpoint of round 0's run and of round 1's."""
+    root, results = demo_run
+    for name, run in (("PPO-ptx", "ppo_ptx"), ("PPO", "ppo")):
+        pts = results["trajectories"][name]
+        assert pts[0] == {"round": 0, "step": 0, "kl": 0.0, "heldout_loss": pts[0]["heldout_loss"]}
+        for r, run_dir in enumerate((root / run, root / "round_1" / run)):
+            steps = [p["step"] for p in pts[1:] if p["round"] == r]
+            assert steps == [s for s, _ in evaluate.checkpoint_params(run_dir)], (name, r)
+        assert all(p["kl"] > 0 for p in pts[1:])
+    # each trajectory ends at its round 1 policy as judged (its latest EMA params)
+    ends = {"PPO": results["rounds"][1]["ppo"]["heldout_loss"], "PPO-ptx": results["rounds"][1]["heldout_loss"]}
+    for name, loss in ends.items():
+        assert np.isclose(results["trajectories"][name][-1]["heldout_loss"], loss), name
 
 
 def test_round_1_rm_trains_on_all_comparisons_so_far(demo_run):
@@ -116,6 +142,9 @@ def test_round_1_continues_the_policy_against_the_sft_reference(demo_run):
     root, _ = demo_run
     meta = checkpoint.Checkpointer(root / "round_1" / "ppo_ptx" / "checkpoints").restore_meta()
     assert meta["config"]["policy"] == str(root / "ppo_ptx") and meta["config"]["reference"] == str(root / "sft")
+    plain = checkpoint.Checkpointer(root / "round_1" / "ppo" / "checkpoints").restore_meta()["config"]
+    assert plain["policy"] == str(root / "ppo") and plain["reference"] == str(root / "sft")
+    assert plain["reward"] == meta["config"]["reward"] == [str(root / "round_1" / "rm")] and plain["ptx_data"] is None
     pcfg = PPOConfig(
         prompts=str(root / "data" / "prompts.jsonl"),
         policy=str(root / "ppo_ptx"),
@@ -144,7 +173,17 @@ def test_report_pools_seeds(demo_run, tmp_path):
     _, results = demo_run
     other = json.loads(json.dumps(results)) | {"seed": 1}
     text = report.write_report(tmp_path, [results, other]).read_text()
-    assert "Seed(s) 0, 1" in text and "## Rounds" in text
+    assert "Seed(s) 0, 1" in text and "## Rounds" in text and "plain PPO iterated alongside" in text
+    # results of a run without --iterate-ppo (or written before it existed): no plain-PPO table
+    legacy = json.loads(json.dumps(results))
+    for e in legacy["rounds"][1:]:
+        del e["ppo"]
+    legacy["trajectories"] = {
+        k: [{"kl": p["kl"], "heldout_loss": p["heldout_loss"]} for p in v if p["round"] == 0]
+        for k, v in legacy["trajectories"].items()
+    }
+    text = report.write_report(tmp_path / "legacy", [legacy]).read_text()
+    assert "## Rounds" in text and "plain PPO iterated alongside" not in text
     win = report.pooled([results["win_outcomes"]["PPO-ptx vs SFT"]] * 2)
     assert win[1] <= win[0] <= win[2] and np.isclose(win[0], results["win_rates"]["PPO-ptx vs SFT"])
 
@@ -169,6 +208,12 @@ def test_seeds_flag():
     with pytest.raises(ValueError):
         demo.DemoConfig(rounds=0)
     assert demo.DemoConfig().rm_init == "sft_big"
+    assert (demo.DemoConfig().rounds, demo.DemoConfig().iterate_ppo) == (3, False)
+    full = demo.DemoConfig(full=True)  # the headline run's shorthand, consumed on construction
+    assert (full.seed_list, full.rounds, full.iterate_ppo, full.full) == ((0, 1, 2), demo.FULL_ROUNDS, True, False)
+    assert dataclasses.asdict(full) == dataclasses.asdict(demo.DemoConfig(seeds="0,1,2", rounds=6, iterate_ppo=True))
+    mine = demo.DemoConfig(full=True, seeds="4", rounds=2)  # explicit flags win
+    assert (mine.seed_list, mine.rounds, mine.iterate_ppo) == ((4,), 2, True)
     with pytest.raises(ValueError):
         demo.DemoConfig(rm_init="base")
 

@@ -15,7 +15,8 @@ Stages (each an ordinary rlhf_jax run directory under ``--out``):
      pretraining loss, and ``report.md`` with plots;
   8. ``--rounds N``: N - 1 further rounds of iterated RLHF (new rankings of the last PPO-ptx
      policy's samples, an RM on all comparisons so far, PPO-ptx continued against it);
-  9. ``--seeds 0,1,2``: all of it once per seed, one report with bootstrap intervals.
+  9. ``--seeds 0,1,2``: all of it once per seed, one report with bootstrap intervals
+     (``--full``: three seeds, six rounds, plain PPO iterated alongside).
 
 This module holds the configuration and stages 1-5 (:func:`prepare`, also the start of other
 experiments from the same SFT model and RM, ``experiments/compare_methods.py``) and the
@@ -43,6 +44,11 @@ from rlhf_jax.tasks.world import World, WorldConfig
 from rlhf_jax.tasks.world_lang import FAMILIES
 
 log = logging.getLogger(__name__)
+
+# ``rlhf-jax demo --full``: three seeds and six rounds (rounds 3-5 add about 13 min a seed on 2
+# cores, the reward models' steps growing with the comparisons); chosen by time, not by a result
+FULL_SEEDS = "0,1,2"
+FULL_ROUNDS = 6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,9 +88,18 @@ class DemoConfig:
       max_new_tokens: response length limit everywhere.
       rounds: RLHF rounds (InstructGPT step 4, :mod:`rlhf_jax.tasks.demo_rounds`): 1 is SFT ->
         RM -> PPO-ptx; each further round ranks the last policy's samples, retrains the RM
-        on all comparisons so far and continues PPO-ptx from the last policy.
+        on all comparisons so far and continues PPO-ptx from the last policy. None: 3, or
+        ``FULL_ROUNDS`` with ``full``.
+      iterate_ppo: plain PPO continues through the rounds too (from its own last policy,
+        against each round's RM, the KL reference still SFT), so that its held-out loss and KL
+        are measured at the end of every round and the alignment tax at matched KL spans all
+        of them (off: plain PPO runs in round 0 only).
       seeds: ``"0,1,2"``: the whole demo once per seed, one after another, under
         ``out/seed_<s>``, and one report with 95% bootstrap intervals (empty: ``seed`` alone).
+      full: the README's headline run, shorthand for ``--seeds 0,1,2`` (unless ``seeds`` is
+        given), ``FULL_ROUNDS`` rounds (unless ``rounds`` is) and ``--iterate-ppo``. It is
+        consumed on construction (reset to False), so the configuration a run records is what
+        ran and the explicit flags reuse a ``--full`` run's finished seeds.
     """
 
     out: str = "runs/demo"
@@ -110,10 +125,19 @@ class DemoConfig:
     eval_prompts: int = 480
     eval_temperature: float = 1.0
     max_new_tokens: int = 16
-    rounds: int = 3
+    rounds: int | None = None
+    iterate_ppo: bool = False
     seeds: str = ""
+    full: bool = False
 
     def __post_init__(self) -> None:
+        full = self.full
+        if full:
+            object.__setattr__(self, "seeds", self.seeds or FULL_SEEDS)
+            object.__setattr__(self, "iterate_ppo", True)
+            object.__setattr__(self, "full", False)
+        if self.rounds is None:
+            object.__setattr__(self, "rounds", FULL_ROUNDS if full else 3)
         if self.rounds < 1:
             raise ValueError("DemoConfig.rounds must be >= 1")
         if self.rm_init not in ("sft", "sft_big"):

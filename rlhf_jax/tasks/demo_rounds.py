@@ -11,7 +11,10 @@ Round 0 is the demo's own reward model and PPO-ptx run. Round r >= 1:
      (``pipeline.union_of_comparisons``), its steps scaled with the number of ranked groups
      so that it passes over them as often as round 0's RM passed over its own;
   3. continues PPO-ptx from round r-1's policy (its latest EMA params) against the new RM,
-     the KL reference still the SFT model (``PPOConfig.reference``).
+     the KL reference still the SFT model (``PPOConfig.reference``);
+  4. with ``DemoConfig.iterate_ppo``, continues plain PPO the same way from its own round r-1
+     policy against the same new RM (the comparisons stay PPO-ptx's samples), so that the
+     alignment tax is measured at the end of every round and along all of them.
 
 Each round is judged on the held-out users' prompts: gold score, win rate over SFT (per
 prompt, for the bootstrap), KL from SFT (k1 on the policy's own temperature-1 samples),
@@ -137,8 +140,17 @@ class Judge:
         )
 
 
-def _round_entry(judge: Judge, r: int, rm_dir: Path, ppo_dir: Path, prev: tuple[Path, Path] | None, **extra) -> dict:
-    """One row of the per-round table (see the module docstring)."""
+def _round_entry(
+    judge: Judge,
+    r: int,
+    rm_dir: Path,
+    ppo_dir: Path,
+    prev: tuple[Path, Path] | None,
+    plain_dir: Path | None = None,
+    **extra,
+) -> dict:
+    """One row of the per-round table (see the module docstring); ``plain_dir``: the round's plain
+    PPO run, judged the same way under ``"ppo"``."""
     ev = judge.model(ppo_dir)
     ev.pop("responses")
     rm_val = [m for m in read_metrics(rm_dir) if "val/accuracy" in m]
@@ -153,6 +165,10 @@ def _round_entry(judge: Judge, r: int, rm_dir: Path, ppo_dir: Path, prev: tuple[
         "win_rate": float(np.mean(ev["win_vs_sft"])),
         **extra,
     }
+    if plain_dir is not None:
+        ev = judge.model(plain_dir)
+        entry["ppo"] = {"run": str(plain_dir), "win_rate": float(np.mean(ev["win_vs_sft"]))}
+        entry["ppo"] |= {k: ev[k] for k in ("gold", "kl", "heldout_loss", "win_vs_sft")}
     if prev is not None:  # the RM's accuracy on the samples it was retrained for, before and after
         recs = judge.policy_comparisons(prev[1])
         entry["rm_on_new_samples_before"] = judge.rm_accuracy(prev[0], recs)
@@ -161,8 +177,11 @@ def _round_entry(judge: Judge, r: int, rm_dir: Path, ppo_dir: Path, prev: tuple[
     return entry
 
 
-def run_rounds(cfg, prep, judge: Judge, ppo_ptx_dir: Path, rm_held: list[dict], timings: dict) -> list[dict]:
-    """Round 0's entry from the demo's RM and PPO-ptx run, then rounds 1..cfg.rounds-1; returns the entries.
+def run_rounds(
+    cfg, prep, judge: Judge, ppo_ptx_dir: Path, ppo_dir: Path, rm_held: list[dict], timings: dict
+) -> list[dict]:
+    """Round 0's entry from the demo's RM, PPO-ptx and plain PPO runs, then rounds 1..cfg.rounds-1
+    (plain PPO continued too with ``cfg.iterate_ppo``); returns the entries.
 
     ``rm_held``: the held-out comparisons of SFT samples on which every round's RM is scored.
     """
@@ -175,6 +194,7 @@ def run_rounds(cfg, prep, judge: Judge, ppo_ptx_dir: Path, rm_held: list[dict], 
             prep.rm,
             ppo_ptx_dir,
             None,
+            ppo_dir,
             comparisons=n0,
             comparisons_total=n0,
             rm_steps=cfg.rm_steps,
@@ -220,6 +240,14 @@ def run_rounds(cfg, prep, judge: Judge, ppo_ptx_dir: Path, rm_held: list[dict], 
         )
         new_policy = run_ppo(pcfg, gold_fn=gold_fn(prep.world))
         timings[f"round_{r}"] = time.perf_counter() - t0
+        if cfg.iterate_ppo:  # the same round for plain PPO: its own last policy, the same RM and seed
+            t0 = time.perf_counter()
+            qcfg = ppo_config(cfg, prep, rdir / "ppo", ptx=False)
+            qcfg = dataclasses.replace(
+                qcfg, policy=str(ppo_dir), reference=str(prep.sft), reward=str(new_rm), run=pcfg.run
+            )
+            ppo_dir = run_ppo(qcfg, gold_fn=gold_fn(prep.world))
+            timings[f"round_{r}_ppo"] = time.perf_counter() - t0
         entries.append(
             _round_entry(
                 judge,
@@ -227,6 +255,7 @@ def run_rounds(cfg, prep, judge: Judge, ppo_ptx_dir: Path, rm_held: list[dict], 
                 new_rm,
                 new_policy,
                 (rm_dir, policy_dir),
+                ppo_dir if cfg.iterate_ppo else None,
                 comparisons=len(read_jsonl(new_path)),
                 comparisons_total=n_union,
                 rm_steps=steps,
@@ -237,20 +266,24 @@ def run_rounds(cfg, prep, judge: Judge, ppo_ptx_dir: Path, rm_held: list[dict], 
     return entries
 
 
-def trajectory(judge: Judge, run_dir: Path) -> list[dict]:
-    """Held-out pretraining loss and KL from SFT of every kept checkpoint of a PPO run (its EMA
-    policy), SFT itself first (step 0): the alignment tax along the run."""
-    model, _, _ = checkpoint.load_model(run_dir, which="latest")
+def trajectory(judge: Judge, run_dirs: list[Path]) -> list[dict]:
+    """Held-out pretraining loss and KL from SFT of every kept checkpoint of one PPO run, or of
+    the runs of consecutive rounds continuing it (their EMA policies, ``"round"`` the run's
+    index), SFT itself first (round 0, step 0): the alignment tax along the runs."""
     sft_model, sft_params = judge.sft
-    points = [{"step": 0, "kl": 0.0, "heldout_loss": evaluate.heldout_lm_loss(sft_model, sft_params, judge.heldout)}]
-    for step, params in evaluate.checkpoint_params(run_dir):
-        points.append(
-            {
-                "step": step,
-                "kl": judge.kl(model, params),
-                "heldout_loss": evaluate.heldout_lm_loss(model, params, judge.heldout),
-            }
-        )
+    sft_loss = evaluate.heldout_lm_loss(sft_model, sft_params, judge.heldout)
+    points = [{"round": 0, "step": 0, "kl": 0.0, "heldout_loss": sft_loss}]
+    for r, run_dir in enumerate(run_dirs):
+        model, _, _ = checkpoint.load_model(run_dir, which="latest")
+        for step, params in evaluate.checkpoint_params(run_dir):
+            points.append(
+                {
+                    "round": r,
+                    "step": step,
+                    "kl": judge.kl(model, params),
+                    "heldout_loss": evaluate.heldout_lm_loss(model, params, judge.heldout),
+                }
+            )
     return points
 
 
@@ -352,7 +385,7 @@ def run_seed(cfg: DemoConfig) -> dict:
 
     stage("evaluation", evaluation)
     held_recs = results.pop("rm_heldout_records")
-    results["rounds"] = run_rounds(cfg, prep, judge, ppo_ptx_dir, held_recs, timings)
+    results["rounds"] = run_rounds(cfg, prep, judge, ppo_ptx_dir, ppo_dir, held_recs, timings)
     final = results["rounds"][-1]
     if cfg.rounds > 1:  # the final round's policy against SFT and the big SFT model
         name = f"PPO-ptx, round {cfg.rounds - 1}"
@@ -364,10 +397,10 @@ def run_seed(cfg: DemoConfig) -> dict:
             np.asarray(r[name]["gold_scores"]), big_gold
         ).tolist()
     results["final_policy"] = "PPO-ptx" if cfg.rounds == 1 else f"PPO-ptx, round {cfg.rounds - 1}"
-    results["trajectories"] = stage(
-        "trajectories",
-        lambda: {name: trajectory(judge, d) for name, d in (("PPO-ptx", ppo_ptx_dir), ("PPO", ppo_dir))},
-    )
+    # the alignment tax along round 0's runs, or along every round's when plain PPO was iterated too
+    kept = results["rounds"] if cfg.iterate_ppo else results["rounds"][:1]
+    runs = {"PPO-ptx": [Path(e["ppo_ptx"]) for e in kept], "PPO": [Path(e["ppo"]["run"]) for e in kept]}
+    results["trajectories"] = stage("trajectories", lambda: {name: trajectory(judge, d) for name, d in runs.items()})
     results["win_rates"] = {k: float(np.mean(v)) for k, v in results["win_outcomes"].items()}
     for v in results["models"].values():
         del v["responses"]

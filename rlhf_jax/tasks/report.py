@@ -98,6 +98,12 @@ def round_rows(results: list[dict]) -> list[dict]:
             "win": pooled([e["win_vs_sft"] for e in es]),
             "heldout_loss": float(np.mean([e["heldout_loss"] for e in es])),
         }
+        if all("ppo" in e for e in es):  # plain PPO at the end of the round
+            row["ppo"] = {
+                "kl": float(np.mean([e["ppo"]["kl"] for e in es])),
+                "win": pooled([e["ppo"]["win_vs_sft"] for e in es]),
+                "heldout_loss": float(np.mean([e["ppo"]["heldout_loss"] for e in es])),
+            }
         if "rm_on_new_samples_before" in es[0]:
             row["before"] = pooled(*zip(*[_acc(e["rm_on_new_samples_before"]) for e in es]))
             row["after"] = pooled(*zip(*[_acc(e["rm_on_new_samples_after"]) for e in es]))
@@ -115,8 +121,7 @@ def results_table(results: list[dict]) -> str:
     agreement = rounds[0]["agreement"]
     rm_ok = all(r["rm_heldout"][1] >= agreement - 0.05 for r in rounds)
     rm_txt = "; ".join(f"r{r['round']} {_pct(r['rm_heldout'])}" for r in rounds)
-    loss = {k: [x["models"][k]["heldout_loss"] for x in results] for k in ("SFT", "PPO", "PPO-ptx")}
-    ptx_rel = [p / s - 1 for p, s in zip(loss["PPO-ptx"], loss["SFT"])]
+    ptx_rel = [x["models"][final]["heldout_loss"] / x["models"]["SFT"]["heldout_loss"] - 1 for x in results]
     taxes = [matched_tax(x) for x in results]
     tax_ok = all(t is not None and t["ppo"] >= 0.01 for t in taxes) and all(abs(v) <= 0.02 for v in ptx_rel)
     tax_txt = ", ".join(
@@ -146,7 +151,8 @@ def results_table(results: list[dict]) -> str:
         ),
         (
             "ptx removes the alignment tax",
-            "held-out pretraining loss vs SFT: PPO-ptx at the end; PPO and PPO-ptx at matched KL (per seed)",
+            f"held-out pretraining loss vs SFT: {final}; PPO and PPO-ptx at matched KL along "
+            f"{'all rounds' if _iterated(results) else 'round 0'} (per seed)",
             f"PPO-ptx {', '.join(f'{100 * v:+.2f}%' for v in ptx_rel)}; {tax_txt}",
             "PPO-ptx within 2%; PPO >= 1% worse at matched KL",
             ok(tax_ok),
@@ -168,6 +174,28 @@ def results_table(results: list[dict]) -> str:
     ]
     lines = ["| claim in the paper | measurement here | result | target | |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
+    return "\n".join(lines)
+
+
+def _iterated(results: list[dict]) -> bool:
+    """Whether plain PPO went through the rounds too (``--iterate-ppo``)."""
+    return all(len(x["rounds"]) > 1 and all("ppo" in e for e in x["rounds"]) for x in results)
+
+
+def ppo_rounds_table(results: list[dict]) -> str:
+    """PPO-ptx against plain PPO at the end of every round: KL, held-out loss, win rate."""
+    sft = float(np.mean([x["models"]["SFT"]["heldout_loss"] for x in results]))
+    lines = [
+        f"| round | KL from SFT: PPO-ptx / PPO | held-out loss (SFT {sft:.3f}): PPO-ptx / PPO | "
+        "win rate vs SFT: PPO-ptx / PPO |",
+        "|---|---|---|---|",
+    ]
+    for r in round_rows(results):
+        q = r["ppo"]
+        lines.append(
+            f"| {r['round']} | {r['kl']:.2f} / {q['kl']:.2f} | {r['heldout_loss']:.3f} ({100 * (r['heldout_loss'] / sft - 1):+.2f}%)"
+            f" / {q['heldout_loss']:.3f} ({100 * (q['heldout_loss'] / sft - 1):+.2f}%) | {_pct(r['win'])} / {_pct(q['win'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -259,11 +287,37 @@ def _plots(root: Path, results: list[dict]) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, color in (("PPO", "tab:orange"), ("PPO-ptx", "tab:green")):
         for i, x in enumerate(results):
-            pts = sorted((p["kl"], p["heldout_loss"]) for p in x["trajectories"][name])
-            ax.plot(*zip(*pts), marker="o", ms=3, color=color, alpha=0.8, label=name if i == 0 else None)
+            pts = x["trajectories"][name]  # in training order: round by round, checkpoint by checkpoint
+            ax.plot(
+                [p["kl"] for p in pts],
+                [p["heldout_loss"] for p in pts],
+                marker="o",
+                ms=3,
+                color=color,
+                alpha=0.8,
+                label=name if i == 0 else None,
+            )
+            ends = [
+                p
+                for j, p in enumerate(pts)
+                if j > 0 and (j == len(pts) - 1 or pts[j + 1].get("round") != p.get("round"))
+            ]
+            if len(ends) > 1:  # the end of each round
+                ax.scatter(
+                    [p["kl"] for p in ends],
+                    [p["heldout_loss"] for p in ends],
+                    s=30,
+                    color=color,
+                    marker="s",
+                    edgecolor="k",
+                    zorder=3,
+                    label=f"{name}, end of a round" if i == 0 else None,
+                )
     ax.set_xlabel("KL(policy || SFT) per response, held-out prompts (nats)")
     ax.set_ylabel("held-out pretraining loss")
-    ax.set_title("alignment tax along the PPO runs (every seed)", fontsize=10)
+    ax.set_title(
+        f"alignment tax along the PPO runs ({'every round, ' if _iterated(results) else ''}every seed)", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -311,6 +365,16 @@ def write_report(root: Path, results: list[dict]) -> Path:
         "",
         rounds_table(results),
         "",
+        *(
+            [
+                "### PPO-ptx and plain PPO at the end of every round (plain PPO iterated alongside)",
+                "",
+                ppo_rounds_table(results),
+                "",
+            ]
+            if _iterated(results)
+            else []
+        ),
         f"## Models (mean over seeds; held-out users, {decoding})",
         "",
         "| model | params | gold score | KL from SFT | held-out pretraining loss | win rate vs SFT |",
