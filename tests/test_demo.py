@@ -227,6 +227,24 @@ def test_weighted_bootstrap_and_matched_kl():
     t = evaluate.tax_at_matched_kl(a, b)
     assert t["kl"] == 1.0 and np.isclose(t["a"], 2.2) and np.isclose(t["b"], 1.9 - 0.1 / 3)
     assert evaluate.tax_at_matched_kl(a, [{"kl": 0.0, "heldout_loss": 2.0}]) is None
+    # iterated runs are compared along their last round: KL stays put while plain PPO's loss rises
+    sft = {"round": 0, "step": 0, "kl": 0.0, "heldout_loss": 2.0}
+    ppo = [sft, {"round": 0, "step": 10, "kl": 1.5, "heldout_loss": 2.01}]
+    ppo += [
+        {"round": 1, "step": 10, "kl": 0.7, "heldout_loss": 2.08},
+        {"round": 1, "step": 20, "kl": 0.9, "heldout_loss": 2.1},
+    ]
+    ptx = [sft, {"round": 0, "step": 10, "kl": 1.2, "heldout_loss": 1.99}]
+    ptx += [
+        {"round": 1, "step": 10, "kl": 0.6, "heldout_loss": 1.98},
+        {"round": 1, "step": 20, "kl": 0.8, "heldout_loss": 1.96},
+    ]
+    t = report.matched_tax({"trajectories": {"PPO": ppo, "PPO-ptx": ptx}})
+    assert t["round"] == 1 and np.isclose(t["kl"], 0.8)
+    assert np.isclose(t["ppo"], 2.09 / 2.0 - 1) and np.isclose(t["ptx"], 1.96 / 2.0 - 1)
+    # round 0 alone (the default demo): the largest KL both reach there
+    t = report.matched_tax({"trajectories": {"PPO": ppo[:2], "PPO-ptx": ptx[:2]}})
+    assert t["round"] == 0 and np.isclose(t["kl"], 1.2) and np.isclose(t["ppo"], (2.0 + 0.01 * 1.2 / 1.5) / 2.0 - 1)
 
 
 def test_ppo_config_takes_the_demo_gamma(tmp_path):

@@ -89,7 +89,7 @@ class DemoConfig:
       rounds: RLHF rounds (InstructGPT step 4, :mod:`rlhf_jax.tasks.demo_rounds`): 1 is SFT ->
         RM -> PPO-ptx; each further round ranks the last policy's samples, retrains the RM
         on all comparisons so far and continues PPO-ptx from the last policy. None: 3, or
-        ``FULL_ROUNDS`` with ``full``.
+        6 (``FULL_ROUNDS``) with ``full``.
       iterate_ppo: plain PPO continues through the rounds too (from its own last policy,
         against each round's RM, the KL reference still SFT), so that its held-out loss and KL
         are measured at the end of every round and the alignment tax at matched KL spans all
@@ -97,7 +97,7 @@ class DemoConfig:
       seeds: ``"0,1,2"``: the whole demo once per seed, one after another, under
         ``out/seed_<s>``, and one report with 95% bootstrap intervals (empty: ``seed`` alone).
       full: the README's headline run, shorthand for ``--seeds 0,1,2`` (unless ``seeds`` is
-        given), ``FULL_ROUNDS`` rounds (unless ``rounds`` is) and ``--iterate-ppo``. It is
+        given), 6 rounds (``FULL_ROUNDS``, unless ``rounds`` is given) and ``--iterate-ppo``. It is
         consumed on construction (reset to False), so the configuration a run records is what
         ran and the explicit flags reuse a ``--full`` run's finished seeds.
     """

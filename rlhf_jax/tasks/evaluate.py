@@ -321,8 +321,10 @@ def checkpoint_params(run_dir: str | Path) -> Iterator[tuple[int, Any]]:
 
 
 def tax_at_matched_kl(a: list[dict], b: list[dict]) -> dict | None:
-    """Held-out loss of two trajectories (each from SFT at KL 0) at the largest KL both reach,
-    by linear interpolation in KL: ``{"kl", "a", "b"}``, or None when they share no KL > 0."""
+    """Held-out loss of two trajectories (points ``{"kl", "heldout_loss"}``, e.g. from SFT at KL
+    0) at the largest KL both reach, by linear interpolation in KL over the points sorted by KL
+    (a trajectory whose points all lie above that KL gives its lowest point's loss):
+    ``{"kl", "a", "b"}``, or None when they share no KL > 0."""
     kl = min(max(p["kl"] for p in a), max(p["kl"] for p in b))
     if kl <= 0:
         return None

@@ -68,15 +68,21 @@ def _peak_then_fall(run_dir: str) -> bool:
 
 
 def matched_tax(res: dict) -> dict | None:
-    """PPO's and PPO-ptx's held-out loss relative to SFT at the largest KL both reach."""
+    """PPO's and PPO-ptx's held-out loss relative to SFT at the largest KL both reach: along round
+    0's runs, or, when both went through several rounds (``--iterate-ppo``), along the last
+    round's. Over rounds the KL penalty holds both policies near the same KL while plain PPO's
+    loss keeps rising, so the loss is no function of KL across rounds; the last round is where
+    the training of both has ended. ``round``: the round compared."""
     tr = res.get("trajectories")
     if not tr:
         return None
-    t = tax_at_matched_kl(tr["PPO"], tr["PPO-ptx"])
+    last = min(max(p.get("round", 0) for p in tr[k]) for k in ("PPO", "PPO-ptx"))
+    a, b = ([p for p in tr[k] if p.get("round", 0) == last] for k in ("PPO", "PPO-ptx"))
+    t = tax_at_matched_kl(a, b)
     if t is None:
         return None
     sft = tr["PPO"][0]["heldout_loss"]
-    return {"kl": t["kl"], "ppo": t["a"] / sft - 1, "ptx": t["b"] / sft - 1}
+    return {"kl": t["kl"], "round": last, "ppo": t["a"] / sft - 1, "ptx": t["b"] / sft - 1}
 
 
 def _acc(entry: dict | None) -> tuple[list, list]:
@@ -152,7 +158,7 @@ def results_table(results: list[dict]) -> str:
         (
             "ptx removes the alignment tax",
             f"held-out pretraining loss vs SFT: {final}; PPO and PPO-ptx at matched KL along "
-            f"{'all rounds' if _iterated(results) else 'round 0'} (per seed)",
+            f"{'the last round' if _iterated(results) else 'round 0'} (per seed)",
             f"PPO-ptx {', '.join(f'{100 * v:+.2f}%' for v in ptx_rel)}; {tax_txt}",
             "PPO-ptx within 2%; PPO >= 1% worse at matched KL",
             ok(tax_ok),
