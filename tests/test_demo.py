@@ -21,7 +21,7 @@ from tests import stage_fixtures as F
 
 STAGES = ("base", "base_big", "sft", "sft_big", "rm", "ppo_ptx", "ppo", "ppo_nokl")
 STAGES += ("round_1/rm", "round_1/ppo_ptx", "round_1/ppo")
-MODELS = ("SFT", "SFT big", "PPO", "PPO-ptx", "PPO-ptx, round 1")
+MODELS = ("SFT", "SFT big", "PPO", "PPO-ptx", "PPO-ptx, round 1", "PPO, round 1")
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,7 @@ def test_rounds_are_reported_one_entry_each(demo_run):
     assert rounds[1]["win_rate"] == results["win_rates"]["PPO-ptx, round 1 vs SFT"]
     # plain PPO at the end of every round: round 0's is the demo's own PPO run
     assert rounds[0]["ppo"]["win_vs_sft"] == results["models"]["PPO"]["win_vs_sft"]
+    assert rounds[1]["ppo"]["win_vs_sft"] == results["win_outcomes"]["PPO, round 1 vs SFT"]
     for e in rounds:
         q = e["ppo"]
         assert np.isfinite([q["gold"], q["kl"], q["heldout_loss"]]).all() and q["win_rate"] == np.mean(q["win_vs_sft"])

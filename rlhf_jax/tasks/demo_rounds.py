@@ -396,6 +396,10 @@ def run_seed(cfg: DemoConfig) -> dict:
         results["win_outcomes"][f"{name} vs SFT big"] = evaluate.win_outcomes(
             np.asarray(r[name]["gold_scores"]), big_gold
         ).tolist()
+        if cfg.iterate_ppo:  # plain PPO after the same rounds (judged in run_rounds: cached)
+            name = f"PPO, round {cfg.rounds - 1}"
+            r[name] = judge.model(Path(final["ppo"]["run"]))
+            results["win_outcomes"][f"{name} vs SFT"] = r[name]["win_vs_sft"]
     results["final_policy"] = "PPO-ptx" if cfg.rounds == 1 else f"PPO-ptx, round {cfg.rounds - 1}"
     # the alignment tax along round 0's runs, or along every round's when plain PPO was iterated too
     kept = results["rounds"] if cfg.iterate_ppo else results["rounds"][:1]
