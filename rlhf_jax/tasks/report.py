@@ -290,7 +290,9 @@ def _plots(root: Path, results: list[dict]) -> dict[str, str]:
     plt.close(fig)
     out["overopt"] = "overoptimisation.png"
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    iterated = _iterated(results)
+    fig, axes = plt.subplots(1, 2 if iterated else 1, figsize=(11 if iterated else 6, 3.6), squeeze=False)
+    ax = axes[0, 0]
     for name, color in (("PPO", "tab:orange"), ("PPO-ptx", "tab:green")):
         for i, x in enumerate(results):
             pts = x["trajectories"][name]  # in training order: round by round, checkpoint by checkpoint
@@ -321,11 +323,30 @@ def _plots(root: Path, results: list[dict]) -> dict[str, str]:
                 )
     ax.set_xlabel("KL(policy || SFT) per response, held-out prompts (nats)")
     ax.set_ylabel("held-out pretraining loss")
-    ax.set_title(
-        f"alignment tax along the PPO runs ({'every round, ' if _iterated(results) else ''}every seed)", fontsize=10
-    )
+    ax.set_title(f"alignment tax along the PPO runs ({'every round, ' if iterated else ''}every seed)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if iterated:  # the same losses at the end of each round, relative to each seed's SFT model
+        ax = axes[0, 1]
+        for name, color in (("PPO", "tab:orange"), ("PPO-ptx", "tab:green")):
+            rel = np.asarray(
+                [
+                    [
+                        (e["ppo"] if name == "PPO" else e)["heldout_loss"] / x["models"]["SFT"]["heldout_loss"] - 1
+                        for e in x["rounds"]
+                    ]
+                    for x in results
+                ]
+            )  # [seeds, rounds]
+            for i, seed_rel in enumerate(rel):
+                ax.plot(100 * seed_rel, color=color, alpha=0.35, lw=1, label=f"{name}, each seed" if i == 0 else None)
+            ax.plot(100 * rel.mean(0), color=color, marker="o", lw=2, label=f"{name}, mean")
+        ax.axhline(0, color="gray", ls="--", lw=1)
+        ax.set_xlabel("RLHF round")
+        ax.set_ylabel("held-out loss vs SFT (%)")
+        ax.set_title("held-out pretraining loss at the end of each round", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(root / "alignment_tax.png", dpi=110)
     plt.close(fig)
