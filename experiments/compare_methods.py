@@ -52,11 +52,11 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax.tasks.evaluate import bootstrap_ci, response_logps, win_outcomes  # noqa: F401  (shared with the demo)
+from rlhf_jax.tasks.judge import EVAL_KEY  # the demo's evaluation samples, so both judge the same draws
 
 log = logging.getLogger("compare_methods")
 
 METHODS = ("PPO-ptx", "GRPO", "RLOO", "DPO pairs", "DPO PL")
-EVAL_KEY = 7  # the demo's evaluation sampling key
 COLUMNS = (
     "method",
     "gold win rate over SFT [95% CI]",

@@ -35,7 +35,7 @@ from rlhf_jax.models import lora, save_pretrained
 from rlhf_jax.pipeline import PipelineConfig, run_pipeline
 from rlhf_jax.sampling import generate
 from rlhf_jax.tasks import tiny
-from rlhf_jax.tasks.demo import DemoConfig
+from rlhf_jax.tasks.demo_config import DemoConfig
 from rlhf_jax.tasks.demo_rounds import run_demo
 from rlhf_jax.train_loop import read_metrics
 

@@ -1,5 +1,5 @@
-"""``report.md`` and its plots for ``rlhf-jax demo``: the small-scale InstructGPT results, per round,
-over one or several seeds.
+"""``report.md`` for ``rlhf-jax demo``: the small-scale InstructGPT results, per round, over one
+or several seeds (its plots: :mod:`rlhf_jax.tasks.report_plots`).
 
 Intervals are 95% percentile bootstraps over held-out prompts, pooled across seeds (each seed's
 own world and held-out users; prompts resampled with replacement from the pooled set, the
@@ -42,7 +42,7 @@ def load_results(path: str | Path) -> dict:
     return results
 
 
-def _series(run_dir: str, key: str) -> tuple[list[int], list[float]]:
+def series(run_dir: str, key: str) -> tuple[list[int], list[float]]:
     if not (Path(run_dir) / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (a run directory of this report's results.json)")
     rows = [m for m in read_metrics(run_dir) if m.get(key) is not None]
@@ -63,7 +63,7 @@ def _pct(t: tuple[float, float, float]) -> str:
 
 
 def _peak_then_fall(run_dir: str) -> bool:
-    v = [y for _, y in sorted(zip(*_series(run_dir, "val/gold_score")))]
+    v = [y for _, y in sorted(zip(*series(run_dir, "val/gold_score")))]
     return len(v) >= 3 and max(v) > v[-1] and int(np.argmax(v)) < len(v) - 1
 
 
@@ -158,7 +158,7 @@ def results_table(results: list[dict]) -> str:
         (
             "ptx removes the alignment tax",
             f"held-out pretraining loss vs SFT: {final}; PPO and PPO-ptx at matched KL along "
-            f"{'the last round' if _iterated(results) else 'round 0'} (per seed)",
+            f"{'the last round' if iterated(results) else 'round 0'} (per seed)",
             f"PPO-ptx {', '.join(f'{100 * v:+.2f}%' for v in ptx_rel)}; {tax_txt}",
             "PPO-ptx within 2%; PPO >= 1% worse at matched KL",
             ok(tax_ok),
@@ -183,7 +183,7 @@ def results_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _iterated(results: list[dict]) -> bool:
+def iterated(results: list[dict]) -> bool:
     """Whether plain PPO went through the rounds too (``--iterate-ppo``)."""
     return all(len(x["rounds"]) > 1 and all("ppo" in e for e in x["rounds"]) for x in results)
 
@@ -223,141 +223,12 @@ def rounds_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plots(root: Path, results: list[dict]) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = results[0]
-    out = {}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key, ax, title in (
-        ("objective/scores", axes[0], "reward-model score (training samples)"),
-        ("val/gold_score", axes[1], "gold score (validation prompts, greedy)"),
-        ("objective/kl", axes[2], "KL(policy || SFT) per episode"),
-    ):
-        for run, label in RUN_LABELS.items():
-            x, y = _series(first["runs"][run], key)
-            if x:
-                ax.plot(x, y, marker="o" if key.startswith("val") else None, ms=3, label=label)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"PPO iteration (seed {first['seed']}, round 0)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "ppo_curves.png", dpi=110)
-    plt.close(fig)
-    out["curves"] = "ppo_curves.png"
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    labels = list(first["win_outcomes"])
-    stats = [pooled([x["win_outcomes"][k] for x in results]) for k in labels]
-    ys = [100 * s[0] for s in stats]
-    err = [[100 * (s[0] - s[1]) for s in stats], [100 * (s[2] - s[0]) for s in stats]]
-    bars = ax.bar(range(len(labels)), ys, yerr=err, capsize=4, color="tab:green")
-    ax.set_xticks(range(len(labels)), [k.replace(" vs ", "\nvs ") for k in labels], fontsize=7)
-    ax.axhline(50, color="gray", ls="--", lw=1)
-    ax.bar_label(bars, fmt="%.0f%%", fontsize=8)
-    ax.set_ylabel("gold-judged win rate (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"held-out users' prompts, {len(results)} seed(s), 95% bootstrap", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(root / "win_rates.png", dpi=110)
-    plt.close(fig)
-    out["wins"] = "win_rates.png"
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for run, label in RUN_LABELS.items():
-        rows = read_metrics(first["runs"][run])
-        kl_by_step = {m["step"]: m["objective/kl"] for m in rows if m.get("objective/kl") is not None}
-        pts = sorted(
-            (kl_by_step[m["step"]], m["val/gold_score"])
-            for m in rows
-            if m.get("val/gold_score") is not None and m["step"] in kl_by_step
-        )
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=label)
-    rounds = [(e["kl"], e["gold"]) for e in first["rounds"]]
-    ax.plot(*zip(*rounds), marker="s", ls=":", color="k", label="PPO-ptx by round (held-out, sampled)")
-    ax.set_xlabel("KL(policy || SFT) per episode (nats)")
-    ax.set_ylabel("gold score")
-    ax.set_title(f"reward over-optimisation (seed {first['seed']})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(root / "overoptimisation.png", dpi=110)
-    plt.close(fig)
-    out["overopt"] = "overoptimisation.png"
-
-    iterated = _iterated(results)
-    fig, axes = plt.subplots(1, 2 if iterated else 1, figsize=(11 if iterated else 6, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    for name, color in (("PPO", "tab:orange"), ("PPO-ptx", "tab:green")):
-        for i, x in enumerate(results):
-            pts = x["trajectories"][name]  # in training order: round by round, checkpoint by checkpoint
-            ax.plot(
-                [p["kl"] for p in pts],
-                [p["heldout_loss"] for p in pts],
-                marker="o",
-                ms=3,
-                color=color,
-                alpha=0.8,
-                label=name if i == 0 else None,
-            )
-            ends = [
-                p
-                for j, p in enumerate(pts)
-                if j > 0 and (j == len(pts) - 1 or pts[j + 1].get("round") != p.get("round"))
-            ]
-            if len(ends) > 1:  # the end of each round
-                ax.scatter(
-                    [p["kl"] for p in ends],
-                    [p["heldout_loss"] for p in ends],
-                    s=30,
-                    color=color,
-                    marker="s",
-                    edgecolor="k",
-                    zorder=3,
-                    label=f"{name}, end of a round" if i == 0 else None,
-                )
-    ax.set_xlabel("KL(policy || SFT) per response, held-out prompts (nats)")
-    ax.set_ylabel("held-out pretraining loss")
-    ax.set_title(f"alignment tax along the PPO runs ({'every round, ' if iterated else ''}every seed)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if iterated:  # the same losses at the end of each round, relative to each seed's SFT model
-        ax = axes[0, 1]
-        for name, color in (("PPO", "tab:orange"), ("PPO-ptx", "tab:green")):
-            rel = np.asarray(
-                [
-                    [
-                        (e["ppo"] if name == "PPO" else e)["heldout_loss"] / x["models"]["SFT"]["heldout_loss"] - 1
-                        for e in x["rounds"]
-                    ]
-                    for x in results
-                ]
-            )  # [seeds, rounds]
-            for i, seed_rel in enumerate(rel):
-                ax.plot(100 * seed_rel, color=color, alpha=0.35, lw=1, label=f"{name}, each seed" if i == 0 else None)
-            ax.plot(100 * rel.mean(0), color=color, marker="o", lw=2, label=f"{name}, mean")
-        ax.axhline(0, color="gray", ls="--", lw=1)
-        ax.set_xlabel("RLHF round")
-        ax.set_ylabel("held-out loss vs SFT (%)")
-        ax.set_title("held-out pretraining loss at the end of each round", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "alignment_tax.png", dpi=110)
-    plt.close(fig)
-    out["tax"] = "alignment_tax.png"
-    return out
-
-
 def write_report(root: Path, results: list[dict]) -> Path:
     """``root/report.md`` (and its plots) from one or several seeds' ``results.json`` dicts."""
     root.mkdir(parents=True, exist_ok=True)
-    plots = _plots(root, results)
+    from rlhf_jax.tasks.report_plots import write_plots  # it reads this module's helpers: imported here
+
+    plots = write_plots(root, results)
     first = results[0]
     t = first.get("eval_temperature", 0.0)
     decoding = "greedy" if t == 0 else f"sampled at temperature {t:g}"
@@ -399,7 +270,7 @@ def write_report(root: Path, results: list[dict]) -> Path:
                 ppo_rounds_table(results),
                 "",
             ]
-            if _iterated(results)
+            if iterated(results)
             else []
         ),
         f"## Models (mean over seeds; held-out users, {decoding})",
