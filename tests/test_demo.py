@@ -211,7 +211,12 @@ def test_seeds_flag():
     assert demo.DemoConfig().rm_init == "sft_big"
     assert (demo.DemoConfig().rounds, demo.DemoConfig().iterate_ppo) == (3, False)
     full = demo.DemoConfig(full=True)  # the headline run's shorthand, consumed on construction
-    assert (full.seed_list, full.rounds, full.iterate_ppo, full.full) == ((0, 1, 2), demo_config.FULL_ROUNDS, True, False)
+    assert (full.seed_list, full.rounds, full.iterate_ppo, full.full) == (
+        (0, 1, 2),
+        demo_config.FULL_ROUNDS,
+        True,
+        False,
+    )
     assert dataclasses.asdict(full) == dataclasses.asdict(demo.DemoConfig(seeds="0,1,2", rounds=6, iterate_ppo=True))
     mine = demo.DemoConfig(full=True, seeds="4", rounds=2)  # explicit flags win
     assert (mine.seed_list, mine.rounds, mine.iterate_ppo) == ((4,), 2, True)
